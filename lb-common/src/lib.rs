@@ -1,0 +1,183 @@
+//! Map names, capacities and key/value layouts shared by the eBPF programs and the agent.
+//!
+//! This crate is the only owner of map layouts. Changing a layout renames its map (`_V2`).
+//! Map contents are in network byte order: addresses as on the wire, ports as `u16` holding
+//! the big-endian bytes (`u16::from_ne_bytes(port.to_be_bytes())`). Use [`net_port`] /
+//! [`host_port`] at the edges.
+#![no_std]
+
+pub mod checksum;
+pub mod stats;
+
+/// Frontend (service address, port, protocol) -> [`Frontend`].
+pub const FRONTENDS_MAP: &str = "LB_FRONTENDS_V1";
+/// (service id, slot) -> backend id; slots 0..backend_count of one service.
+pub const SLOTS_MAP: &str = "LB_SLOTS_V1";
+/// Backend id (array index) -> [`Backend`].
+pub const BACKENDS_MAP: &str = "LB_BACKENDS_V1";
+/// Flow 5-tuple as seen on the wire -> [`CtEntry`] (forward DNAT or reply reverse NAT).
+pub const CONNTRACK_MAP: &str = "LB_CONNTRACK_V1";
+/// Counter index ([`stats::Counter`]) -> per-CPU packet count.
+pub const STATS_MAP: &str = "LB_STATS_V1";
+
+/// Every map the agent pins, in the order they are created.
+pub const ALL_MAPS: [&str; 5] = [FRONTENDS_MAP, SLOTS_MAP, BACKENDS_MAP, CONNTRACK_MAP, STATS_MAP];
+
+pub const MAX_FRONTENDS: u32 = 131_072;
+pub const MAX_SLOTS: u32 = 1_048_576;
+pub const MAX_BACKENDS: u32 = 262_144;
+pub const MAX_CONNTRACK: u32 = 262_144;
+
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Frontend scope: reached at a cluster-internal address (ClusterIP).
+pub const SCOPE_CLUSTER: u8 = 0;
+
+/// Converts a host-order port to the network-order representation stored in maps.
+#[inline(always)]
+pub const fn net_port(port: u16) -> u16 {
+    u16::from_ne_bytes(port.to_be_bytes())
+}
+
+/// Converts a network-order port from a map or packet to host order.
+#[inline(always)]
+pub const fn host_port(port: u16) -> u16 {
+    u16::from_be_bytes(port.to_ne_bytes())
+}
+
+/// An IPv4 or IPv6 address as 16 bytes: IPv4 uses the first 4, the rest are zero.
+pub type Addr = [u8; 16];
+
+#[inline(always)]
+pub const fn ipv4_addr(octets: [u8; 4]) -> Addr {
+    [
+        octets[0], octets[1], octets[2], octets[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ]
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FrontendKey {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub protocol: u8,
+    pub family: u8,
+    pub scope: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Frontend {
+    pub service_id: u32,
+    /// Number of slots 0..backend_count in the slots map; 0 means "no endpoints".
+    pub backend_count: u32,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SlotKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+pub const BACKEND_ACTIVE: u8 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Backend {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    /// [`BACKEND_ACTIVE`] while the backend is in its service's endpoint set; 0 for a free id.
+    pub state: u8,
+    /// The service this backend belongs to; a conntrack entry is only valid for the same one.
+    pub service_id: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct CtKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub protocol: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// The flow was sent to a service address: rewrite the destination to the backend.
+pub const CT_FORWARD: u8 = 1;
+/// The flow is a backend's reply: rewrite the source back to the service address.
+pub const CT_REPLY: u8 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct CtEntry {
+    /// Forward: the backend address. Reply: the service address.
+    pub nat_addr: Addr,
+    /// Network byte order. Forward: backend port. Reply: service port.
+    pub nat_port: u16,
+    /// [`CT_FORWARD`] or [`CT_REPLY`].
+    pub kind: u8,
+    pub _pad: u8,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub _pad2: u32,
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<FrontendKey>() == 24);
+    assert!(core::mem::size_of::<Frontend>() == 16);
+    assert!(core::mem::size_of::<SlotKey>() == 8);
+    assert!(core::mem::size_of::<Backend>() == 24);
+    assert!(core::mem::size_of::<CtKey>() == 40);
+    assert!(core::mem::size_of::<CtEntry>() == 32);
+};
+
+#[cfg(feature = "user")]
+mod user_pod {
+    // SAFETY: every type is #[repr(C)] with explicit padding and only integer fields.
+    unsafe impl aya::Pod for super::FrontendKey {}
+    unsafe impl aya::Pod for super::Frontend {}
+    unsafe impl aya::Pod for super::SlotKey {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtEntry {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_round_trip_is_big_endian_on_the_wire() {
+        let p = net_port(8080);
+        assert_eq!(p.to_ne_bytes(), [0x1f, 0x90]);
+        assert_eq!(host_port(p), 8080);
+    }
+
+    #[test]
+    fn ipv4_addr_fills_first_four_bytes() {
+        let a = ipv4_addr([198, 18, 0, 1]);
+        assert_eq!(&a[..4], &[198, 18, 0, 1]);
+        assert!(a[4..].iter().all(|b| *b == 0));
+    }
+}

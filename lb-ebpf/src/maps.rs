@@ -1,0 +1,39 @@
+//! The datapath's maps. Layouts, names and capacities come from lb-common.
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    Backend, CtEntry, CtKey, Frontend, FrontendKey, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS,
+    MAX_SLOTS, SlotKey, stats::COUNTER_COUNT,
+};
+
+/// (service address, port, protocol) -> service id and backend count.
+#[btf_map]
+pub static LB_FRONTENDS_V1: HashMap<FrontendKey, Frontend, { MAX_FRONTENDS as usize }> =
+    HashMap::new();
+
+/// (service id, slot) -> backend id.
+#[btf_map]
+pub static LB_SLOTS_V1: HashMap<SlotKey, u32, { MAX_SLOTS as usize }> = HashMap::new();
+
+/// Backend id -> backend address and port. An array: its lookups are inlined by the kernel.
+#[btf_map]
+pub static LB_BACKENDS_V1: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Flow as seen on the wire -> NAT to apply (forward DNAT or reply reverse NAT).
+#[btf_map]
+pub static LB_CONNTRACK_V1: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// Counter index -> per-CPU packet count.
+#[btf_map]
+pub static LB_STATS_V1: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+
+#[inline(always)]
+pub fn count(counter: lb_common::stats::Counter) {
+    if let Some(c) = LB_STATS_V1.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *c += 1 };
+    }
+}

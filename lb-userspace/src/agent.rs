@@ -1,0 +1,213 @@
+//! `lb agent`: standalone mode wiring: manifest folder -> control plane -> desired -> diff ->
+//! dataplane, plus the admin endpoint.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context as _;
+use ipnet::Ipv4Net;
+use lb_common::stats::COUNTER_NAMES;
+use notify::Watcher as _;
+use tokio::sync::{RwLock, mpsc};
+use tracing::{error, info, warn};
+
+use crate::{
+    api::{self, AdminState, SharedState, StatusView},
+    controlplane::ControlPlane,
+    dataplane::Dataplane,
+    desired::desired,
+    diff::{self, ActualDataplane},
+    sources::manifests::{ManifestStore, read_folder},
+    views,
+};
+
+pub struct AgentConfig {
+    pub manifests: PathBuf,
+    pub node_name: String,
+    pub pod_iface_glob: String,
+    pub service_cidr: Ipv4Net,
+    pub bpffs: PathBuf,
+    pub admin: SocketAddr,
+}
+
+/// Full resync from the maps themselves, in case anything else touched them.
+const RESYNC_EVERY: Duration = Duration::from_secs(30);
+/// Interfaces are looked for this often (pods' links appear at any time).
+const LINK_SCAN_EVERY: Duration = Duration::from_millis(500);
+/// Events of one editor save come in bursts: wait this long for the burst to end.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+
+struct Agent {
+    config: AgentConfig,
+    pattern: glob::Pattern,
+    store: ManifestStore,
+    control: ControlPlane,
+    dataplane: Dataplane,
+    actual: ActualDataplane,
+    shared: SharedState,
+    last_errors: Vec<String>,
+    syncs: u64,
+}
+
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let pattern = glob::Pattern::new(&config.pod_iface_glob)
+        .with_context(|| format!("--pod-iface-glob {:?}", config.pod_iface_glob))?;
+    if !config.manifests.is_dir() {
+        anyhow::bail!("--manifests {}: not a directory", config.manifests.display());
+    }
+    let dataplane = Dataplane::load_pinned(&config.bpffs)?;
+    let actual = dataplane.read_actual()?;
+    info!(
+        bpffs = %config.bpffs.display(),
+        frontends = actual.frontends.len(),
+        backends = actual.backends.len(),
+        "datapath loaded; pinned maps reused"
+    );
+    let shared: SharedState = Arc::new(RwLock::new(AdminState::default()));
+    let admin = config.admin;
+    let server_state = shared.clone();
+    let mut server = tokio::spawn(async move { api::serve(admin, server_state).await });
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher.watch(&config.manifests, notify::RecursiveMode::NonRecursive)?;
+
+    let mut agent = Agent {
+        control: ControlPlane::new(config.service_cidr),
+        pattern,
+        store: ManifestStore::default(),
+        dataplane,
+        actual,
+        shared,
+        last_errors: Vec::new(),
+        syncs: 0,
+        config,
+    };
+    agent.scan_links();
+    agent.sync();
+    info!(admin = %admin, manifests = %agent.config.manifests.display(), "agent running");
+
+    let mut links = tokio::time::interval(LINK_SCAN_EVERY);
+    let mut resync = tokio::time::interval(RESYNC_EVERY);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            Some(()) = rx.recv() => {
+                tokio::time::sleep(DEBOUNCE).await;
+                while rx.try_recv().is_ok() {}
+                agent.sync();
+            }
+            _ = links.tick() => {
+                agent.scan_links();
+                agent.publish_counters().await;
+            }
+            _ = resync.tick() => agent.resync(),
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+            served = &mut server => return served?,
+        }
+    }
+    info!("agent stopping; programs stay attached and maps pinned (`lb reset` removes them)");
+    Ok(())
+}
+
+impl Agent {
+    fn counters(&self) -> Vec<(String, u64)> {
+        self.dataplane
+            .stats()
+            .map(|c| COUNTER_NAMES.iter().map(|n| n.to_string()).zip(c).collect())
+            .unwrap_or_default()
+    }
+
+    async fn publish_counters(&self) {
+        let counters = self.counters();
+        let attached = self.dataplane.attached().into_iter().collect();
+        let mut shared = self.shared.write().await;
+        shared.status.counters = counters;
+        shared.status.attached_interfaces = attached;
+    }
+
+    fn scan_links(&mut self) {
+        match self.dataplane.attach_matching(&self.pattern) {
+            Ok(new) => {
+                for name in new {
+                    info!(interface = %name, "TC ingress attached");
+                }
+            }
+            Err(e) => warn!("{e}"),
+        }
+    }
+
+    /// Re-reads the maps, then syncs: anything orphaned or changed behind our back is mended.
+    fn resync(&mut self) {
+        match self.dataplane.read_actual() {
+            Ok(actual) => self.actual = actual,
+            Err(e) => error!("reading maps for resync: {e}"),
+        }
+        self.sync();
+    }
+
+    fn sync(&mut self) {
+        let started = Instant::now();
+        let mut errors = Vec::new();
+        match read_folder(&self.config.manifests) {
+            Ok(files) => errors.extend(self.store.update(files).iter().map(|e| e.to_string())),
+            // The folder vanished or is unreadable: keep everything as it is.
+            Err(e) => errors.push(format!("{}: {e}", self.config.manifests.display())),
+        }
+        let (states, service_errors) = self.control.compute(self.store.objects(), SystemTime::now());
+        errors.extend(service_errors.iter().map(|e| format!("Service {}: {}", e.service, e.error)));
+        let want = desired(&states);
+        let ops = match diff::diff(&want, &self.actual) {
+            Ok(ops) => ops,
+            Err(e) => {
+                errors.push(format!("dataplane left as it was: {e}"));
+                Vec::new()
+            }
+        };
+        if let Err(e) = self.dataplane.write(&ops) {
+            error!("writing maps: {e}; rereading them");
+            if let Ok(actual) = self.dataplane.read_actual() {
+                self.actual = actual;
+            }
+        } else {
+            diff::apply(&mut self.actual, &ops);
+        }
+        if errors != self.last_errors {
+            for e in &errors {
+                warn!("{e}");
+            }
+            self.last_errors = errors.clone();
+        }
+        self.syncs += 1;
+        if !ops.is_empty() {
+            info!(ops = ops.len(), took_us = started.elapsed().as_micros() as u64, "maps updated");
+        }
+        let counters = self.counters();
+        let view = AdminState {
+            services: states.iter().map(views::service_view).collect(),
+            endpoints: states.iter().filter_map(views::endpoints_view).collect(),
+            status: StatusView {
+                node_name: self.config.node_name.clone(),
+                attached_interfaces: self.dataplane.attached().into_iter().collect(),
+                errors,
+                counters,
+                last_sync_ops: ops.len(),
+                syncs: self.syncs,
+            },
+        };
+        if let Ok(mut shared) = self.shared.try_write() {
+            *shared = view;
+        } else {
+            let shared = self.shared.clone();
+            tokio::spawn(async move { *shared.write().await = view });
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! The only code that writes BPF maps; also loads, pins and attaches the programs.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    ffi::CStr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap, PerCpuArray},
+    programs::{
+        SchedClassifier, TcAttachType,
+        links::{FdLink, LinkOrder},
+        tc::TcAttachOptions,
+    },
+};
+use lb_common::{
+    ALL_MAPS, BACKEND_ACTIVE, BACKENDS_MAP, Backend, FRONTENDS_MAP, Frontend, FrontendKey,
+    SLOTS_MAP, STATS_MAP, SlotKey, stats::COUNTER_COUNT,
+};
+
+use crate::diff::{ActualDataplane, MapOp};
+
+/// The eBPF object built by build.rs from lb-ebpf.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+pub const TC_INGRESS_PROGRAM: &str = "lb_tc_ingress";
+pub const TC_FLOOR_PROGRAM: &str = "lb_tc_floor";
+const LINKS_DIR: &str = "links";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("bpffs at {path}: {message}")]
+    Bpffs { path: PathBuf, message: String },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("attaching to {iface}: {message}")]
+    Attach { iface: String, message: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+type Result<T> = std::result::Result<T, DataplaneError>;
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    bpffs: Option<PathBuf>,
+    /// Interfaces this process attached to: ifindex -> name.
+    attached: HashMap<u32, String>,
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+impl Dataplane {
+    /// Loads the programs with maps pinned under `bpffs`, reusing maps already pinned there
+    /// (so flows tracked by a previous agent keep their backend).
+    pub fn load_pinned(bpffs: &Path) -> Result<Self> {
+        ensure_bpffs(bpffs)?;
+        std::fs::create_dir_all(bpffs.join(LINKS_DIR))?;
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|n| (*n, bpffs.join(n))).collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader.load(EBPF_OBJECT)?;
+        let mut dp = Self { ebpf, bpffs: Some(bpffs.to_path_buf()), attached: HashMap::new() };
+        dp.load_program(TC_INGRESS_PROGRAM)?;
+        Ok(dp)
+    }
+
+    /// Loads the programs with fresh, unpinned maps (tests and benchmarks).
+    pub fn load_unpinned() -> Result<Self> {
+        let ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+        let mut dp = Self { ebpf, bpffs: None, attached: HashMap::new() };
+        dp.load_program(TC_INGRESS_PROGRAM)?;
+        dp.load_program(TC_FLOOR_PROGRAM)?;
+        Ok(dp)
+    }
+
+    fn load_program(&mut self, name: &'static str) -> Result<()> {
+        self.classifier(name)?.load().map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    pub fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
+        let program = self.ebpf.program_mut(name).ok_or(DataplaneError::Program {
+            name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?;
+        program.try_into().map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
+        self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))
+    }
+
+    /// Reads the service maps back (on start, and for a full resync).
+    pub fn read_actual(&self) -> Result<ActualDataplane> {
+        let frontends: BpfHashMap<_, FrontendKey, Frontend> =
+            BpfHashMap::try_from(self.map(FRONTENDS_MAP)?).map_err(map_err(FRONTENDS_MAP))?;
+        let slots: BpfHashMap<_, SlotKey, u32> =
+            BpfHashMap::try_from(self.map(SLOTS_MAP)?).map_err(map_err(SLOTS_MAP))?;
+        let backends: Array<_, Backend> =
+            Array::try_from(self.map(BACKENDS_MAP)?).map_err(map_err(BACKENDS_MAP))?;
+        let mut actual = ActualDataplane::default();
+        for entry in frontends.iter() {
+            let (k, v) = entry.map_err(map_err(FRONTENDS_MAP))?;
+            actual.frontends.insert(k, v);
+        }
+        for entry in slots.iter() {
+            let (k, v) = entry.map_err(map_err(SLOTS_MAP))?;
+            actual.slots.insert(k, v);
+        }
+        for (id, entry) in backends.iter().enumerate() {
+            let b = entry.map_err(map_err(BACKENDS_MAP))?;
+            if b.state == BACKEND_ACTIVE {
+                actual.backends.insert(id as u32, b);
+            }
+        }
+        Ok(actual)
+    }
+
+    /// Writes `ops` in order. Stops at the first failure; the caller then resyncs from the maps.
+    pub fn write(&mut self, ops: &[MapOp]) -> Result<()> {
+        for op in ops {
+            match *op {
+                MapOp::PutBackend(id, b) => self.backends()?.set(id, b, 0).map_err(map_err(BACKENDS_MAP))?,
+                MapOp::ClearBackend(id) => {
+                    self.backends()?.set(id, Backend::default(), 0).map_err(map_err(BACKENDS_MAP))?
+                }
+                MapOp::PutSlot(k, id) => self.slots()?.insert(k, id, 0).map_err(map_err(SLOTS_MAP))?,
+                MapOp::DeleteSlot(k) => ignore_missing(self.slots()?.remove(&k)).map_err(map_err(SLOTS_MAP))?,
+                MapOp::PutFrontend(k, f) => self.frontends()?.insert(k, f, 0).map_err(map_err(FRONTENDS_MAP))?,
+                MapOp::DeleteFrontend(k) => {
+                    ignore_missing(self.frontends()?.remove(&k)).map_err(map_err(FRONTENDS_MAP))?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn backends(&mut self) -> Result<Array<&mut aya::maps::MapData, Backend>> {
+        Array::try_from(self.map_mut(BACKENDS_MAP)?).map_err(map_err(BACKENDS_MAP))
+    }
+
+    fn slots(&mut self) -> Result<BpfHashMap<&mut aya::maps::MapData, SlotKey, u32>> {
+        BpfHashMap::try_from(self.map_mut(SLOTS_MAP)?).map_err(map_err(SLOTS_MAP))
+    }
+
+    fn frontends(&mut self) -> Result<BpfHashMap<&mut aya::maps::MapData, FrontendKey, Frontend>> {
+        BpfHashMap::try_from(self.map_mut(FRONTENDS_MAP)?).map_err(map_err(FRONTENDS_MAP))
+    }
+
+    /// Per-counter packet totals, summed over CPUs.
+    pub fn stats(&self) -> Result<Vec<u64>> {
+        let stats: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map(STATS_MAP)?).map_err(map_err(STATS_MAP))?;
+        (0..COUNTER_COUNT)
+            .map(|i| Ok(stats.get(&i, 0).map_err(map_err(STATS_MAP))?.iter().sum()))
+            .collect()
+    }
+
+    /// Attaches the TC ingress program to every interface whose name matches `pattern` and
+    /// that this process has not attached yet; forgets interfaces that are gone. Returns the
+    /// names newly attached.
+    pub fn attach_matching(&mut self, pattern: &glob::Pattern) -> Result<Vec<String>> {
+        let links = interfaces();
+        self.attached.retain(|ifindex, name| links.get(ifindex) == Some(name));
+        let mut newly = Vec::new();
+        for (ifindex, name) in &links {
+            if pattern.matches(name) && !self.attached.contains_key(ifindex) {
+                self.attach(*ifindex, name)?;
+                newly.push(name.clone());
+            }
+        }
+        self.remove_stale_link_pins(&links)?;
+        Ok(newly)
+    }
+
+    fn attach(&mut self, ifindex: u32, name: &str) -> Result<()> {
+        let attach_err = |e: &dyn std::fmt::Display| DataplaneError::Attach { iface: name.to_string(), message: e.to_string() };
+        let prog = self.classifier(TC_INGRESS_PROGRAM)?;
+        let prog_id = prog.info().map_err(|e| attach_err(&e))?.id();
+        let link_id = prog
+            .attach_with_options(name, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .map_err(|e| attach_err(&e))?;
+        let link = prog.take_link(link_id).map_err(|e| attach_err(&e))?;
+        if let Some(bpffs) = &self.bpffs {
+            // Pinned, the attachment outlives the agent, as kube-proxy's rules do. Then the
+            // previous agent's attachment to this interface (same maps) is released.
+            let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| attach_err(&e))?;
+            let dir = bpffs.join(LINKS_DIR);
+            let pin = dir.join(format!("tc-ingress-{ifindex}-{prog_id}"));
+            if pin.exists() {
+                std::fs::remove_file(&pin)?;
+            }
+            fd_link.pin(&pin).map_err(|e| attach_err(&e))?;
+            for old in link_pins(&dir)? {
+                if old.0 == ifindex && old.1 != pin {
+                    std::fs::remove_file(&old.1)?;
+                }
+            }
+        } else {
+            // Unpinned (tests): the attachment lives as long as this process.
+            std::mem::forget(link);
+        }
+        self.attached.insert(ifindex, name.to_string());
+        Ok(())
+    }
+
+    fn remove_stale_link_pins(&self, links: &BTreeMap<u32, String>) -> Result<()> {
+        let Some(bpffs) = &self.bpffs else { return Ok(()) };
+        for (ifindex, path) in link_pins(&bpffs.join(LINKS_DIR))? {
+            if !links.contains_key(&ifindex) {
+                std::fs::remove_file(path)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn attached(&self) -> BTreeSet<String> {
+        self.attached.values().cloned().collect()
+    }
+
+    pub fn ebpf(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+fn ignore_missing(r: std::result::Result<(), aya::maps::MapError>) -> std::result::Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// Pinned TC links under `dir`: (ifindex, path).
+fn link_pins(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
+    let mut pins = Vec::new();
+    if !dir.exists() {
+        return Ok(pins);
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if let Some(ifindex) = name.strip_prefix("tc-ingress-").and_then(|r| r.split('-').next()).and_then(|i| i.parse().ok()) {
+            pins.push((ifindex, path));
+        }
+    }
+    Ok(pins)
+}
+
+/// Interfaces of this process's network namespace: ifindex -> name.
+pub fn interfaces() -> BTreeMap<u32, String> {
+    let mut out = BTreeMap::new();
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 {
+            let name = CStr::from_ptr((*p).if_name).to_string_lossy().into_owned();
+            out.insert((*p).if_index, name);
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: statfs writes into the zeroed struct we own.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// Makes sure `dir` lies on a bpf filesystem, mounting one at /sys/fs/bpf if needed.
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let mount_point = Path::new("/sys/fs/bpf");
+    let on_bpffs = |p: &Path| p.ancestors().find(|a| a.exists()).is_some_and(is_bpffs);
+    if on_bpffs(dir) {
+        return Ok(());
+    }
+    if dir.starts_with(mount_point) && !is_bpffs(mount_point) {
+        std::fs::create_dir_all(mount_point)?;
+        let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+        // SAFETY: plain mount(2) with valid C strings.
+        let rc = unsafe {
+            libc::mount(c("bpf").as_ptr(), c("/sys/fs/bpf").as_ptr(), c("bpf").as_ptr(), 0, std::ptr::null())
+        };
+        if rc != 0 {
+            return Err(DataplaneError::Bpffs {
+                path: mount_point.into(),
+                message: format!("mounting bpffs failed: {}", std::io::Error::last_os_error()),
+            });
+        }
+        return Ok(());
+    }
+    Err(DataplaneError::Bpffs { path: dir.into(), message: "not on a bpf filesystem (mount -t bpf bpf <dir>)".into() })
+}
+
+/// Removes every link and map the agent pinned under `bpffs`: the programs detach.
+pub fn reset(bpffs: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let links = bpffs.join(LINKS_DIR);
+    for (_, path) in link_pins(&links)? {
+        std::fs::remove_file(&path)?;
+        removed.push(path);
+    }
+    for name in ALL_MAPS {
+        let path = bpffs.join(name);
+        if path.exists() {
+            std::fs::remove_file(&path)?;
+            removed.push(path);
+        }
+    }
+    for dir in [links.as_path(), bpffs] {
+        if dir.exists() {
+            std::fs::remove_dir(dir)?;
+            removed.push(dir.to_path_buf());
+        }
+    }
+    Ok(removed)
+}
+

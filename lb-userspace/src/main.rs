@@ -1,0 +1,171 @@
+use std::{net::SocketAddr, path::PathBuf, time::SystemTime};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use ipnet::Ipv4Net;
+use lb::{
+    agent::{self, AgentConfig},
+    api::{self, StatusView},
+    dataplane,
+    views::{self, EndpointsView, ServiceView},
+};
+
+/// An eBPF load balancer for Kubernetes Services.
+#[derive(Parser)]
+#[command(name = "lb", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+const DEFAULT_ADMIN: &str = "127.0.0.1:10249";
+const DEFAULT_BPFFS: &str = "/sys/fs/bpf/lb";
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent in standalone mode: program the datapath from a folder of manifests.
+    Agent {
+        /// Folder of Service, Pod, Endpoints and EndpointSlice manifests (*.yaml, *.yml, *.json).
+        #[arg(long)]
+        manifests: PathBuf,
+        /// This node's name.
+        #[arg(long, env = "NODE_NAME", default_value_t = hostname())]
+        node_name: String,
+        /// Interfaces facing pods, as a shell pattern; links that appear later are attached too.
+        #[arg(long, default_value = "veth*")]
+        pod_iface_glob: String,
+        /// Range that ClusterIPs are allocated from and must lie in.
+        #[arg(long, default_value = "10.96.0.0/12")]
+        service_cidr: Ipv4Net,
+        /// Directory on a bpf filesystem where maps and links are pinned.
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        /// Address of the local admin endpoint that `lb get` reads.
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin: SocketAddr,
+    },
+    /// Show Services or Endpoints as the running agent sees them, like kubectl get.
+    Get {
+        resource: Resource,
+        /// Namespace to list.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// List every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Output>,
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin: String,
+    },
+    /// Datapath packet counters, attached interfaces and manifest problems of the running agent.
+    Status {
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin: String,
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Output>,
+    },
+    /// Detach every program and remove every map and link the agent pinned.
+    Reset {
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Resource {
+    #[value(alias = "svc", alias = "service")]
+    Services,
+    #[value(alias = "ep", alias = "endpoint")]
+    Endpoints,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Json,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent { manifests, node_name, pod_iface_glob, service_cidr, bpffs, admin } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+                )
+                .with_target(false)
+                .init();
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            runtime.block_on(agent::run(AgentConfig { manifests, node_name, pod_iface_glob, service_cidr, bpffs, admin }))
+        }
+        Command::Get { resource, namespace, all_namespaces, output, admin } => {
+            let keep = |ns: &str| all_namespaces || ns == namespace;
+            let now = SystemTime::now();
+            match resource {
+                Resource::Services => {
+                    let mut rows: Vec<ServiceView> = api::fetch(&admin, api::SERVICES_PATH)?;
+                    rows.retain(|r| keep(&r.namespace));
+                    match output {
+                        Some(Output::Json) => println!("{}", serde_json::to_string_pretty(&rows)?),
+                        None => print_table(rows.is_empty(), &namespace, all_namespaces, || {
+                            views::services_table(&rows, all_namespaces, now)
+                        }),
+                    }
+                }
+                Resource::Endpoints => {
+                    let mut rows: Vec<EndpointsView> = api::fetch(&admin, api::ENDPOINTS_PATH)?;
+                    rows.retain(|r| keep(&r.namespace));
+                    match output {
+                        Some(Output::Json) => println!("{}", serde_json::to_string_pretty(&rows)?),
+                        None => print_table(rows.is_empty(), &namespace, all_namespaces, || {
+                            views::endpoints_table(&rows, all_namespaces, now)
+                        }),
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Status { admin, output } => {
+            let status: StatusView = api::fetch(&admin, api::STATUS_PATH)?;
+            match output {
+                Some(Output::Json) => println!("{}", serde_json::to_string_pretty(&status)?),
+                None => {
+                    println!("node: {}", status.node_name);
+                    println!("attached interfaces: {}", status.attached_interfaces.join(" "));
+                    println!("manifest problems: {}", status.errors.len());
+                    for e in &status.errors {
+                        println!("  {e}");
+                    }
+                    let rows: Vec<Vec<String>> =
+                        status.counters.iter().map(|(n, v)| vec![n.clone(), v.to_string()]).collect();
+                    print!("{}", views::table(&["COUNTER", "PACKETS"], &rows));
+                }
+            }
+            Ok(())
+        }
+        Command::Reset { bpffs } => {
+            let removed = dataplane::reset(&bpffs).with_context(|| format!("reset {}", bpffs.display()))?;
+            for path in &removed {
+                println!("removed {}", path.display());
+            }
+            println!("reset: {} pins removed; the datapath is detached", removed.len());
+            Ok(())
+        }
+    }
+}
+
+fn print_table(empty: bool, namespace: &str, all: bool, table: impl FnOnce() -> String) {
+    if empty {
+        if all {
+            eprintln!("No resources found");
+        } else {
+            eprintln!("No resources found in {namespace} namespace.");
+        }
+    } else {
+        print!("{}", table());
+    }
+}

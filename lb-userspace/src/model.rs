@@ -1,0 +1,557 @@
+//! Kubernetes objects (k8s-openapi types) -> validated domain types. Pure.
+//!
+//! Every validation error names the field it is about, with the same paths kubectl uses
+//! (`spec.ports[1].targetPort`).
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::Ipv4Addr,
+    time::SystemTime,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1 as core,
+        discovery::v1 as discovery,
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+use serde::Serialize;
+
+/// Namespace and name of an object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub target_port: TargetPort,
+    pub node_port: Option<u16>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum ServiceType {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+    ExternalName,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+            ServiceType::ExternalName => "ExternalName",
+        }
+    }
+}
+
+/// What `spec.clusterIP` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum ClusterIpRequest {
+    /// Empty: allocate one.
+    Allocate,
+    /// `None`: a headless Service.
+    Headless,
+    Fixed(Ipv4Addr),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum SessionAffinity {
+    None,
+    ClientIp,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Service {
+    pub id: ObjectName,
+    pub service_type: ServiceType,
+    pub cluster_ip: ClusterIpRequest,
+    pub external_ips: Vec<Ipv4Addr>,
+    pub external_name: Option<String>,
+    /// `None` for a Service without selector (endpoints come from Endpoints/EndpointSlices).
+    pub selector: Option<BTreeMap<String, String>>,
+    pub ports: Vec<ServicePort>,
+    pub session_affinity: SessionAffinity,
+    #[serde(skip)]
+    pub created: Option<SystemTime>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NamedPort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Pod {
+    pub id: ObjectName,
+    pub labels: BTreeMap<String, String>,
+    pub ip: Option<Ipv4Addr>,
+    /// Ready unless a `Ready` condition says `False`, and not being deleted.
+    pub ready: bool,
+    pub named_ports: Vec<NamedPort>,
+}
+
+/// One port of a manually given endpoint set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EndpointPort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// Addresses that all serve the same ports (an Endpoints subset, or an EndpointSlice).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EndpointGroup {
+    pub ports: Vec<EndpointPort>,
+    /// Address and whether it is ready.
+    pub addresses: Vec<(Ipv4Addr, bool)>,
+}
+
+/// A hand-written Endpoints object or EndpointSlice for a Service without selector.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ManualEndpoints {
+    pub id: ObjectName,
+    pub service: ObjectName,
+    pub groups: Vec<EndpointGroup>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum Object {
+    Service(Service),
+    Pod(Pod),
+    Endpoints(ManualEndpoints),
+    EndpointSlice(ManualEndpoints),
+}
+
+impl Object {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Service(_) => "Service",
+            Object::Pod(_) => "Pod",
+            Object::Endpoints(_) => "Endpoints",
+            Object::EndpointSlice(_) => "EndpointSlice",
+        }
+    }
+
+    pub fn id(&self) -> &ObjectName {
+        match self {
+            Object::Service(s) => &s.id,
+            Object::Pod(p) => &p.id,
+            Object::Endpoints(e) | Object::EndpointSlice(e) => &e.id,
+        }
+    }
+}
+
+/// A field that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+fn field_error(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+    FieldError { field: field.into(), message: message.into() }
+}
+
+const DEFAULT_NAMESPACE: &str = "default";
+
+fn object_name(meta: &ObjectMeta) -> Result<ObjectName, FieldError> {
+    let name = meta.name.clone().unwrap_or_default();
+    if name.is_empty() {
+        return Err(field_error("metadata.name", "Required value"));
+    }
+    let namespace = meta.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
+    Ok(ObjectName { namespace, name })
+}
+
+fn created(meta: &ObjectMeta) -> Option<SystemTime> {
+    meta.creation_timestamp
+        .as_ref()
+        .map(|t| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t.0.as_second().max(0) as u64))
+}
+
+fn protocol(value: Option<&str>, field: &str) -> Result<Protocol, FieldError> {
+    match value.unwrap_or("TCP") {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        "SCTP" => Err(field_error(field, "Unsupported value: \"SCTP\": not supported by this load balancer")),
+        other => Err(field_error(
+            field,
+            format!("Unsupported value: {other:?}: supported values: \"TCP\", \"UDP\""),
+        )),
+    }
+}
+
+fn port_number(value: i32, field: &str) -> Result<u16, FieldError> {
+    if (1..=65535).contains(&value) {
+        Ok(value as u16)
+    } else {
+        Err(field_error(field, format!("Invalid value: {value}: must be between 1 and 65535, inclusive")))
+    }
+}
+
+fn ipv4(value: &str, field: &str) -> Result<Ipv4Addr, FieldError> {
+    value.parse().map_err(|_| {
+        field_error(field, format!("Invalid value: {value:?}: must be a valid IPv4 address"))
+    })
+}
+
+/// IANA service name rules, as Kubernetes applies them to named ports.
+fn valid_port_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().any(|b| b.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
+}
+
+pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
+    let id = object_name(&svc.metadata)?;
+    let spec = svc.spec.clone().unwrap_or_default();
+    let service_type = match spec.type_.as_deref().unwrap_or("ClusterIP") {
+        "ClusterIP" => ServiceType::ClusterIP,
+        "NodePort" => ServiceType::NodePort,
+        "LoadBalancer" => ServiceType::LoadBalancer,
+        "ExternalName" => ServiceType::ExternalName,
+        other => {
+            return Err(field_error(
+                "spec.type",
+                format!("Unsupported value: {other:?}: supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\""),
+            ));
+        }
+    };
+    let cluster_ip = match spec.cluster_ip.as_deref().unwrap_or("") {
+        "" => ClusterIpRequest::Allocate,
+        "None" => ClusterIpRequest::Headless,
+        ip => ClusterIpRequest::Fixed(ipv4(ip, "spec.clusterIP")?),
+    };
+    let external_name = spec.external_name.clone().filter(|n| !n.is_empty());
+    if service_type == ServiceType::ExternalName && external_name.is_none() {
+        return Err(field_error("spec.externalName", "Required value"));
+    }
+    let external_ips = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, ip)| ipv4(ip, &format!("spec.externalIPs[{i}]")))
+        .collect::<Result<_, _>>()?;
+    let session_affinity = match spec.session_affinity.as_deref().unwrap_or("None") {
+        "None" => SessionAffinity::None,
+        "ClientIP" => SessionAffinity::ClientIp,
+        other => {
+            return Err(field_error(
+                "spec.sessionAffinity",
+                format!("Unsupported value: {other:?}: supported values: \"ClientIP\", \"None\""),
+            ));
+        }
+    };
+
+    let raw_ports = spec.ports.clone().unwrap_or_default();
+    if raw_ports.is_empty() && service_type != ServiceType::ExternalName && cluster_ip != ClusterIpRequest::Headless {
+        return Err(field_error("spec.ports", "Required value"));
+    }
+    let mut ports: Vec<ServicePort> = Vec::with_capacity(raw_ports.len());
+    for (i, p) in raw_ports.iter().enumerate() {
+        let field = |f: &str| format!("spec.ports[{i}].{f}");
+        let name = p.name.clone().unwrap_or_default();
+        if raw_ports.len() > 1 && name.is_empty() {
+            return Err(field_error(field("name"), "Required value"));
+        }
+        if !name.is_empty() && ports.iter().any(|q| q.name == name) {
+            return Err(field_error(field("name"), format!("Duplicate value: {name:?}")));
+        }
+        let protocol = protocol(p.protocol.as_deref(), &field("protocol"))?;
+        let port = port_number(p.port, &field("port"))?;
+        if ports.iter().any(|q| q.port == port && q.protocol == protocol) {
+            return Err(field_error(
+                field("port"),
+                format!("Duplicate value: {port}/{}", protocol.as_str()),
+            ));
+        }
+        let target_port = match &p.target_port {
+            None => TargetPort::Number(port),
+            Some(IntOrString::Int(n)) => TargetPort::Number(port_number(*n, &field("targetPort"))?),
+            Some(IntOrString::String(s)) => match s.parse::<i32>() {
+                Ok(n) => TargetPort::Number(port_number(n, &field("targetPort"))?),
+                Err(_) if valid_port_name(s) => TargetPort::Name(s.clone()),
+                Err(_) => {
+                    return Err(field_error(
+                        field("targetPort"),
+                        format!("Invalid value: {s:?}: must be a port number or an IANA service name"),
+                    ));
+                }
+            },
+        };
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(n) => Some(port_number(n, &field("nodePort"))?),
+        };
+        ports.push(ServicePort { name, protocol, port, target_port, node_port });
+    }
+
+    Ok(Service {
+        id,
+        service_type,
+        cluster_ip,
+        external_ips,
+        external_name,
+        selector: spec.selector.clone().filter(|s| !s.is_empty()),
+        ports,
+        session_affinity,
+        created: created(&svc.metadata),
+    })
+}
+
+pub fn pod(pod: &core::Pod) -> Result<Pod, FieldError> {
+    let id = object_name(&pod.metadata)?;
+    let status = pod.status.clone().unwrap_or_default();
+    let ip = match status.pod_ip.as_deref() {
+        None | Some("") => None,
+        Some(ip) => Some(ipv4(ip, "status.podIP")?),
+    };
+    let not_ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "False");
+    let terminating = pod.metadata.deletion_timestamp.is_some();
+    let mut named_ports = Vec::new();
+    for (ci, c) in pod.spec.iter().flat_map(|s| s.containers.iter()).enumerate() {
+        for (pi, p) in c.ports.iter().flatten().enumerate() {
+            let field = |f: &str| format!("spec.containers[{ci}].ports[{pi}].{f}");
+            let port = port_number(p.container_port, &field("containerPort"))?;
+            let protocol = protocol(p.protocol.as_deref(), &field("protocol"))?;
+            if let Some(name) = p.name.as_ref().filter(|n| !n.is_empty()) {
+                named_ports.push(NamedPort { name: name.clone(), protocol, port });
+            }
+        }
+    }
+    Ok(Pod {
+        id,
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        ip,
+        ready: !not_ready && !terminating,
+        named_ports,
+    })
+}
+
+pub fn endpoints(ep: &core::Endpoints) -> Result<ManualEndpoints, FieldError> {
+    let id = object_name(&ep.metadata)?;
+    let mut groups = Vec::new();
+    for (si, subset) in ep.subsets.iter().flatten().enumerate() {
+        let mut ports = Vec::new();
+        for (pi, p) in subset.ports.iter().flatten().enumerate() {
+            let field = |f: &str| format!("subsets[{si}].ports[{pi}].{f}");
+            ports.push(EndpointPort {
+                name: p.name.clone().unwrap_or_default(),
+                protocol: protocol(p.protocol.as_deref(), &field("protocol"))?,
+                port: port_number(p.port, &field("port"))?,
+            });
+        }
+        let mut addresses = Vec::new();
+        for (list, ready, field) in [
+            (&subset.addresses, true, "addresses"),
+            (&subset.not_ready_addresses, false, "notReadyAddresses"),
+        ] {
+            for (ai, a) in list.iter().flatten().enumerate() {
+                addresses.push((ipv4(&a.ip, &format!("subsets[{si}].{field}[{ai}].ip"))?, ready));
+            }
+        }
+        groups.push(EndpointGroup { ports, addresses });
+    }
+    Ok(ManualEndpoints { service: id.clone(), id, groups })
+}
+
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<ManualEndpoints, FieldError> {
+    let id = object_name(&slice.metadata)?;
+    let service_name = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .cloned()
+        .ok_or_else(|| {
+            field_error(format!("metadata.labels[{SERVICE_NAME_LABEL}]"), "Required value")
+        })?;
+    if slice.address_type != "IPv4" {
+        return Err(field_error(
+            "addressType",
+            format!("Unsupported value: {:?}: only \"IPv4\" is supported", slice.address_type),
+        ));
+    }
+    let mut ports = Vec::new();
+    for (pi, p) in slice.ports.iter().flatten().enumerate() {
+        let field = |f: &str| format!("ports[{pi}].{f}");
+        let Some(port) = p.port else {
+            return Err(field_error(field("port"), "Required value"));
+        };
+        ports.push(EndpointPort {
+            name: p.name.clone().unwrap_or_default(),
+            protocol: protocol(p.protocol.as_deref(), &field("protocol"))?,
+            port: port_number(port, &field("port"))?,
+        });
+    }
+    let mut addresses = Vec::new();
+    for (ei, e) in slice.endpoints.iter().enumerate() {
+        // A nil ready condition means "unknown", which consumers take as ready.
+        let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+        for (ai, a) in e.addresses.iter().enumerate() {
+            addresses.push((ipv4(a, &format!("endpoints[{ei}].addresses[{ai}]"))?, ready));
+        }
+    }
+    Ok(ManualEndpoints {
+        service: ObjectName { namespace: id.namespace.clone(), name: service_name },
+        id,
+        groups: vec![EndpointGroup { ports, addresses }],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(yaml: &str) -> Result<Service, FieldError> {
+        service(&serde_yaml::from_str(yaml).unwrap())
+    }
+
+    #[test]
+    fn service_defaults_follow_kubernetes() {
+        let s = svc("metadata: {name: a}\nspec:\n  selector: {app: a}\n  ports: [{port: 80}]\n").unwrap();
+        assert_eq!(s.id, ObjectName { namespace: "default".into(), name: "a".into() });
+        assert_eq!(s.service_type, ServiceType::ClusterIP);
+        assert_eq!(s.cluster_ip, ClusterIpRequest::Allocate);
+        assert_eq!(s.ports[0].protocol, Protocol::Tcp);
+        assert_eq!(s.ports[0].target_port, TargetPort::Number(80));
+        assert_eq!(s.session_affinity, SessionAffinity::None);
+    }
+
+    #[test]
+    fn named_and_numeric_target_ports() {
+        let s = svc("metadata: {name: a}\nspec:\n  ports:\n  - {name: http, port: 80, targetPort: web}\n  - {name: dns, port: 53, protocol: UDP, targetPort: \"5353\"}\n").unwrap();
+        assert_eq!(s.ports[0].target_port, TargetPort::Name("web".into()));
+        assert_eq!(s.ports[1].target_port, TargetPort::Number(5353));
+        assert_eq!(s.ports[1].protocol, Protocol::Udp);
+    }
+
+    #[test]
+    fn invalid_fields_are_named() {
+        let cases = [
+            ("metadata: {name: a}\nspec: {ports: [{port: 70000}]}", "spec.ports[0].port"),
+            ("metadata: {name: a}\nspec: {ports: [{port: 80, protocol: ICMP}]}", "spec.ports[0].protocol"),
+            ("metadata: {name: a}\nspec: {clusterIP: 10.0.0.300, ports: [{port: 80}]}", "spec.clusterIP"),
+            ("metadata: {name: a}\nspec: {ports: [{port: 80}, {port: 81}]}", "spec.ports[0].name"),
+            ("metadata: {name: a}\nspec: {ports: [{name: a, port: 80}, {name: b, port: 80}]}", "spec.ports[1].port"),
+            ("metadata: {name: a}\nspec: {ports: [{port: 80, targetPort: Not_A_Name}]}", "spec.ports[0].targetPort"),
+            ("metadata: {}\nspec: {ports: [{port: 80}]}", "metadata.name"),
+            ("metadata: {name: a}\nspec: {type: Weird, ports: [{port: 80}]}", "spec.type"),
+            ("metadata: {name: a}\nspec: {}", "spec.ports"),
+            ("metadata: {name: a}\nspec: {type: ExternalName}", "spec.externalName"),
+        ];
+        for (yaml, field) in cases {
+            let err = svc(yaml).expect_err(yaml);
+            assert_eq!(err.field, field, "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn same_port_on_tcp_and_udp_is_allowed() {
+        let s = svc("metadata: {name: dns}\nspec:\n  ports:\n  - {name: tcp, port: 53}\n  - {name: udp, port: 53, protocol: UDP}\n").unwrap();
+        assert_eq!(s.ports.len(), 2);
+    }
+
+    #[test]
+    fn pod_readiness_and_named_ports() {
+        let p: core::Pod = serde_yaml::from_str(
+            "metadata: {name: p, labels: {app: x}}\nspec:\n  containers:\n  - name: c\n    ports: [{name: web, containerPort: 8080}]\nstatus:\n  podIP: 198.18.1.2\n  conditions: [{type: Ready, status: \"False\"}]\n",
+        )
+        .unwrap();
+        let p = pod(&p).unwrap();
+        assert_eq!(p.ip, Some(Ipv4Addr::new(198, 18, 1, 2)));
+        assert!(!p.ready);
+        assert_eq!(p.named_ports, vec![NamedPort { name: "web".into(), protocol: Protocol::Tcp, port: 8080 }]);
+
+        let p: core::Pod = serde_yaml::from_str(
+            "metadata: {name: p}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 198.18.1.3}\n",
+        )
+        .unwrap();
+        assert!(pod(&p).unwrap().ready, "no Ready condition means ready");
+    }
+
+    #[test]
+    fn endpoints_and_slices() {
+        let e: core::Endpoints = serde_yaml::from_str(
+            "metadata: {name: ext}\nsubsets:\n- addresses: [{ip: 198.18.5.1}]\n  notReadyAddresses: [{ip: 198.18.5.2}]\n  ports: [{port: 80}]\n",
+        )
+        .unwrap();
+        let e = endpoints(&e).unwrap();
+        assert_eq!(e.service.name, "ext");
+        assert_eq!(e.groups[0].addresses, vec![(Ipv4Addr::new(198, 18, 5, 1), true), (Ipv4Addr::new(198, 18, 5, 2), false)]);
+
+        let s: discovery::EndpointSlice = serde_yaml::from_str(
+            "metadata: {name: ext-abc, labels: {kubernetes.io/service-name: ext}}\naddressType: IPv4\nendpoints:\n- addresses: [198.18.5.3]\n  conditions: {ready: false}\n- addresses: [198.18.5.4]\nports: [{port: 8080, name: http}]\n",
+        )
+        .unwrap();
+        let s = endpoint_slice(&s).unwrap();
+        assert_eq!(s.service.name, "ext");
+        assert_eq!(s.groups[0].addresses, vec![(Ipv4Addr::new(198, 18, 5, 3), false), (Ipv4Addr::new(198, 18, 5, 4), true)]);
+        assert_eq!(s.groups[0].ports[0].port, 8080);
+
+        let bad: discovery::EndpointSlice = serde_yaml::from_str(
+            "metadata: {name: x}\naddressType: IPv4\nendpoints: []\n",
+        )
+        .unwrap();
+        assert!(endpoint_slice(&bad).unwrap_err().field.starts_with("metadata.labels"));
+    }
+}

@@ -1,0 +1,315 @@
+//! The manifest folder of standalone mode: parse files into objects, keeping the last good
+//! version of whatever a broken file or object would otherwise take away.
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+use crate::model::{self, FieldError, Object};
+
+/// A problem with one file, document or object. The rest of the folder still applies.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ManifestError {
+    pub file: PathBuf,
+    /// 1-based document number in a multi-document file.
+    pub document: Option<usize>,
+    /// `Kind namespace/name`, when known.
+    pub object: Option<String>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(d) = self.document {
+            write!(f, ": document {d}")?;
+        }
+        if let Some(o) = &self.object {
+            write!(f, ": {o}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+pub fn is_manifest(path: &Path) -> bool {
+    matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+}
+
+/// Objects and per-object errors of one file, or the error that makes the whole file unusable.
+pub type ParsedFile = Result<Vec<Result<Object, ManifestError>>, ManifestError>;
+
+pub fn parse_file(path: &Path, text: &str) -> ParsedFile {
+    let err = |document: Option<usize>, message: String| ManifestError {
+        file: path.to_path_buf(),
+        document,
+        object: None,
+        field: None,
+        message,
+    };
+    let documents: Vec<Value> = if path.extension().is_some_and(|e| e == "json") {
+        vec![serde_json::from_str(text).map_err(|e| err(None, format!("invalid JSON: {e}")))?]
+    } else {
+        let mut docs = Vec::new();
+        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            docs.push(Value::deserialize(doc).map_err(|e| err(Some(i + 1), format!("invalid YAML: {e}")))?);
+        }
+        docs
+    };
+    let numbered = documents.len() > 1;
+    let mut objects = Vec::new();
+    for (i, doc) in documents.into_iter().enumerate() {
+        let document = numbered.then_some(i + 1);
+        collect_objects(path, document, doc, &mut objects)?;
+    }
+    Ok(objects)
+}
+
+fn collect_objects(
+    path: &Path,
+    document: Option<usize>,
+    doc: Value,
+    out: &mut Vec<Result<Object, ManifestError>>,
+) -> Result<(), ManifestError> {
+    if doc.is_null() {
+        return Ok(());
+    }
+    let api_version = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("").to_string();
+    let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
+    let label = object_label(&kind, &doc);
+    let error = |field: Option<String>, message: String| ManifestError {
+        file: path.to_path_buf(),
+        document,
+        object: label.clone(),
+        field,
+        message,
+    };
+    // A document that does not deserialize at all makes the whole file unusable: its other
+    // objects' last good versions stay in force, rather than half a file.
+    fn typed<T: DeserializeOwned>(doc: Value) -> Result<T, (String, String)> {
+        serde_path_to_error::deserialize(doc).map_err(|e| (e.path().to_string(), e.inner().to_string()))
+    }
+    let fatal = |(field, message): (String, String)| error(Some(field), message);
+    let invalid = |e: FieldError| error(Some(e.field), e.message);
+    match (api_version.as_str(), kind.as_str()) {
+        ("v1", "List") => {
+            for item in doc.get("items").and_then(Value::as_array).cloned().unwrap_or_default() {
+                collect_objects(path, document, item, out)?;
+            }
+        }
+        ("v1", "Service") => {
+            let svc: core::Service = typed(doc).map_err(fatal)?;
+            out.push(model::service(&svc).map(Object::Service).map_err(invalid));
+        }
+        ("v1", "Pod") => {
+            let pod: core::Pod = typed(doc).map_err(fatal)?;
+            out.push(model::pod(&pod).map(Object::Pod).map_err(invalid));
+        }
+        ("v1", "Endpoints") => {
+            let ep: core::Endpoints = typed(doc).map_err(fatal)?;
+            out.push(model::endpoints(&ep).map(Object::Endpoints).map_err(invalid));
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            let slice: discovery::EndpointSlice = typed(doc).map_err(fatal)?;
+            out.push(model::endpoint_slice(&slice).map(Object::EndpointSlice).map_err(invalid));
+        }
+        ("", _) => return Err(error(Some("apiVersion".into()), "Required value".into())),
+        (_, "") => return Err(error(Some("kind".into()), "Required value".into())),
+        (v, k) => out.push(Err(error(
+            Some("kind".into()),
+            format!("{v} {k} is not one of v1 Service, Pod, Endpoints, List or discovery.k8s.io/v1 EndpointSlice: ignored"),
+        ))),
+    }
+    Ok(())
+}
+
+fn object_label(kind: &str, doc: &Value) -> Option<String> {
+    let meta = doc.get("metadata")?;
+    let name = meta.get("name").and_then(Value::as_str)?;
+    let ns = meta.get("namespace").and_then(Value::as_str).unwrap_or("default");
+    Some(format!("{kind} {ns}/{name}"))
+}
+
+type ObjectKey = (&'static str, model::ObjectName);
+
+fn key(o: &Object) -> ObjectKey {
+    (o.kind(), o.id().clone())
+}
+
+/// The objects of a manifest folder, file by file, as last loaded.
+#[derive(Default)]
+pub struct ManifestStore {
+    files: BTreeMap<PathBuf, Vec<Object>>,
+}
+
+impl ManifestStore {
+    /// Applies the current content of every file (`None`: the file is gone) and returns the
+    /// problems found. A file that fails to parse keeps its previous objects; an invalid object
+    /// keeps its previous version; an object defined twice keeps the first file's definition.
+    pub fn update(&mut self, files: BTreeMap<PathBuf, Result<String, String>>) -> Vec<ManifestError> {
+        let mut errors = Vec::new();
+        let mut next: BTreeMap<PathBuf, Vec<Object>> = BTreeMap::new();
+        for (path, content) in files {
+            let previous = self.files.remove(&path).unwrap_or_default();
+            let parsed = content
+                .map_err(|e| ManifestError {
+                    file: path.clone(),
+                    document: None,
+                    object: None,
+                    field: None,
+                    message: format!("cannot read: {e}"),
+                })
+                .and_then(|text| parse_file(&path, &text));
+            let objects = match parsed {
+                Err(e) => {
+                    errors.push(e);
+                    previous
+                }
+                Ok(results) => {
+                    let mut previous: HashMap<ObjectKey, Object> =
+                        previous.into_iter().map(|o| (key(&o), o)).collect();
+                    let mut objects = Vec::new();
+                    for r in results {
+                        match r {
+                            Ok(o) => objects.push(o),
+                            Err(e) => {
+                                if let Some(old) = e.object.as_ref().and_then(|label| {
+                                    let k = previous.keys().find(|k| format!("{} {}", k.0, k.1) == *label)?.clone();
+                                    previous.remove(&k)
+                                }) {
+                                    objects.push(old);
+                                }
+                                errors.push(e);
+                            }
+                        }
+                    }
+                    objects
+                }
+            };
+            next.insert(path, objects);
+        }
+        // Kind/namespace/name must be unique across the folder.
+        let mut seen: HashMap<ObjectKey, PathBuf> = HashMap::new();
+        for (path, objects) in next.iter_mut() {
+            objects.retain(|o| match seen.get(&key(o)) {
+                Some(first) => {
+                    errors.push(ManifestError {
+                        file: path.clone(),
+                        document: None,
+                        object: Some(format!("{} {}", o.kind(), o.id())),
+                        field: Some("metadata.name".into()),
+                        message: format!("Duplicate value: already defined in {}", first.display()),
+                    });
+                    false
+                }
+                None => {
+                    seen.insert(key(o), path.clone());
+                    true
+                }
+            });
+        }
+        self.files = next;
+        errors
+    }
+
+    pub fn objects(&self) -> impl Iterator<Item = &Object> {
+        self.files.values().flatten()
+    }
+}
+
+/// Reads every manifest file directly in `dir`.
+pub fn read_folder(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, Result<String, String>>> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_file() && is_manifest(&path) {
+            let content = std::fs::read_to_string(&path).map_err(|e| e.to_string());
+            files.insert(path, content);
+        }
+    }
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports: [{port: 80}]\n";
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: p1, labels: {app: web}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 198.18.1.2}\n";
+
+    fn files(entries: &[(&str, &str)]) -> BTreeMap<PathBuf, Result<String, String>> {
+        entries.iter().map(|(p, t)| (PathBuf::from(p), Ok(t.to_string()))).collect()
+    }
+
+    #[test]
+    fn multi_document_yaml_list_and_json() {
+        let multi = format!("{SVC}---\n{POD}---\n");
+        let objs = parse_file(Path::new("a.yaml"), &multi).unwrap();
+        assert_eq!(objs.len(), 2);
+        let json = r#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"v1","kind":"Service","metadata":{"name":"j"},"spec":{"ports":[{"port":53,"protocol":"UDP"}]}}]}"#;
+        let objs = parse_file(Path::new("b.json"), json).unwrap();
+        assert!(matches!(&objs[0], Ok(Object::Service(s)) if s.id.name == "j"));
+    }
+
+    #[test]
+    fn type_errors_name_file_document_and_field() {
+        let bad = format!("{POD}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  ports: [{{port: eighty}}]\n");
+        let err = parse_file(Path::new("dir/bad.yaml"), &bad).unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("dir/bad.yaml: document 2: Service default/web: spec.ports[0].port: "), "{text}");
+    }
+
+    #[test]
+    fn broken_file_keeps_previous_objects() {
+        let mut store = ManifestStore::default();
+        assert!(store.update(files(&[("a.yaml", SVC), ("b.yaml", POD)])).is_empty());
+        let errors = store.update(files(&[("a.yaml", "kind: [unclosed"), ("b.yaml", POD)]));
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].file, PathBuf::from("a.yaml"));
+        assert_eq!(store.objects().count(), 2, "the broken file's service stays");
+    }
+
+    #[test]
+    fn invalid_object_keeps_its_previous_version_only() {
+        let mut store = ManifestStore::default();
+        let two = format!("{SVC}---\n{POD}");
+        assert!(store.update(files(&[("a.yaml", &two)])).is_empty());
+        let broken = two.replace("ports: [{port: 80}]", "ports: [{port: 0}]").replace("p1", "p2");
+        let errors = store.update(files(&[("a.yaml", &broken)]));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field.as_deref(), Some("spec.ports[0].port"));
+        let mut names: Vec<String> = store.objects().map(|o| o.id().name.clone()).collect();
+        names.sort();
+        assert_eq!(names, vec!["p2", "web"], "new pod applied, old service kept");
+    }
+
+    #[test]
+    fn deleted_file_removes_its_objects_and_duplicates_are_rejected() {
+        let mut store = ManifestStore::default();
+        let errors = store.update(files(&[("a.yaml", SVC), ("b.yaml", SVC)]));
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].file, PathBuf::from("b.yaml"));
+        assert!(errors[0].message.contains("a.yaml"));
+        assert_eq!(store.objects().count(), 1);
+        store.update(files(&[]));
+        assert_eq!(store.objects().count(), 0);
+    }
+
+    #[test]
+    fn unsupported_kind_is_reported_not_fatal() {
+        let deploy = format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\n---\n{SVC}");
+        let objs = parse_file(Path::new("d.yaml"), &deploy).unwrap();
+        assert!(objs[0].is_err());
+        assert!(objs[1].is_ok());
+    }
+}

@@ -1,0 +1,2 @@
+//! Where objects come from. Standalone mode reads a folder of manifests.
+pub mod manifests;
