@@ -8,7 +8,11 @@ fn main() -> anyhow::Result<()> {
         .join("lb-ebpf");
     let root_dir = ebpf_dir.to_str().context("non-UTF-8 path")?;
     aya_build::build_ebpf(
-        [Package { name: "lb-ebpf", root_dir, ..Default::default() }],
+        [Package {
+            name: "lb-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
         Toolchain::Custom("nightly"),
     )
 }

@@ -21,7 +21,13 @@ pub const CONNTRACK_MAP: &str = "LB_CONNTRACK_V1";
 pub const STATS_MAP: &str = "LB_STATS_V1";
 
 /// Every map the agent pins, in the order they are created.
-pub const ALL_MAPS: [&str; 5] = [FRONTENDS_MAP, SLOTS_MAP, BACKENDS_MAP, CONNTRACK_MAP, STATS_MAP];
+pub const ALL_MAPS: [&str; 5] = [
+    FRONTENDS_MAP,
+    SLOTS_MAP,
+    BACKENDS_MAP,
+    CONNTRACK_MAP,
+    STATS_MAP,
+];
 
 pub const MAX_FRONTENDS: u32 = 131_072;
 pub const MAX_SLOTS: u32 = 1_048_576;

@@ -25,12 +25,16 @@ impl Flow {
     /// Offset of the L4 checksum field.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
-        if self.protocol == PROTO_TCP { L4_OFF + 16 } else { L4_OFF + 6 }
+        if self.protocol == PROTO_TCP {
+            L4_OFF + 16
+        } else {
+            L4_OFF + 6
+        }
     }
 }
 
 #[inline(always)]
-fn bytes<const N: usize>(data: usize, data_end: usize, off: usize) -> Result<[u8; N], Verdict> {
+pub fn bytes<const N: usize>(data: usize, data_end: usize, off: usize) -> Result<[u8; N], Verdict> {
     if data + off + N > data_end {
         return Err(Verdict::Pass(Counter::PassTruncated));
     }

@@ -15,7 +15,11 @@ use crate::{
 /// What to do to the packet.
 pub enum Translation {
     /// Rewrite the destination to a backend.
-    Dnat { addr: [u8; 4], port: u16, counter: Counter },
+    Dnat {
+        addr: [u8; 4],
+        port: u16,
+        counter: Counter,
+    },
     /// Rewrite the source back to the service address (reply of a translated flow).
     Snat { addr: [u8; 4], port: u16 },
     /// The service has no endpoints: answer ICMP port unreachable.
@@ -60,7 +64,10 @@ pub fn decide(flow: &Flow) -> Result<Translation, Verdict> {
     // SAFETY: the entry is copied out at once; a concurrent update can only make it stale.
     if let Some(entry) = unsafe { LB_CONNTRACK_V1.get(&key) }.copied() {
         if entry.kind == CT_REPLY {
-            return Ok(Translation::Snat { addr: first4(&entry.nat_addr), port: entry.nat_port });
+            return Ok(Translation::Snat {
+                addr: first4(&entry.nat_addr),
+                port: entry.nat_port,
+            });
         }
         if entry.kind == CT_FORWARD && still_valid(&entry) {
             return Ok(Translation::Dnat {

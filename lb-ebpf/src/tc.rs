@@ -10,7 +10,7 @@ use lb_common::{PROTO_UDP, checksum, stats::Counter};
 use crate::{
     Verdict,
     maps::count,
-    parse::{ETH_LEN, Flow, IPV4_LEN, L4_OFF, parse},
+    parse::{ETH_LEN, Flow, IPV4_LEN, L4_OFF, bytes, parse},
     pipeline::{Translation, decide},
 };
 
@@ -25,16 +25,28 @@ pub fn run(ctx: &TcContext) -> i32 {
         Err(v) => return finish(v),
     };
     let result = match decide(&flow) {
-        Ok(Translation::Dnat { addr, port, counter }) => {
-            rewrite(ctx, &flow, IP_DST_OFF, L4_OFF + 2, flow.daddr, flow.dport, addr, port)
-                .map(|()| (TC_ACT_OK as i32, counter))
+        Ok(Translation::Dnat {
+            addr,
+            port,
+            counter,
+        }) => rewrite(
+            ctx,
+            &flow,
+            IP_DST_OFF,
+            L4_OFF + 2,
+            flow.daddr,
+            flow.dport,
+            addr,
+            port,
+        )
+        .map(|()| (TC_ACT_OK as i32, counter)),
+        Ok(Translation::Snat { addr, port }) => rewrite(
+            ctx, &flow, IP_SRC_OFF, L4_OFF, flow.saddr, flow.sport, addr, port,
+        )
+        .map(|()| (TC_ACT_OK as i32, Counter::ReverseNat)),
+        Ok(Translation::Unreachable) => {
+            port_unreachable(ctx).map(|()| (TC_ACT_REDIRECT as i32, Counter::IcmpNoEndpoints))
         }
-        Ok(Translation::Snat { addr, port }) => {
-            rewrite(ctx, &flow, IP_SRC_OFF, L4_OFF, flow.saddr, flow.sport, addr, port)
-                .map(|()| (TC_ACT_OK as i32, Counter::ReverseNat))
-        }
-        Ok(Translation::Unreachable) => port_unreachable(ctx)
-            .map(|()| (TC_ACT_REDIRECT as i32, Counter::IcmpNoEndpoints)),
         Err(v) => Err(v),
     };
     match result {
@@ -75,7 +87,11 @@ fn rewrite(
 ) -> Result<(), Verdict> {
     let failed = |_| Verdict::Drop(Counter::DropRewriteFailed);
     // A UDP checksum of zero means "none": BPF_F_MARK_MANGLED_0 leaves it so.
-    let mangled = if flow.protocol == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    let mangled = if flow.protocol == PROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
     let from = u32::from_ne_bytes(old_addr) as u64;
     let to = u32::from_ne_bytes(new_addr) as u64;
     let csum_off = flow.l4_csum_off();
@@ -86,7 +102,8 @@ fn rewrite(
             .map_err(failed)?;
         ctx.store(port_off, &new_port, 0).map_err(failed)?;
     }
-    ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4).map_err(failed)?;
+    ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4)
+        .map_err(failed)?;
     ctx.store(addr_off, &new_addr, 0).map_err(failed)?;
     Ok(())
 }
@@ -101,10 +118,9 @@ const UNREACHABLE_LEN: usize = ETH_LEN + IPV4_LEN + ICMP_LEN + QUOTE_LEN;
 #[inline(always)]
 fn port_unreachable(ctx: &TcContext) -> Result<(), Verdict> {
     let failed = |_| Verdict::Drop(Counter::DropRewriteFailed);
-    let mut eth = [0u8; ETH_LEN];
-    let mut quote = [0u8; QUOTE_LEN];
-    ctx.load_bytes(0, &mut eth).map_err(failed)?;
-    ctx.load_bytes(ETH_LEN, &mut quote).map_err(failed)?;
+    // parse() already checked these bytes are there.
+    let eth: [u8; ETH_LEN] = bytes(ctx.data(), ctx.data_end(), 0)?;
+    let quote: [u8; QUOTE_LEN] = bytes(ctx.data(), ctx.data_end(), ETH_LEN)?;
 
     let mut out = [0u8; UNREACHABLE_LEN];
     // Ethernet: back to the sender.

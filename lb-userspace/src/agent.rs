@@ -56,7 +56,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let pattern = glob::Pattern::new(&config.pod_iface_glob)
         .with_context(|| format!("--pod-iface-glob {:?}", config.pod_iface_glob))?;
     if !config.manifests.is_dir() {
-        anyhow::bail!("--manifests {}: not a directory", config.manifests.display());
+        anyhow::bail!(
+            "--manifests {}: not a directory",
+            config.manifests.display()
+        );
     }
     let dataplane = Dataplane::load_pinned(&config.bpffs)?;
     let actual = dataplane.read_actual()?;
@@ -162,8 +165,14 @@ impl Agent {
             // The folder vanished or is unreadable: keep everything as it is.
             Err(e) => errors.push(format!("{}: {e}", self.config.manifests.display())),
         }
-        let (states, service_errors) = self.control.compute(self.store.objects(), SystemTime::now());
-        errors.extend(service_errors.iter().map(|e| format!("Service {}: {}", e.service, e.error)));
+        let (states, service_errors) = self
+            .control
+            .compute(self.store.objects(), SystemTime::now());
+        errors.extend(
+            service_errors
+                .iter()
+                .map(|e| format!("Service {}: {}", e.service, e.error)),
+        );
         let want = desired(&states);
         let ops = match diff::diff(&want, &self.actual) {
             Ok(ops) => ops,
@@ -188,7 +197,11 @@ impl Agent {
         }
         self.syncs += 1;
         if !ops.is_empty() {
-            info!(ops = ops.len(), took_us = started.elapsed().as_micros() as u64, "maps updated");
+            info!(
+                ops = ops.len(),
+                took_us = started.elapsed().as_micros() as u64,
+                "maps updated"
+            );
         }
         let counters = self.counters();
         let view = AdminState {

@@ -52,8 +52,10 @@ pub async fn serve(addr: SocketAddr, state: SharedState) -> anyhow::Result<()> {
 /// Fetches one admin path from a running agent.
 pub fn fetch<T: for<'de> Deserialize<'de>>(admin: &str, path: &str) -> anyhow::Result<T> {
     let url = format!("http://{admin}{path}");
-    let mut response = ureq::get(&url)
-        .call()
-        .map_err(|e| anyhow::anyhow!("cannot reach the agent at {admin} ({e}); is `lb agent` running with --admin {admin}?"))?;
+    let mut response = ureq::get(&url).call().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the agent at {admin} ({e}); is `lb agent` running with --admin {admin}?"
+        )
+    })?;
     Ok(response.body_mut().read_json()?)
 }

@@ -50,7 +50,11 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     pub fn new(cidr: Ipv4Net) -> Self {
-        Self { cidr, accepted: HashMap::new(), first_seen: HashMap::new() }
+        Self {
+            cidr,
+            accepted: HashMap::new(),
+            first_seen: HashMap::new(),
+        }
     }
 
     pub fn cidr(&self) -> Ipv4Net {
@@ -76,7 +80,8 @@ impl ControlPlane {
             }
         }
         self.accepted.retain(|name, _| services.contains_key(name));
-        self.first_seen.retain(|name, _| services.contains_key(name));
+        self.first_seen
+            .retain(|name, _| services.contains_key(name));
 
         let (addresses, errors) = self.allocate(&services);
         let mut states = Vec::new();
@@ -89,10 +94,18 @@ impl ControlPlane {
                     None => continue,
                 },
             };
-            self.accepted.insert(name.clone(), (svc.clone(), cluster_ip));
-            let created = svc.created.unwrap_or(*self.first_seen.entry(name.clone()).or_insert(now));
+            self.accepted
+                .insert(name.clone(), (svc.clone(), cluster_ip));
+            let created = svc
+                .created
+                .unwrap_or(*self.first_seen.entry(name.clone()).or_insert(now));
             let ports = resolve_ports(&svc, &pods, &manual);
-            states.push(ServiceState { service: svc, cluster_ip, ports, created });
+            states.push(ServiceState {
+                service: svc,
+                cluster_ip,
+                ports,
+                created,
+            });
         }
         (states, errors)
     }
@@ -106,7 +119,8 @@ impl ControlPlane {
         let mut errors = Vec::new();
         let mut used: BTreeSet<Ipv4Addr> = BTreeSet::new();
         let wants_ip = |s: &Service| {
-            s.service_type != ServiceType::ExternalName && s.cluster_ip != ClusterIpRequest::Headless
+            s.service_type != ServiceType::ExternalName
+                && s.cluster_ip != ClusterIpRequest::Headless
         };
         // 1. Services keep the address they have, if their spec still allows it.
         for (name, svc) in services {
@@ -130,7 +144,9 @@ impl ControlPlane {
         }
         // 2. Addresses chosen by the user.
         for (name, svc) in services {
-            let ClusterIpRequest::Fixed(ip) = svc.cluster_ip else { continue };
+            let ClusterIpRequest::Fixed(ip) = svc.cluster_ip else {
+                continue;
+            };
             if result.contains_key(name) || !wants_ip(svc) {
                 continue;
             }
@@ -140,14 +156,19 @@ impl ControlPlane {
                     self.cidr
                 ))
             } else if !used.insert(ip) {
-                Some(format!("Invalid value: \"{ip}\": provided IP is already allocated"))
+                Some(format!(
+                    "Invalid value: \"{ip}\": provided IP is already allocated"
+                ))
             } else {
                 None
             };
             match error {
                 Some(message) => errors.push(ServiceError {
                     service: name.clone(),
-                    error: FieldError { field: "spec.clusterIP".into(), message },
+                    error: FieldError {
+                        field: "spec.clusterIP".into(),
+                        message,
+                    },
                 }),
                 None => {
                     result.insert(name.clone(), Some(ip));
@@ -158,7 +179,10 @@ impl ControlPlane {
         //    manifests gives every Service the address it had.
         let size = 1u64 << (32 - self.cidr.prefix_len());
         for (name, svc) in services {
-            if result.contains_key(name) || svc.cluster_ip != ClusterIpRequest::Allocate || !wants_ip(svc) {
+            if result.contains_key(name)
+                || svc.cluster_ip != ClusterIpRequest::Allocate
+                || !wants_ip(svc)
+            {
                 continue;
             }
             let start = fnv1a(format!("{}/{}", name.namespace, name.name).as_bytes()) % size;
@@ -186,12 +210,15 @@ impl ControlPlane {
     /// In the CIDR, and neither its network nor (for prefixes up to /30) broadcast address.
     fn usable(&self, ip: Ipv4Addr) -> bool {
         self.cidr.contains(&ip)
-            && (self.cidr.prefix_len() >= 31 || (ip != self.cidr.network() && ip != self.cidr.broadcast()))
+            && (self.cidr.prefix_len() >= 31
+                || (ip != self.cidr.network() && ip != self.cidr.broadcast()))
     }
 }
 
 fn fnv1a(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 fn resolve_ports(svc: &Service, pods: &[&Pod], manual: &[&ManualEndpoints]) -> Vec<ResolvedPort> {
@@ -204,7 +231,11 @@ fn resolve_ports(svc: &Service, pods: &[&Pod], manual: &[&ManualEndpoints]) -> V
             let mut ready = BTreeSet::new();
             let mut not_ready = BTreeSet::new();
             let mut add = |addr: SocketAddrV4, is_ready: bool| {
-                if is_ready { ready.insert(addr) } else { not_ready.insert(addr) };
+                if is_ready {
+                    ready.insert(addr)
+                } else {
+                    not_ready.insert(addr)
+                };
             };
             match &svc.selector {
                 Some(selector) => {
@@ -245,7 +276,11 @@ fn resolve_ports(svc: &Service, pods: &[&Pod], manual: &[&ManualEndpoints]) -> V
             }
             // An address both ready and not ready (two slices) counts as ready.
             let not_ready = not_ready.difference(&ready).copied().collect();
-            ResolvedPort { port: port.clone(), ready: ready.into_iter().collect(), not_ready }
+            ResolvedPort {
+                port: port.clone(),
+                ready: ready.into_iter().collect(),
+                not_ready,
+            }
         })
         .collect()
 }
@@ -257,7 +292,11 @@ mod tests {
     use std::path::Path;
 
     fn objects(yaml: &str) -> Vec<Object> {
-        parse_file(Path::new("t.yaml"), yaml).unwrap().into_iter().map(|r| r.unwrap()).collect()
+        parse_file(Path::new("t.yaml"), yaml)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect()
     }
 
     fn cp() -> ControlPlane {
@@ -265,11 +304,15 @@ mod tests {
     }
 
     fn svc(name: &str, extra: &str) -> String {
-        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  selector: {{app: {name}}}\n  ports: [{{port: 80, targetPort: 8080}}]\n{extra}---\n")
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  selector: {{app: {name}}}\n  ports: [{{port: 80, targetPort: 8080}}]\n{extra}---\n"
+        )
     }
 
     fn pod(name: &str, app: &str, ip: &str, extra: &str) -> String {
-        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: {app}}}}}\nspec:\n  containers:\n  - name: c\n    ports: [{{name: web, containerPort: 9090}}]\nstatus:\n  podIP: {ip}\n{extra}---\n")
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: {app}}}}}\nspec:\n  containers:\n  - name: c\n    ports: [{{name: web, containerPort: 9090}}]\nstatus:\n  podIP: {ip}\n{extra}---\n"
+        )
     }
 
     #[test]
@@ -288,7 +331,9 @@ mod tests {
 
     #[test]
     fn fixed_ip_outside_cidr_or_taken_is_rejected_with_the_service_named() {
-        let yaml = svc("a", "  clusterIP: 198.19.0.10\n") + &svc("b", "  clusterIP: 198.19.0.10\n") + &svc("c", "  clusterIP: 10.0.0.1\n");
+        let yaml = svc("a", "  clusterIP: 198.19.0.10\n")
+            + &svc("b", "  clusterIP: 198.19.0.10\n")
+            + &svc("c", "  clusterIP: 10.0.0.1\n");
         let (states, errors) = cp().compute(&objects(&yaml), SystemTime::UNIX_EPOCH);
         assert_eq!(states.len(), 1);
         assert_eq!(states[0].cluster_ip, Some("198.19.0.10".parse().unwrap()));
@@ -306,15 +351,28 @@ mod tests {
         let ip = first[0].cluster_ip.unwrap();
         let yaml = svc("old", "") + &svc("new", &format!("  clusterIP: {ip}\n"));
         let (states, errors) = cp.compute(&objects(&yaml), SystemTime::UNIX_EPOCH);
-        assert_eq!(states.iter().find(|s| s.service.id.name == "old").unwrap().cluster_ip, Some(ip));
+        assert_eq!(
+            states
+                .iter()
+                .find(|s| s.service.id.name == "old")
+                .unwrap()
+                .cluster_ip,
+            Some(ip)
+        );
         assert_eq!(errors[0].service.name, "new");
     }
 
     #[test]
     fn rejected_update_keeps_the_accepted_version() {
         let mut cp = cp();
-        cp.compute(&objects(&svc("a", "  clusterIP: 198.19.0.10\n")), SystemTime::UNIX_EPOCH);
-        let (states, errors) = cp.compute(&objects(&svc("a", "  clusterIP: 10.1.1.1\n")), SystemTime::UNIX_EPOCH);
+        cp.compute(
+            &objects(&svc("a", "  clusterIP: 198.19.0.10\n")),
+            SystemTime::UNIX_EPOCH,
+        );
+        let (states, errors) = cp.compute(
+            &objects(&svc("a", "  clusterIP: 10.1.1.1\n")),
+            SystemTime::UNIX_EPOCH,
+        );
         assert_eq!(errors.len(), 1);
         assert_eq!(states[0].cluster_ip, Some("198.19.0.10".parse().unwrap()));
     }
@@ -332,7 +390,12 @@ mod tests {
     fn selector_readiness_namespace_and_named_ports() {
         let mut yaml = svc("web", "");
         yaml += &pod("p1", "web", "198.18.1.2", "");
-        yaml += &pod("p2", "web", "198.18.1.3", "  conditions: [{type: Ready, status: \"False\"}]\n");
+        yaml += &pod(
+            "p2",
+            "web",
+            "198.18.1.3",
+            "  conditions: [{type: Ready, status: \"False\"}]\n",
+        );
         yaml += &pod("p3", "other", "198.18.1.4", "");
         yaml += "apiVersion: v1\nkind: Pod\nmetadata: {name: p4, namespace: elsewhere, labels: {app: web}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 198.18.1.5}\n---\n";
         yaml += "apiVersion: v1\nkind: Service\nmetadata: {name: named}\nspec:\n  selector: {app: web}\n  ports: [{port: 80, targetPort: web}]\n---\n";
@@ -340,10 +403,19 @@ mod tests {
         let (states, _) = cp().compute(&objects(&yaml), SystemTime::UNIX_EPOCH);
         let web = states.iter().find(|s| s.service.id.name == "web").unwrap();
         let addrs = |v: &[SocketAddrV4]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
-        assert_eq!(addrs(&web.ports[0].ready), ["198.18.1.2:8080", "198.18.1.6:8080"]);
+        assert_eq!(
+            addrs(&web.ports[0].ready),
+            ["198.18.1.2:8080", "198.18.1.6:8080"]
+        );
         assert_eq!(addrs(&web.ports[0].not_ready), ["198.18.1.3:8080"]);
-        let named = states.iter().find(|s| s.service.id.name == "named").unwrap();
-        assert_eq!(addrs(&named.ports[0].ready), ["198.18.1.2:9090", "198.18.1.6:7070"]);
+        let named = states
+            .iter()
+            .find(|s| s.service.id.name == "named")
+            .unwrap();
+        assert_eq!(
+            addrs(&named.ports[0].ready),
+            ["198.18.1.2:9090", "198.18.1.6:7070"]
+        );
     }
 
     #[test]
@@ -353,7 +425,13 @@ apiVersion: v1\nkind: Endpoints\nmetadata: {name: ext}\nsubsets:\n- addresses: [
 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: ext-1, labels: {kubernetes.io/service-name: ext}}\naddressType: IPv4\nendpoints: [{addresses: [198.18.9.2]}]\nports: [{name: http, port: 8081}]\n";
         let (states, _) = cp().compute(&objects(yaml), SystemTime::UNIX_EPOCH);
         let p = &states[0].ports;
-        assert_eq!(p[0].ready.iter().map(|a| a.to_string()).collect::<Vec<_>>(), ["198.18.9.1:8080", "198.18.9.2:8081"]);
-        assert_eq!(p[1].ready.iter().map(|a| a.to_string()).collect::<Vec<_>>(), ["198.18.9.1:5353"]);
+        assert_eq!(
+            p[0].ready.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            ["198.18.9.1:8080", "198.18.9.2:8081"]
+        );
+        assert_eq!(
+            p[1].ready.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            ["198.18.9.1:5353"]
+        );
     }
 }

@@ -36,9 +36,15 @@ pub enum DataplaneError {
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
-    Program { name: &'static str, source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("attaching to {iface}: {message}")]
@@ -72,7 +78,11 @@ impl Dataplane {
             loader.map_pin_path(name, path.as_path());
         }
         let ebpf = loader.load(EBPF_OBJECT)?;
-        let mut dp = Self { ebpf, bpffs: Some(bpffs.to_path_buf()), attached: HashMap::new() };
+        let mut dp = Self {
+            ebpf,
+            bpffs: Some(bpffs.to_path_buf()),
+            attached: HashMap::new(),
+        };
         dp.load_program(TC_INGRESS_PROGRAM)?;
         Ok(dp)
     }
@@ -80,14 +90,20 @@ impl Dataplane {
     /// Loads the programs with fresh, unpinned maps (tests and benchmarks).
     pub fn load_unpinned() -> Result<Self> {
         let ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
-        let mut dp = Self { ebpf, bpffs: None, attached: HashMap::new() };
+        let mut dp = Self {
+            ebpf,
+            bpffs: None,
+            attached: HashMap::new(),
+        };
         dp.load_program(TC_INGRESS_PROGRAM)?;
         dp.load_program(TC_FLOOR_PROGRAM)?;
         Ok(dp)
     }
 
     fn load_program(&mut self, name: &'static str) -> Result<()> {
-        self.classifier(name)?.load().map_err(|source| DataplaneError::Program { name, source })
+        self.classifier(name)?
+            .load()
+            .map_err(|source| DataplaneError::Program { name, source })
     }
 
     pub fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
@@ -95,11 +111,15 @@ impl Dataplane {
             name,
             source: aya::programs::ProgramError::NotLoaded,
         })?;
-        program.try_into().map_err(|source| DataplaneError::Program { name, source })
+        program
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
-        self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
@@ -136,13 +156,24 @@ impl Dataplane {
     pub fn write(&mut self, ops: &[MapOp]) -> Result<()> {
         for op in ops {
             match *op {
-                MapOp::PutBackend(id, b) => self.backends()?.set(id, b, 0).map_err(map_err(BACKENDS_MAP))?,
-                MapOp::ClearBackend(id) => {
-                    self.backends()?.set(id, Backend::default(), 0).map_err(map_err(BACKENDS_MAP))?
+                MapOp::PutBackend(id, b) => self
+                    .backends()?
+                    .set(id, b, 0)
+                    .map_err(map_err(BACKENDS_MAP))?,
+                MapOp::ClearBackend(id) => self
+                    .backends()?
+                    .set(id, Backend::default(), 0)
+                    .map_err(map_err(BACKENDS_MAP))?,
+                MapOp::PutSlot(k, id) => {
+                    self.slots()?.insert(k, id, 0).map_err(map_err(SLOTS_MAP))?
                 }
-                MapOp::PutSlot(k, id) => self.slots()?.insert(k, id, 0).map_err(map_err(SLOTS_MAP))?,
-                MapOp::DeleteSlot(k) => ignore_missing(self.slots()?.remove(&k)).map_err(map_err(SLOTS_MAP))?,
-                MapOp::PutFrontend(k, f) => self.frontends()?.insert(k, f, 0).map_err(map_err(FRONTENDS_MAP))?,
+                MapOp::DeleteSlot(k) => {
+                    ignore_missing(self.slots()?.remove(&k)).map_err(map_err(SLOTS_MAP))?
+                }
+                MapOp::PutFrontend(k, f) => self
+                    .frontends()?
+                    .insert(k, f, 0)
+                    .map_err(map_err(FRONTENDS_MAP))?,
                 MapOp::DeleteFrontend(k) => {
                     ignore_missing(self.frontends()?.remove(&k)).map_err(map_err(FRONTENDS_MAP))?
                 }
@@ -177,7 +208,8 @@ impl Dataplane {
     /// names newly attached.
     pub fn attach_matching(&mut self, pattern: &glob::Pattern) -> Result<Vec<String>> {
         let links = interfaces();
-        self.attached.retain(|ifindex, name| links.get(ifindex) == Some(name));
+        self.attached
+            .retain(|ifindex, name| links.get(ifindex) == Some(name));
         let mut newly = Vec::new();
         for (ifindex, name) in &links {
             if pattern.matches(name) && !self.attached.contains_key(ifindex) {
@@ -190,17 +222,26 @@ impl Dataplane {
     }
 
     fn attach(&mut self, ifindex: u32, name: &str) -> Result<()> {
-        let attach_err = |e: &dyn std::fmt::Display| DataplaneError::Attach { iface: name.to_string(), message: e.to_string() };
+        let attach_err = |e: &dyn std::fmt::Display| DataplaneError::Attach {
+            iface: name.to_string(),
+            message: e.to_string(),
+        };
         let prog = self.classifier(TC_INGRESS_PROGRAM)?;
         let prog_id = prog.info().map_err(|e| attach_err(&e))?.id();
         let link_id = prog
-            .attach_with_options(name, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .attach_with_options(
+                name,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
             .map_err(|e| attach_err(&e))?;
         let link = prog.take_link(link_id).map_err(|e| attach_err(&e))?;
         if let Some(bpffs) = &self.bpffs {
             // Pinned, the attachment outlives the agent, as kube-proxy's rules do. Then the
             // previous agent's attachment to this interface (same maps) is released.
-            let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| attach_err(&e))?;
+            let fd_link: FdLink = link
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| attach_err(&e))?;
             let dir = bpffs.join(LINKS_DIR);
             let pin = dir.join(format!("tc-ingress-{ifindex}-{prog_id}"));
             if pin.exists() {
@@ -221,7 +262,9 @@ impl Dataplane {
     }
 
     fn remove_stale_link_pins(&self, links: &BTreeMap<u32, String>) -> Result<()> {
-        let Some(bpffs) = &self.bpffs else { return Ok(()) };
+        let Some(bpffs) = &self.bpffs else {
+            return Ok(());
+        };
         for (ifindex, path) in link_pins(&bpffs.join(LINKS_DIR))? {
             if !links.contains_key(&ifindex) {
                 std::fs::remove_file(path)?;
@@ -239,10 +282,16 @@ impl Dataplane {
     }
 }
 
-fn ignore_missing(r: std::result::Result<(), aya::maps::MapError>) -> std::result::Result<(), aya::maps::MapError> {
+fn ignore_missing(
+    r: std::result::Result<(), aya::maps::MapError>,
+) -> std::result::Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         other => other,
     }
 }
@@ -256,7 +305,11 @@ fn link_pins(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if let Some(ifindex) = name.strip_prefix("tc-ingress-").and_then(|r| r.split('-').next()).and_then(|i| i.parse().ok()) {
+        if let Some(ifindex) = name
+            .strip_prefix("tc-ingress-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|i| i.parse().ok())
+        {
             pins.push((ifindex, path));
         }
     }
@@ -284,7 +337,9 @@ pub fn interfaces() -> BTreeMap<u32, String> {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
     // SAFETY: statfs writes into the zeroed struct we own.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
@@ -304,7 +359,13 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
         let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
         // SAFETY: plain mount(2) with valid C strings.
         let rc = unsafe {
-            libc::mount(c("bpf").as_ptr(), c("/sys/fs/bpf").as_ptr(), c("bpf").as_ptr(), 0, std::ptr::null())
+            libc::mount(
+                c("bpf").as_ptr(),
+                c("/sys/fs/bpf").as_ptr(),
+                c("bpf").as_ptr(),
+                0,
+                std::ptr::null(),
+            )
         };
         if rc != 0 {
             return Err(DataplaneError::Bpffs {
@@ -314,7 +375,10 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
         }
         return Ok(());
     }
-    Err(DataplaneError::Bpffs { path: dir.into(), message: "not on a bpf filesystem (mount -t bpf bpf <dir>)".into() })
+    Err(DataplaneError::Bpffs {
+        path: dir.into(),
+        message: "not on a bpf filesystem (mount -t bpf bpf <dir>)".into(),
+    })
 }
 
 /// Removes every link and map the agent pinned under `bpffs`: the programs detach.
@@ -340,4 +404,3 @@ pub fn reset(bpffs: &Path) -> Result<Vec<PathBuf>> {
     }
     Ok(removed)
 }
-

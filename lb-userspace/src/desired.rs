@@ -25,7 +25,11 @@ pub fn desired(services: &[ServiceState]) -> DesiredDataplane {
     for state in services {
         let Some(ip) = state.cluster_ip else { continue };
         for p in &state.ports {
-            let frontend = Frontend { ip, port: p.port.port, protocol: p.port.protocol };
+            let frontend = Frontend {
+                ip,
+                port: p.port.port,
+                protocol: p.port.protocol,
+            };
             let mut backends = p.ready.clone();
             backends.sort();
             backends.dedup();
@@ -46,13 +50,22 @@ mod tests {
         let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: dns}\nspec:\n  clusterIP: 198.19.0.53\n  selector: {app: dns}\n  ports: [{name: tcp, port: 53}, {name: udp, port: 53, protocol: UDP}]\n---\n\
 apiVersion: v1\nkind: Service\nmetadata: {name: headless}\nspec: {clusterIP: None, selector: {app: dns}, ports: [{port: 53}]}\n---\n\
 apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {app: dns}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 198.18.1.9}\n";
-        let objects: Vec<_> = parse_file(Path::new("t.yaml"), yaml).unwrap().into_iter().map(|r| r.unwrap()).collect();
-        let (states, _) = ControlPlane::new("198.19.0.0/16".parse().unwrap()).compute(&objects, SystemTime::UNIX_EPOCH);
+        let objects: Vec<_> = parse_file(Path::new("t.yaml"), yaml)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        let (states, _) = ControlPlane::new("198.19.0.0/16".parse().unwrap())
+            .compute(&objects, SystemTime::UNIX_EPOCH);
         let d = desired(&states);
         assert_eq!(d.frontends.len(), 2, "headless has no frontend");
         let ip: Ipv4Addr = "198.19.0.53".parse().unwrap();
         for protocol in [Protocol::Tcp, Protocol::Udp] {
-            let b = &d.frontends[&Frontend { ip, port: 53, protocol }];
+            let b = &d.frontends[&Frontend {
+                ip,
+                port: 53,
+                protocol,
+            }];
             assert_eq!(b, &vec!["198.18.1.9:53".parse::<SocketAddrV4>().unwrap()]);
         }
     }

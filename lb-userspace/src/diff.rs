@@ -74,7 +74,11 @@ struct IdAllocator {
 
 impl IdAllocator {
     fn new(used: impl IntoIterator<Item = u32>, first: u32, limit: u32) -> Self {
-        Self { used: used.into_iter().collect(), next: first, limit }
+        Self {
+            used: used.into_iter().collect(),
+            next: first,
+            limit,
+        }
     }
 
     fn take(&mut self) -> Option<u32> {
@@ -89,13 +93,20 @@ impl IdAllocator {
     }
 }
 
-pub fn diff(desired: &DesiredDataplane, actual: &ActualDataplane) -> Result<Vec<MapOp>, CapacityError> {
+pub fn diff(
+    desired: &DesiredDataplane,
+    actual: &ActualDataplane,
+) -> Result<Vec<MapOp>, CapacityError> {
     let wanted_backends: usize = desired.frontends.values().map(Vec::len).sum();
     if desired.frontends.len() > MAX_FRONTENDS as usize {
-        return Err(CapacityError::Frontends { wanted: desired.frontends.len() });
+        return Err(CapacityError::Frontends {
+            wanted: desired.frontends.len(),
+        });
     }
     if wanted_backends > MAX_SLOTS as usize {
-        return Err(CapacityError::Slots { wanted: wanted_backends });
+        return Err(CapacityError::Slots {
+            wanted: wanted_backends,
+        });
     }
     // Backend ids come from the space not used by any backend present now (old and new
     // backends coexist until the old ones are cleared): running out of it is the capacity error.
@@ -103,18 +114,22 @@ pub fn diff(desired: &DesiredDataplane, actual: &ActualDataplane) -> Result<Vec<
     for (id, b) in &actual.backends {
         by_service.entry(b.service_id).or_default().push((*id, *b));
     }
-    let mut service_ids = IdAllocator::new(actual.frontends.values().map(|f| f.service_id), 1, u32::MAX);
+    let mut service_ids =
+        IdAllocator::new(actual.frontends.values().map(|f| f.service_id), 1, u32::MAX);
     let mut backend_ids = IdAllocator::new(actual.backends.keys().copied(), 0, MAX_BACKENDS);
 
     let (mut put_backends, mut put_slots, mut put_frontends) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut del_frontends, mut del_slots, mut clear_backends) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut del_frontends, mut del_slots, mut clear_backends) =
+        (Vec::new(), Vec::new(), Vec::new());
 
     for (f, addrs) in &desired.frontends {
         let key = frontend_key(f);
         let old = actual.frontends.get(&key);
         let service_id = match old {
             Some(fe) => fe.service_id,
-            None => service_ids.take().ok_or(CapacityError::Frontends { wanted: desired.frontends.len() })?,
+            None => service_ids.take().ok_or(CapacityError::Frontends {
+                wanted: desired.frontends.len(),
+            })?,
         };
         let existing: HashMap<(lb_common::Addr, u16), u32> = by_service
             .get(&service_id)
@@ -128,7 +143,9 @@ pub fn diff(desired: &DesiredDataplane, actual: &ActualDataplane) -> Result<Vec<
             let id = match existing.get(&(b.addr, b.port)) {
                 Some(id) => *id,
                 None => {
-                    let id = backend_ids.take().ok_or(CapacityError::Backends { wanted: wanted_backends })?;
+                    let id = backend_ids.take().ok_or(CapacityError::Backends {
+                        wanted: wanted_backends,
+                    })?;
                     put_backends.push(MapOp::PutBackend(id, b));
                     id
                 }
@@ -136,13 +153,21 @@ pub fn diff(desired: &DesiredDataplane, actual: &ActualDataplane) -> Result<Vec<
             ids.push(id);
         }
         for (slot, id) in ids.iter().enumerate() {
-            let slot_key = SlotKey { service_id, slot: slot as u32 };
+            let slot_key = SlotKey {
+                service_id,
+                slot: slot as u32,
+            };
             if actual.slots.get(&slot_key) != Some(id) {
                 put_slots.push(MapOp::PutSlot(slot_key, *id));
             }
         }
         let count = ids.len() as u32;
-        let wanted = Frontend { service_id, backend_count: count, flags: 0, _pad: 0 };
+        let wanted = Frontend {
+            service_id,
+            backend_count: count,
+            flags: 0,
+            _pad: 0,
+        };
         if old != Some(&wanted) {
             put_frontends.push(MapOp::PutFrontend(key, wanted));
         }
@@ -159,13 +184,19 @@ pub fn diff(desired: &DesiredDataplane, actual: &ActualDataplane) -> Result<Vec<
     }
 
     let wanted_keys: HashSet<FrontendKey> = desired.frontends.keys().map(frontend_key).collect();
-    let mut removed: Vec<(&FrontendKey, &Frontend)> =
-        actual.frontends.iter().filter(|(k, _)| !wanted_keys.contains(k)).collect();
+    let mut removed: Vec<(&FrontendKey, &Frontend)> = actual
+        .frontends
+        .iter()
+        .filter(|(k, _)| !wanted_keys.contains(k))
+        .collect();
     removed.sort_by_key(|(_, f)| f.service_id);
     for (key, fe) in removed {
         del_frontends.push(MapOp::DeleteFrontend(*key));
         for slot in 0..fe.backend_count {
-            del_slots.push(MapOp::DeleteSlot(SlotKey { service_id: fe.service_id, slot }));
+            del_slots.push(MapOp::DeleteSlot(SlotKey {
+                service_id: fe.service_id,
+                slot,
+            }));
         }
         for (id, _) in by_service.get(&fe.service_id).into_iter().flatten() {
             clear_backends.push(MapOp::ClearBackend(*id));
@@ -213,15 +244,23 @@ mod tests {
     use crate::{desired::Frontend as Fe, model::Protocol};
 
     fn fe(last: u8, port: u16) -> Fe {
-        Fe { ip: std::net::Ipv4Addr::new(198, 19, 0, last), port, protocol: Protocol::Tcp }
+        Fe {
+            ip: std::net::Ipv4Addr::new(198, 19, 0, last),
+            port,
+            protocol: Protocol::Tcp,
+        }
     }
 
     fn backends(n: u8) -> Vec<SocketAddrV4> {
-        (1..=n).map(|i| SocketAddrV4::new(std::net::Ipv4Addr::new(198, 18, 1, i), 8080)).collect()
+        (1..=n)
+            .map(|i| SocketAddrV4::new(std::net::Ipv4Addr::new(198, 18, 1, i), 8080))
+            .collect()
     }
 
     fn desired(entries: &[(Fe, Vec<SocketAddrV4>)]) -> DesiredDataplane {
-        DesiredDataplane { frontends: entries.iter().cloned().collect() }
+        DesiredDataplane {
+            frontends: entries.iter().cloned().collect(),
+        }
     }
 
     /// Every slot of every frontend points at an active backend of the same service.
@@ -229,7 +268,10 @@ mod tests {
         a.frontends.values().all(|f| {
             (0..f.backend_count).all(|slot| {
                 a.slots
-                    .get(&SlotKey { service_id: f.service_id, slot })
+                    .get(&SlotKey {
+                        service_id: f.service_id,
+                        slot,
+                    })
                     .and_then(|id| a.backends.get(id))
                     .is_some_and(|b| b.service_id == f.service_id && b.state == BACKEND_ACTIVE)
             })
@@ -275,7 +317,11 @@ mod tests {
         assert_eq!(actual.frontends[&frontend_key(&fe(1, 80))].service_id, sid);
         for (id, old) in &ids_before {
             if old.addr[3] != 2 {
-                assert_eq!(actual.backends.get(id), Some(old), "surviving backend keeps its id");
+                assert_eq!(
+                    actual.backends.get(id),
+                    Some(old),
+                    "surviving backend keeps its id"
+                );
             }
         }
         assert_eq!(actual.backends.len(), 3);
@@ -288,8 +334,14 @@ mod tests {
         let ops = diff(&desired(&[(fe(1, 80), backends(5))]), &actual).unwrap();
         apply(&mut actual, &ops);
         let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).unwrap();
-        let frontend_at = ops.iter().position(|o| matches!(o, MapOp::PutFrontend(..))).unwrap();
-        let first_delete = ops.iter().position(|o| matches!(o, MapOp::DeleteSlot(..))).unwrap();
+        let frontend_at = ops
+            .iter()
+            .position(|o| matches!(o, MapOp::PutFrontend(..)))
+            .unwrap();
+        let first_delete = ops
+            .iter()
+            .position(|o| matches!(o, MapOp::DeleteSlot(..)))
+            .unwrap();
         assert!(frontend_at < first_delete);
         apply_checked(&mut actual, &ops);
         assert_eq!(actual.slots.len(), 2);
@@ -303,16 +355,33 @@ mod tests {
         let old_sid = actual.frontends.values().next().unwrap().service_id;
         let ops = diff(&desired(&[(fe(2, 80), backends(2))]), &actual).unwrap();
         apply_checked(&mut actual, &ops);
-        assert_ne!(actual.frontends.values().next().unwrap().service_id, old_sid);
+        assert_ne!(
+            actual.frontends.values().next().unwrap().service_id,
+            old_sid
+        );
         assert_eq!(actual.backends.len(), 2);
         assert_eq!(actual.slots.len(), 2);
     }
 
     #[test]
     fn capacity_is_checked_before_writing() {
-        let many: BTreeMap<Fe, Vec<SocketAddrV4>> =
-            (0..=MAX_FRONTENDS).map(|i| (Fe { ip: std::net::Ipv4Addr::from(0xc6130000 + i), port: 80, protocol: Protocol::Tcp }, vec![])).collect();
-        let err = diff(&DesiredDataplane { frontends: many }, &ActualDataplane::default()).unwrap_err();
+        let many: BTreeMap<Fe, Vec<SocketAddrV4>> = (0..=MAX_FRONTENDS)
+            .map(|i| {
+                (
+                    Fe {
+                        ip: std::net::Ipv4Addr::from(0xc6130000 + i),
+                        port: 80,
+                        protocol: Protocol::Tcp,
+                    },
+                    vec![],
+                )
+            })
+            .collect();
+        let err = diff(
+            &DesiredDataplane { frontends: many },
+            &ActualDataplane::default(),
+        )
+        .unwrap_err();
         assert!(matches!(err, CapacityError::Frontends { .. }));
     }
 }

@@ -86,23 +86,49 @@ enum Output {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Agent { manifests, node_name, pod_iface_glob, service_cidr, bpffs, admin } => {
+        Command::Agent {
+            manifests,
+            node_name,
+            pod_iface_glob,
+            service_cidr,
+            bpffs,
+            admin,
+        } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
                 )
                 .with_target(false)
                 .init();
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            runtime.block_on(agent::run(AgentConfig { manifests, node_name, pod_iface_glob, service_cidr, bpffs, admin }))
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(agent::run(AgentConfig {
+                manifests,
+                node_name,
+                pod_iface_glob,
+                service_cidr,
+                bpffs,
+                admin,
+            }))
         }
-        Command::Get { resource, namespace, all_namespaces, output, admin } => {
+        Command::Get {
+            resource,
+            namespace,
+            all_namespaces,
+            output,
+            admin,
+        } => {
             let keep = |ns: &str| all_namespaces || ns == namespace;
             let now = SystemTime::now();
             match resource {
@@ -135,24 +161,34 @@ fn main() -> anyhow::Result<()> {
                 Some(Output::Json) => println!("{}", serde_json::to_string_pretty(&status)?),
                 None => {
                     println!("node: {}", status.node_name);
-                    println!("attached interfaces: {}", status.attached_interfaces.join(" "));
+                    println!(
+                        "attached interfaces: {}",
+                        status.attached_interfaces.join(" ")
+                    );
                     println!("manifest problems: {}", status.errors.len());
                     for e in &status.errors {
                         println!("  {e}");
                     }
-                    let rows: Vec<Vec<String>> =
-                        status.counters.iter().map(|(n, v)| vec![n.clone(), v.to_string()]).collect();
+                    let rows: Vec<Vec<String>> = status
+                        .counters
+                        .iter()
+                        .map(|(n, v)| vec![n.clone(), v.to_string()])
+                        .collect();
                     print!("{}", views::table(&["COUNTER", "PACKETS"], &rows));
                 }
             }
             Ok(())
         }
         Command::Reset { bpffs } => {
-            let removed = dataplane::reset(&bpffs).with_context(|| format!("reset {}", bpffs.display()))?;
+            let removed =
+                dataplane::reset(&bpffs).with_context(|| format!("reset {}", bpffs.display()))?;
             for path in &removed {
                 println!("removed {}", path.display());
             }
-            println!("reset: {} pins removed; the datapath is detached", removed.len());
+            println!(
+                "reset: {} pins removed; the datapath is detached",
+                removed.len()
+            );
             Ok(())
         }
     }

@@ -2,18 +2,10 @@
 //!
 //! Every validation error names the field it is about, with the same paths kubectl uses
 //! (`spec.ports[1].targetPort`).
-use std::{
-    collections::BTreeMap,
-    fmt,
-    net::Ipv4Addr,
-    time::SystemTime,
-};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, time::SystemTime};
 
 use k8s_openapi::{
-    api::{
-        core::v1 as core,
-        discovery::v1 as discovery,
-    },
+    api::{core::v1 as core, discovery::v1 as discovery},
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use serde::Serialize;
@@ -197,7 +189,10 @@ pub struct FieldError {
 }
 
 fn field_error(field: impl Into<String>, message: impl Into<String>) -> FieldError {
-    FieldError { field: field.into(), message: message.into() }
+    FieldError {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 const DEFAULT_NAMESPACE: &str = "default";
@@ -207,21 +202,27 @@ fn object_name(meta: &ObjectMeta) -> Result<ObjectName, FieldError> {
     if name.is_empty() {
         return Err(field_error("metadata.name", "Required value"));
     }
-    let namespace = meta.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
+    let namespace = meta
+        .namespace
+        .clone()
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
     Ok(ObjectName { namespace, name })
 }
 
 fn created(meta: &ObjectMeta) -> Option<SystemTime> {
-    meta.creation_timestamp
-        .as_ref()
-        .map(|t| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t.0.as_second().max(0) as u64))
+    meta.creation_timestamp.as_ref().map(|t| {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t.0.as_second().max(0) as u64)
+    })
 }
 
 fn protocol(value: Option<&str>, field: &str) -> Result<Protocol, FieldError> {
     match value.unwrap_or("TCP") {
         "TCP" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
-        "SCTP" => Err(field_error(field, "Unsupported value: \"SCTP\": not supported by this load balancer")),
+        "SCTP" => Err(field_error(
+            field,
+            "Unsupported value: \"SCTP\": not supported by this load balancer",
+        )),
         other => Err(field_error(
             field,
             format!("Unsupported value: {other:?}: supported values: \"TCP\", \"UDP\""),
@@ -233,13 +234,19 @@ fn port_number(value: i32, field: &str) -> Result<u16, FieldError> {
     if (1..=65535).contains(&value) {
         Ok(value as u16)
     } else {
-        Err(field_error(field, format!("Invalid value: {value}: must be between 1 and 65535, inclusive")))
+        Err(field_error(
+            field,
+            format!("Invalid value: {value}: must be between 1 and 65535, inclusive"),
+        ))
     }
 }
 
 fn ipv4(value: &str, field: &str) -> Result<Ipv4Addr, FieldError> {
     value.parse().map_err(|_| {
-        field_error(field, format!("Invalid value: {value:?}: must be a valid IPv4 address"))
+        field_error(
+            field,
+            format!("Invalid value: {value:?}: must be a valid IPv4 address"),
+        )
     })
 }
 
@@ -247,7 +254,9 @@ fn ipv4(value: &str, field: &str) -> Result<Ipv4Addr, FieldError> {
 fn valid_port_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 15
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && name.bytes().any(|b| b.is_ascii_lowercase())
         && !name.starts_with('-')
         && !name.ends_with('-')
@@ -265,7 +274,9 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
         other => {
             return Err(field_error(
                 "spec.type",
-                format!("Unsupported value: {other:?}: supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\""),
+                format!(
+                    "Unsupported value: {other:?}: supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\""
+                ),
             ));
         }
     };
@@ -297,7 +308,10 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
     };
 
     let raw_ports = spec.ports.clone().unwrap_or_default();
-    if raw_ports.is_empty() && service_type != ServiceType::ExternalName && cluster_ip != ClusterIpRequest::Headless {
+    if raw_ports.is_empty()
+        && service_type != ServiceType::ExternalName
+        && cluster_ip != ClusterIpRequest::Headless
+    {
         return Err(field_error("spec.ports", "Required value"));
     }
     let mut ports: Vec<ServicePort> = Vec::with_capacity(raw_ports.len());
@@ -308,11 +322,17 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
             return Err(field_error(field("name"), "Required value"));
         }
         if !name.is_empty() && ports.iter().any(|q| q.name == name) {
-            return Err(field_error(field("name"), format!("Duplicate value: {name:?}")));
+            return Err(field_error(
+                field("name"),
+                format!("Duplicate value: {name:?}"),
+            ));
         }
         let protocol = protocol(p.protocol.as_deref(), &field("protocol"))?;
         let port = port_number(p.port, &field("port"))?;
-        if ports.iter().any(|q| q.port == port && q.protocol == protocol) {
+        if ports
+            .iter()
+            .any(|q| q.port == port && q.protocol == protocol)
+        {
             return Err(field_error(
                 field("port"),
                 format!("Duplicate value: {port}/{}", protocol.as_str()),
@@ -327,7 +347,9 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
                 Err(_) => {
                     return Err(field_error(
                         field("targetPort"),
-                        format!("Invalid value: {s:?}: must be a port number or an IANA service name"),
+                        format!(
+                            "Invalid value: {s:?}: must be a port number or an IANA service name"
+                        ),
                     ));
                 }
             },
@@ -336,7 +358,13 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
             None | Some(0) => None,
             Some(n) => Some(port_number(n, &field("nodePort"))?),
         };
-        ports.push(ServicePort { name, protocol, port, target_port, node_port });
+        ports.push(ServicePort {
+            name,
+            protocol,
+            port,
+            target_port,
+            node_port,
+        });
     }
 
     Ok(Service {
@@ -366,13 +394,22 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, FieldError> {
         .any(|c| c.type_ == "Ready" && c.status == "False");
     let terminating = pod.metadata.deletion_timestamp.is_some();
     let mut named_ports = Vec::new();
-    for (ci, c) in pod.spec.iter().flat_map(|s| s.containers.iter()).enumerate() {
+    for (ci, c) in pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .enumerate()
+    {
         for (pi, p) in c.ports.iter().flatten().enumerate() {
             let field = |f: &str| format!("spec.containers[{ci}].ports[{pi}].{f}");
             let port = port_number(p.container_port, &field("containerPort"))?;
             let protocol = protocol(p.protocol.as_deref(), &field("protocol"))?;
             if let Some(name) = p.name.as_ref().filter(|n| !n.is_empty()) {
-                named_ports.push(NamedPort { name: name.clone(), protocol, port });
+                named_ports.push(NamedPort {
+                    name: name.clone(),
+                    protocol,
+                    port,
+                });
             }
         }
     }
@@ -404,12 +441,19 @@ pub fn endpoints(ep: &core::Endpoints) -> Result<ManualEndpoints, FieldError> {
             (&subset.not_ready_addresses, false, "notReadyAddresses"),
         ] {
             for (ai, a) in list.iter().flatten().enumerate() {
-                addresses.push((ipv4(&a.ip, &format!("subsets[{si}].{field}[{ai}].ip"))?, ready));
+                addresses.push((
+                    ipv4(&a.ip, &format!("subsets[{si}].{field}[{ai}].ip"))?,
+                    ready,
+                ));
             }
         }
         groups.push(EndpointGroup { ports, addresses });
     }
-    Ok(ManualEndpoints { service: id.clone(), id, groups })
+    Ok(ManualEndpoints {
+        service: id.clone(),
+        id,
+        groups,
+    })
 }
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -423,12 +467,18 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<ManualEndpoint
         .and_then(|l| l.get(SERVICE_NAME_LABEL))
         .cloned()
         .ok_or_else(|| {
-            field_error(format!("metadata.labels[{SERVICE_NAME_LABEL}]"), "Required value")
+            field_error(
+                format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+                "Required value",
+            )
         })?;
     if slice.address_type != "IPv4" {
         return Err(field_error(
             "addressType",
-            format!("Unsupported value: {:?}: only \"IPv4\" is supported", slice.address_type),
+            format!(
+                "Unsupported value: {:?}: only \"IPv4\" is supported",
+                slice.address_type
+            ),
         ));
     }
     let mut ports = Vec::new();
@@ -452,7 +502,10 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<ManualEndpoint
         }
     }
     Ok(ManualEndpoints {
-        service: ObjectName { namespace: id.namespace.clone(), name: service_name },
+        service: ObjectName {
+            namespace: id.namespace.clone(),
+            name: service_name,
+        },
         id,
         groups: vec![EndpointGroup { ports, addresses }],
     })
@@ -468,8 +521,15 @@ mod tests {
 
     #[test]
     fn service_defaults_follow_kubernetes() {
-        let s = svc("metadata: {name: a}\nspec:\n  selector: {app: a}\n  ports: [{port: 80}]\n").unwrap();
-        assert_eq!(s.id, ObjectName { namespace: "default".into(), name: "a".into() });
+        let s = svc("metadata: {name: a}\nspec:\n  selector: {app: a}\n  ports: [{port: 80}]\n")
+            .unwrap();
+        assert_eq!(
+            s.id,
+            ObjectName {
+                namespace: "default".into(),
+                name: "a".into()
+            }
+        );
         assert_eq!(s.service_type, ServiceType::ClusterIP);
         assert_eq!(s.cluster_ip, ClusterIpRequest::Allocate);
         assert_eq!(s.ports[0].protocol, Protocol::Tcp);
@@ -488,16 +548,40 @@ mod tests {
     #[test]
     fn invalid_fields_are_named() {
         let cases = [
-            ("metadata: {name: a}\nspec: {ports: [{port: 70000}]}", "spec.ports[0].port"),
-            ("metadata: {name: a}\nspec: {ports: [{port: 80, protocol: ICMP}]}", "spec.ports[0].protocol"),
-            ("metadata: {name: a}\nspec: {clusterIP: 10.0.0.300, ports: [{port: 80}]}", "spec.clusterIP"),
-            ("metadata: {name: a}\nspec: {ports: [{port: 80}, {port: 81}]}", "spec.ports[0].name"),
-            ("metadata: {name: a}\nspec: {ports: [{name: a, port: 80}, {name: b, port: 80}]}", "spec.ports[1].port"),
-            ("metadata: {name: a}\nspec: {ports: [{port: 80, targetPort: Not_A_Name}]}", "spec.ports[0].targetPort"),
+            (
+                "metadata: {name: a}\nspec: {ports: [{port: 70000}]}",
+                "spec.ports[0].port",
+            ),
+            (
+                "metadata: {name: a}\nspec: {ports: [{port: 80, protocol: ICMP}]}",
+                "spec.ports[0].protocol",
+            ),
+            (
+                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.300, ports: [{port: 80}]}",
+                "spec.clusterIP",
+            ),
+            (
+                "metadata: {name: a}\nspec: {ports: [{port: 80}, {port: 81}]}",
+                "spec.ports[0].name",
+            ),
+            (
+                "metadata: {name: a}\nspec: {ports: [{name: a, port: 80}, {name: b, port: 80}]}",
+                "spec.ports[1].port",
+            ),
+            (
+                "metadata: {name: a}\nspec: {ports: [{port: 80, targetPort: Not_A_Name}]}",
+                "spec.ports[0].targetPort",
+            ),
             ("metadata: {}\nspec: {ports: [{port: 80}]}", "metadata.name"),
-            ("metadata: {name: a}\nspec: {type: Weird, ports: [{port: 80}]}", "spec.type"),
+            (
+                "metadata: {name: a}\nspec: {type: Weird, ports: [{port: 80}]}",
+                "spec.type",
+            ),
             ("metadata: {name: a}\nspec: {}", "spec.ports"),
-            ("metadata: {name: a}\nspec: {type: ExternalName}", "spec.externalName"),
+            (
+                "metadata: {name: a}\nspec: {type: ExternalName}",
+                "spec.externalName",
+            ),
         ];
         for (yaml, field) in cases {
             let err = svc(yaml).expect_err(yaml);
@@ -520,7 +604,14 @@ mod tests {
         let p = pod(&p).unwrap();
         assert_eq!(p.ip, Some(Ipv4Addr::new(198, 18, 1, 2)));
         assert!(!p.ready);
-        assert_eq!(p.named_ports, vec![NamedPort { name: "web".into(), protocol: Protocol::Tcp, port: 8080 }]);
+        assert_eq!(
+            p.named_ports,
+            vec![NamedPort {
+                name: "web".into(),
+                protocol: Protocol::Tcp,
+                port: 8080
+            }]
+        );
 
         let p: core::Pod = serde_yaml::from_str(
             "metadata: {name: p}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 198.18.1.3}\n",
@@ -537,7 +628,13 @@ mod tests {
         .unwrap();
         let e = endpoints(&e).unwrap();
         assert_eq!(e.service.name, "ext");
-        assert_eq!(e.groups[0].addresses, vec![(Ipv4Addr::new(198, 18, 5, 1), true), (Ipv4Addr::new(198, 18, 5, 2), false)]);
+        assert_eq!(
+            e.groups[0].addresses,
+            vec![
+                (Ipv4Addr::new(198, 18, 5, 1), true),
+                (Ipv4Addr::new(198, 18, 5, 2), false)
+            ]
+        );
 
         let s: discovery::EndpointSlice = serde_yaml::from_str(
             "metadata: {name: ext-abc, labels: {kubernetes.io/service-name: ext}}\naddressType: IPv4\nendpoints:\n- addresses: [198.18.5.3]\n  conditions: {ready: false}\n- addresses: [198.18.5.4]\nports: [{port: 8080, name: http}]\n",
@@ -545,13 +642,23 @@ mod tests {
         .unwrap();
         let s = endpoint_slice(&s).unwrap();
         assert_eq!(s.service.name, "ext");
-        assert_eq!(s.groups[0].addresses, vec![(Ipv4Addr::new(198, 18, 5, 3), false), (Ipv4Addr::new(198, 18, 5, 4), true)]);
+        assert_eq!(
+            s.groups[0].addresses,
+            vec![
+                (Ipv4Addr::new(198, 18, 5, 3), false),
+                (Ipv4Addr::new(198, 18, 5, 4), true)
+            ]
+        );
         assert_eq!(s.groups[0].ports[0].port, 8080);
 
-        let bad: discovery::EndpointSlice = serde_yaml::from_str(
-            "metadata: {name: x}\naddressType: IPv4\nendpoints: []\n",
-        )
-        .unwrap();
-        assert!(endpoint_slice(&bad).unwrap_err().field.starts_with("metadata.labels"));
+        let bad: discovery::EndpointSlice =
+            serde_yaml::from_str("metadata: {name: x}\naddressType: IPv4\nendpoints: []\n")
+                .unwrap();
+        assert!(
+            endpoint_slice(&bad)
+                .unwrap_err()
+                .field
+                .starts_with("metadata.labels")
+        );
     }
 }

@@ -31,7 +31,9 @@ pub struct EndpointsView {
 }
 
 fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 pub fn service_view(state: &ServiceState) -> ServiceView {
@@ -80,7 +82,11 @@ pub fn endpoints_view(state: &ServiceState) -> Option<EndpointsView> {
     Some(EndpointsView {
         namespace: state.service.id.namespace.clone(),
         name: state.service.id.name.clone(),
-        endpoints: state.ports.iter().flat_map(|p| p.ready.iter().map(|a| a.to_string())).collect(),
+        endpoints: state
+            .ports
+            .iter()
+            .flat_map(|p| p.ready.iter().map(|a| a.to_string()))
+            .collect(),
         created: unix(state.created),
     })
 }
@@ -104,7 +110,11 @@ pub fn human_duration(d: Duration) -> String {
     let m = s / 60;
     if m < 10 {
         let rest = s % 60;
-        return if rest == 0 { format!("{m}m") } else { format!("{m}m{rest}s") };
+        return if rest == 0 {
+            format!("{m}m")
+        } else {
+            format!("{m}m{rest}s")
+        };
     }
     if m < 60 * 3 {
         return format!("{m}m");
@@ -112,14 +122,22 @@ pub fn human_duration(d: Duration) -> String {
     let h = m / 60;
     if h < 8 {
         let rest = m % 60;
-        return if rest == 0 { format!("{h}h") } else { format!("{h}h{rest}m") };
+        return if rest == 0 {
+            format!("{h}h")
+        } else {
+            format!("{h}h{rest}m")
+        };
     }
     if h < 48 {
         return format!("{h}h");
     }
     if h < 24 * 8 {
         let (d, rest) = (h / 24, h % 24);
-        return if rest == 0 { format!("{d}d") } else { format!("{d}d{rest}h") };
+        return if rest == 0 {
+            format!("{d}d")
+        } else {
+            format!("{d}d{rest}h")
+        };
     }
     if h < 24 * 365 * 2 {
         return format!("{}d", h / 24);
@@ -127,7 +145,11 @@ pub fn human_duration(d: Duration) -> String {
     let y = h / (24 * 365);
     if y < 8 {
         let rest = (h / 24) % 365;
-        return if rest == 0 { format!("{y}y") } else { format!("{y}y{rest}d") };
+        return if rest == 0 {
+            format!("{y}y")
+        } else {
+            format!("{y}y{rest}d")
+        };
     }
     format!("{y}y")
 }
@@ -161,7 +183,14 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 pub fn services_table(views: &[ServiceView], all_namespaces: bool, now: SystemTime) -> String {
-    let mut header = vec!["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"];
+    let mut header = vec![
+        "NAME",
+        "TYPE",
+        "CLUSTER-IP",
+        "EXTERNAL-IP",
+        "PORT(S)",
+        "AGE",
+    ];
     if all_namespaces {
         header.insert(0, "NAMESPACE");
     }
@@ -193,7 +222,11 @@ pub fn endpoints_table(views: &[EndpointsView], all_namespaces: bool, now: Syste
     let rows: Vec<Vec<String>> = views
         .iter()
         .map(|v| {
-            let mut row = vec![v.name.clone(), endpoints_column(&v.endpoints), age(v.created, now)];
+            let mut row = vec![
+                v.name.clone(),
+                endpoints_column(&v.endpoints),
+                age(v.created, now),
+            ];
             if all_namespaces {
                 row.insert(0, v.namespace.clone());
             }
@@ -212,9 +245,19 @@ mod tests {
     #[test]
     fn human_durations_match_kubectl() {
         let cases = [
-            (5, "5s"), (119, "119s"), (120, "2m"), (125, "2m5s"), (600, "10m"), (3 * 3600 - 1, "179m"),
-            (3 * 3600, "3h"), (3 * 3600 + 120, "3h2m"), (47 * 3600, "47h"), (2 * 86400, "2d"),
-            (2 * 86400 + 3600, "2d1h"), (30 * 86400, "30d"), (3 * 365 * 86400, "3y"),
+            (5, "5s"),
+            (119, "119s"),
+            (120, "2m"),
+            (125, "2m5s"),
+            (600, "10m"),
+            (3 * 3600 - 1, "179m"),
+            (3 * 3600, "3h"),
+            (3 * 3600 + 120, "3h2m"),
+            (47 * 3600, "47h"),
+            (2 * 86400, "2d"),
+            (2 * 86400 + 3600, "2d1h"),
+            (30 * 86400, "30d"),
+            (3 * 365 * 86400, "3y"),
         ];
         for (secs, want) in cases {
             assert_eq!(human_duration(Duration::from_secs(secs)), want, "{secs}s");
@@ -224,7 +267,10 @@ mod tests {
     #[test]
     fn endpoints_column_truncates_after_three() {
         let e: Vec<String> = (1..=4).map(|i| format!("198.18.1.{i}:80")).collect();
-        assert_eq!(endpoints_column(&e), "198.18.1.1:80,198.18.1.2:80,198.18.1.3:80 + 1 more...");
+        assert_eq!(
+            endpoints_column(&e),
+            "198.18.1.1:80,198.18.1.2:80,198.18.1.3:80 + 1 more..."
+        );
         assert_eq!(endpoints_column(&e[..2]), "198.18.1.1:80,198.18.1.2:80");
         assert_eq!(endpoints_column(&[]), "<none>");
     }
@@ -235,24 +281,95 @@ mod tests {
 apiVersion: v1\nkind: Service\nmetadata: {name: lb}\nspec:\n  type: LoadBalancer\n  externalIPs: [198.18.200.1]\n  ports: [{port: 80, nodePort: 30850}]\n---\n\
 apiVersion: v1\nkind: Service\nmetadata: {name: headless}\nspec: {clusterIP: None, ports: [{port: 80}]}\n---\n\
 apiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec: {type: ExternalName, externalName: my.database.example.com}\n";
-        let objects: Vec<_> = parse_file(Path::new("t.yaml"), yaml).unwrap().into_iter().map(|r| r.unwrap()).collect();
-        let (states, _) = ControlPlane::new("198.19.0.0/16".parse().unwrap()).compute(&objects, SystemTime::UNIX_EPOCH);
+        let objects: Vec<_> = parse_file(Path::new("t.yaml"), yaml)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        let (states, _) = ControlPlane::new("198.19.0.0/16".parse().unwrap())
+            .compute(&objects, SystemTime::UNIX_EPOCH);
         let views: Vec<ServiceView> = states.iter().map(service_view).collect();
-        let table = services_table(&views, false, SystemTime::UNIX_EPOCH + Duration::from_secs(65));
+        let table = services_table(
+            &views,
+            false,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(65),
+        );
         let lines: Vec<&str> = table.lines().collect();
-        assert!(lines[0].starts_with("NAME       TYPE           CLUSTER-IP "), "{table}");
-        assert_eq!(lines[0].split_whitespace().collect::<Vec<_>>(), ["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"]);
-        let web: Vec<&str> = lines.iter().find(|l| l.starts_with("web ")).unwrap().split_whitespace().collect();
-        assert_eq!(web, ["web", "ClusterIP", "198.19.0.10", "<none>", "80/TCP,443/TCP", "65s"]);
+        assert!(
+            lines[0].starts_with("NAME       TYPE           CLUSTER-IP "),
+            "{table}"
+        );
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            [
+                "NAME",
+                "TYPE",
+                "CLUSTER-IP",
+                "EXTERNAL-IP",
+                "PORT(S)",
+                "AGE"
+            ]
+        );
+        let web: Vec<&str> = lines
+            .iter()
+            .find(|l| l.starts_with("web "))
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        assert_eq!(
+            web,
+            [
+                "web",
+                "ClusterIP",
+                "198.19.0.10",
+                "<none>",
+                "80/TCP,443/TCP",
+                "65s"
+            ]
+        );
         // Every column starts where its header does.
         let web_line = lines.iter().find(|l| l.starts_with("web ")).unwrap();
-        for (header, cell) in [("CLUSTER-IP", "198.19.0.10"), ("PORT(S)", "80/TCP,443/TCP"), ("AGE", "65s")] {
+        for (header, cell) in [
+            ("CLUSTER-IP", "198.19.0.10"),
+            ("PORT(S)", "80/TCP,443/TCP"),
+            ("AGE", "65s"),
+        ] {
             assert_eq!(lines[0].find(header), web_line.find(cell), "{table}");
         }
-        let row = |name: &str| lines.iter().find(|l| l.starts_with(name)).unwrap().split_whitespace().collect::<Vec<_>>();
+        let row = |name: &str| {
+            lines
+                .iter()
+                .find(|l| l.starts_with(name))
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        };
         assert_eq!(row("headless ")[..3], ["headless", "ClusterIP", "None"]);
-        assert_eq!(row("db ")[..5], ["db", "ExternalName", "<none>", "my.database.example.com", "<none>"]);
-        assert!(lines.iter().any(|l| l.contains("198.18.200.1") && l.contains("80:30850/TCP")), "{table}");
-        assert!(endpoints_view(&states.iter().find(|s| s.service.id.name == "db").unwrap().clone()).is_none());
+        assert_eq!(
+            row("db ")[..5],
+            [
+                "db",
+                "ExternalName",
+                "<none>",
+                "my.database.example.com",
+                "<none>"
+            ]
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("198.18.200.1") && l.contains("80:30850/TCP")),
+            "{table}"
+        );
+        assert!(
+            endpoints_view(
+                &states
+                    .iter()
+                    .find(|s| s.service.id.name == "db")
+                    .unwrap()
+                    .clone()
+            )
+            .is_none()
+        );
     }
 }

@@ -43,7 +43,10 @@ impl fmt::Display for ManifestError {
 impl std::error::Error for ManifestError {}
 
 pub fn is_manifest(path: &Path) -> bool {
-    matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
 }
 
 /// Objects and per-object errors of one file, or the error that makes the whole file unusable.
@@ -62,7 +65,10 @@ pub fn parse_file(path: &Path, text: &str) -> ParsedFile {
     } else {
         let mut docs = Vec::new();
         for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            docs.push(Value::deserialize(doc).map_err(|e| err(Some(i + 1), format!("invalid YAML: {e}")))?);
+            docs.push(
+                Value::deserialize(doc)
+                    .map_err(|e| err(Some(i + 1), format!("invalid YAML: {e}")))?,
+            );
         }
         docs
     };
@@ -84,8 +90,16 @@ fn collect_objects(
     if doc.is_null() {
         return Ok(());
     }
-    let api_version = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("").to_string();
-    let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
+    let api_version = doc
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let kind = doc
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     let label = object_label(&kind, &doc);
     let error = |field: Option<String>, message: String| ManifestError {
         file: path.to_path_buf(),
@@ -97,7 +111,8 @@ fn collect_objects(
     // A document that does not deserialize at all makes the whole file unusable: its other
     // objects' last good versions stay in force, rather than half a file.
     fn typed<T: DeserializeOwned>(doc: Value) -> Result<T, (String, String)> {
-        serde_path_to_error::deserialize(doc).map_err(|e| (e.path().to_string(), e.inner().to_string()))
+        serde_path_to_error::deserialize(doc)
+            .map_err(|e| (e.path().to_string(), e.inner().to_string()))
     }
     let fatal = |(field, message): (String, String)| error(Some(field), message);
     let invalid = |e: FieldError| error(Some(e.field), e.message);
@@ -136,7 +151,10 @@ fn collect_objects(
 fn object_label(kind: &str, doc: &Value) -> Option<String> {
     let meta = doc.get("metadata")?;
     let name = meta.get("name").and_then(Value::as_str)?;
-    let ns = meta.get("namespace").and_then(Value::as_str).unwrap_or("default");
+    let ns = meta
+        .get("namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("default");
     Some(format!("{kind} {ns}/{name}"))
 }
 
@@ -156,7 +174,10 @@ impl ManifestStore {
     /// Applies the current content of every file (`None`: the file is gone) and returns the
     /// problems found. A file that fails to parse keeps its previous objects; an invalid object
     /// keeps its previous version; an object defined twice keeps the first file's definition.
-    pub fn update(&mut self, files: BTreeMap<PathBuf, Result<String, String>>) -> Vec<ManifestError> {
+    pub fn update(
+        &mut self,
+        files: BTreeMap<PathBuf, Result<String, String>>,
+    ) -> Vec<ManifestError> {
         let mut errors = Vec::new();
         let mut next: BTreeMap<PathBuf, Vec<Object>> = BTreeMap::new();
         for (path, content) in files {
@@ -184,7 +205,10 @@ impl ManifestStore {
                             Ok(o) => objects.push(o),
                             Err(e) => {
                                 if let Some(old) = e.object.as_ref().and_then(|label| {
-                                    let k = previous.keys().find(|k| format!("{} {}", k.0, k.1) == *label)?.clone();
+                                    let k = previous
+                                        .keys()
+                                        .find(|k| format!("{} {}", k.0, k.1) == *label)?
+                                        .clone();
                                     previous.remove(&k)
                                 }) {
                                     objects.push(old);
@@ -248,7 +272,10 @@ mod tests {
     const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: p1, labels: {app: web}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 198.18.1.2}\n";
 
     fn files(entries: &[(&str, &str)]) -> BTreeMap<PathBuf, Result<String, String>> {
-        entries.iter().map(|(p, t)| (PathBuf::from(p), Ok(t.to_string()))).collect()
+        entries
+            .iter()
+            .map(|(p, t)| (PathBuf::from(p), Ok(t.to_string())))
+            .collect()
     }
 
     #[test]
@@ -263,20 +290,33 @@ mod tests {
 
     #[test]
     fn type_errors_name_file_document_and_field() {
-        let bad = format!("{POD}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  ports: [{{port: eighty}}]\n");
+        let bad = format!(
+            "{POD}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  ports: [{{port: eighty}}]\n"
+        );
         let err = parse_file(Path::new("dir/bad.yaml"), &bad).unwrap_err();
         let text = err.to_string();
-        assert!(text.starts_with("dir/bad.yaml: document 2: Service default/web: spec.ports[0].port: "), "{text}");
+        assert!(
+            text.starts_with("dir/bad.yaml: document 2: Service default/web: spec.ports[0].port: "),
+            "{text}"
+        );
     }
 
     #[test]
     fn broken_file_keeps_previous_objects() {
         let mut store = ManifestStore::default();
-        assert!(store.update(files(&[("a.yaml", SVC), ("b.yaml", POD)])).is_empty());
+        assert!(
+            store
+                .update(files(&[("a.yaml", SVC), ("b.yaml", POD)]))
+                .is_empty()
+        );
         let errors = store.update(files(&[("a.yaml", "kind: [unclosed"), ("b.yaml", POD)]));
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].file, PathBuf::from("a.yaml"));
-        assert_eq!(store.objects().count(), 2, "the broken file's service stays");
+        assert_eq!(
+            store.objects().count(),
+            2,
+            "the broken file's service stays"
+        );
     }
 
     #[test]
@@ -284,13 +324,19 @@ mod tests {
         let mut store = ManifestStore::default();
         let two = format!("{SVC}---\n{POD}");
         assert!(store.update(files(&[("a.yaml", &two)])).is_empty());
-        let broken = two.replace("ports: [{port: 80}]", "ports: [{port: 0}]").replace("p1", "p2");
+        let broken = two
+            .replace("ports: [{port: 80}]", "ports: [{port: 0}]")
+            .replace("p1", "p2");
         let errors = store.update(files(&[("a.yaml", &broken)]));
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].field.as_deref(), Some("spec.ports[0].port"));
         let mut names: Vec<String> = store.objects().map(|o| o.id().name.clone()).collect();
         names.sort();
-        assert_eq!(names, vec!["p2", "web"], "new pod applied, old service kept");
+        assert_eq!(
+            names,
+            vec!["p2", "web"],
+            "new pod applied, old service kept"
+        );
     }
 
     #[test]
@@ -307,7 +353,8 @@ mod tests {
 
     #[test]
     fn unsupported_kind_is_reported_not_fatal() {
-        let deploy = format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\n---\n{SVC}");
+        let deploy =
+            format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\n---\n{SVC}");
         let objs = parse_file(Path::new("d.yaml"), &deploy).unwrap();
         assert!(objs[0].is_err());
         assert!(objs[1].is_ok());

@@ -1,0 +1,251 @@
+//! Packet behaviour of the TC program, table by table, through BPF_PROG_TEST_RUN.
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use support::{
+    datapath::{TestDatapath, tcp_frontend, udp_frontend},
+    packet::*,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+
+fn backend(i: u8, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(198, 18, 2, i), port)
+}
+
+fn with_web_service(backends: Vec<SocketAddrV4>) -> TestDatapath {
+    let mut t = TestDatapath::new();
+    t.program(&[(tcp_frontend(VIP, 80), backends)]);
+    t
+}
+
+#[test]
+fn new_flow_is_dnated_with_valid_checksums() {
+    let mut t = with_web_service(vec![backend(1, 8080)]);
+    let frame = ipv4_frame(TCP, (CLIENT, 40000), (VIP, 80), b"GET / HTTP/1.0\r\n\r\n");
+    let out = t.run(&frame);
+    assert_eq!(out.action, TC_ACT_OK);
+    assert_eq!(dst(&out.frame), (*backend(1, 8080).ip(), 8080));
+    assert_eq!(src(&out.frame), (CLIENT, 40000));
+    assert!(ip_checksum_valid(&out.frame), "IPv4 checksum");
+    assert!(l4_checksum_valid(&out.frame), "TCP checksum");
+    assert_eq!(
+        out.frame[..24],
+        frame[..24],
+        "only addresses, ports and checksums change"
+    );
+    assert_eq!(out.frame[54..], frame[54..], "payload untouched");
+    assert_eq!(t.counter("dnat_new"), 1);
+}
+
+#[test]
+fn established_flow_keeps_its_backend_and_reply_is_reverse_translated() {
+    let backends: Vec<_> = (1..=8).map(|i| backend(i, 8080)).collect();
+    let mut t = with_web_service(backends.clone());
+    let frame = ipv4_frame(TCP, (CLIENT, 40001), (VIP, 80), b"x");
+    let first = dst(&t.run(&frame).frame);
+    for _ in 0..20 {
+        assert_eq!(dst(&t.run(&frame).frame), first, "same flow, same backend");
+    }
+    assert_eq!(t.counter("dnat_established"), 20);
+
+    let reply = ipv4_frame(TCP, first, (CLIENT, 40001), b"HTTP/1.0 200 OK\r\n");
+    let out = t.run(&reply);
+    assert_eq!(out.action, TC_ACT_OK);
+    assert_eq!(src(&out.frame), (VIP, 80), "client sees the ClusterIP");
+    assert_eq!(dst(&out.frame), (CLIENT, 40001));
+    assert!(ip_checksum_valid(&out.frame) && l4_checksum_valid(&out.frame));
+    assert_eq!(t.counter("reverse_nat"), 1);
+}
+
+#[test]
+fn new_flows_spread_over_every_backend() {
+    let backends: Vec<_> = (1..=4).map(|i| backend(i, 8080)).collect();
+    let mut t = with_web_service(backends.clone());
+    let mut seen = std::collections::BTreeMap::new();
+    for port in 0..400u16 {
+        let out = t.run(&ipv4_frame(TCP, (CLIENT, 20000 + port), (VIP, 80), b""));
+        *seen.entry(dst(&out.frame).0).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    // Uniform random: each of 4 gets 100 on average; 40 is > 6 standard deviations away.
+    assert!(seen.values().all(|n| *n > 40), "{seen:?}");
+}
+
+#[test]
+fn removed_backend_gets_no_flow_and_its_flows_move() {
+    let mut t = with_web_service(vec![backend(1, 8080), backend(2, 8080)]);
+    // Find a flow that went to backend 1.
+    let (frame, _) = (30000..30100u16)
+        .map(|p| {
+            let f = ipv4_frame(TCP, (CLIENT, p), (VIP, 80), b"");
+            let d = dst(&t.run(&f).frame);
+            (f, d)
+        })
+        .find(|(_, d)| d.0 == *backend(1, 8080).ip())
+        .expect("some flow picks backend 1");
+    t.program(&[(tcp_frontend(VIP, 80), vec![backend(2, 8080)])]);
+    assert_eq!(dst(&t.run(&frame).frame).0, *backend(2, 8080).ip());
+    for p in 31000..31050u16 {
+        let out = t.run(&ipv4_frame(TCP, (CLIENT, p), (VIP, 80), b""));
+        assert_eq!(dst(&out.frame).0, *backend(2, 8080).ip());
+    }
+}
+
+#[test]
+fn udp_and_tcp_on_the_same_port_are_different_frontends() {
+    let mut t = TestDatapath::new();
+    t.program(&[
+        (tcp_frontend(VIP, 53), vec![backend(1, 5353)]),
+        (udp_frontend(VIP, 53), vec![backend(2, 5354)]),
+    ]);
+    let tcp = t.run(&ipv4_frame(TCP, (CLIENT, 5000), (VIP, 53), b"q"));
+    assert_eq!(dst(&tcp.frame), (*backend(1, 5353).ip(), 5353));
+    let udp = t.run(&ipv4_frame(UDP, (CLIENT, 5000), (VIP, 53), b"query"));
+    assert_eq!(dst(&udp.frame), (*backend(2, 5354).ip(), 5354));
+    assert!(
+        ip_checksum_valid(&udp.frame) && l4_checksum_valid(&udp.frame),
+        "UDP checksum"
+    );
+
+    // A UDP datagram without checksum (0) keeps having none.
+    let mut frame = ipv4_frame(UDP, (CLIENT, 5001), (VIP, 53), b"query");
+    frame[40] = 0;
+    frame[41] = 0;
+    let out = t.run(&frame);
+    assert_eq!(dst(&out.frame).1, 5354);
+    assert_eq!(&out.frame[40..42], &[0, 0]);
+    assert!(ip_checksum_valid(&out.frame));
+
+    let reply = t.run(&ipv4_frame(
+        UDP,
+        (*backend(2, 5354).ip(), 5354),
+        (CLIENT, 5000),
+        b"answer",
+    ));
+    assert_eq!(src(&reply.frame), (VIP, 53));
+    assert!(l4_checksum_valid(&reply.frame));
+}
+
+#[test]
+fn non_service_and_malformed_frames_pass_byte_identical() {
+    let mut t = with_web_service(vec![backend(1, 8080)]);
+    let good = ipv4_frame(TCP, (CLIENT, 40000), (VIP, 80), b"payload");
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
+    cases.push((
+        "other address",
+        ipv4_frame(TCP, (CLIENT, 1), (Ipv4Addr::new(198, 18, 9, 9), 80), b""),
+        "pass_no_service",
+    ));
+    cases.push((
+        "other port",
+        ipv4_frame(TCP, (CLIENT, 1), (VIP, 81), b""),
+        "pass_no_service",
+    ));
+    cases.push((
+        "UDP to a TCP-only port",
+        ipv4_frame(UDP, (CLIENT, 1), (VIP, 80), b""),
+        "pass_no_service",
+    ));
+    // Frames cut inside the IPv4 header are refused by BPF_PROG_TEST_RUN itself (it pulls an
+    // IPv4 header for an IPv4 ethertype); parse() bounds-checks them the same way as these.
+    cases.push(("TCP header cut", good[..44].to_vec(), "pass_truncated"));
+    let mut long_total = good.clone();
+    long_total[16..18].copy_from_slice(&1500u16.to_be_bytes());
+    cases.push(("total length beyond frame", long_total, "pass_truncated"));
+    let mut short_ihl = good.clone();
+    short_ihl[14] = 0x44;
+    cases.push(("IHL below 5", short_ihl, "pass_truncated"));
+    let mut options = good.clone();
+    options[14] = 0x46;
+    options.splice(34..34, [1, 1, 1, 0]);
+    options[17] += 4;
+    cases.push(("IP options", options, "pass_ip_options"));
+    let mut more_fragments = good.clone();
+    more_fragments[20] = 0x20;
+    cases.push(("first fragment", more_fragments, "pass_fragment"));
+    let mut later_fragment = good.clone();
+    later_fragment[20] = 0x00;
+    later_fragment[21] = 0x10;
+    cases.push(("later fragment", later_fragment, "pass_fragment"));
+    let mut vlan = good[..12].to_vec();
+    vlan.extend_from_slice(&[0x81, 0x00, 0x00, 0x05]);
+    vlan.extend_from_slice(&good[12..]);
+    cases.push(("VLAN tag", vlan, "pass_not_ipv4"));
+    let mut ipv6 = good[..12].to_vec();
+    ipv6.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0, 0, 8, 17, 64]);
+    ipv6.extend_from_slice(&[0u8; 40]);
+    cases.push(("IPv6", ipv6, "pass_not_ipv4"));
+    let mut icmp = good.clone();
+    icmp[23] = 1;
+    cases.push(("ICMP to the service address", icmp, "pass_not_tcp_udp"));
+    let mut version = good.clone();
+    version[14] = 0x65;
+    cases.push((
+        "IP version 6 in an IPv4 ethertype",
+        version,
+        "pass_not_ipv4",
+    ));
+
+    for (name, frame, counter) in cases {
+        let before = t.counter(counter);
+        let out = t.run(&frame);
+        assert_eq!(out.action, TC_ACT_OK, "{name}");
+        assert_eq!(out.frame, frame, "{name}: must pass byte-identical");
+        assert_eq!(
+            t.counter(counter),
+            before + 1,
+            "{name}: counted as {counter}"
+        );
+    }
+    assert_eq!(t.counter("dnat_new"), 0);
+}
+
+#[test]
+fn service_without_endpoints_answers_icmp_port_unreachable() {
+    let mut t = with_web_service(vec![]);
+    let frame = ipv4_frame(TCP, (CLIENT, 40000), (VIP, 80), b"GET /");
+    let out = t.run(&frame);
+    assert_eq!(
+        out.action, TC_ACT_REDIRECT,
+        "sent back out of the interface"
+    );
+    let f = &out.frame;
+    assert_eq!(f.len(), 14 + 20 + 8 + 28);
+    assert_eq!(&f[0..6], &CLIENT_MAC, "back to the sender");
+    assert_eq!(&f[6..12], &NODE_MAC);
+    assert_eq!(&f[12..14], &[0x08, 0x00]);
+    assert_eq!(f[14], 0x45);
+    assert_eq!(
+        u16::from_be_bytes([f[16], f[17]]) as usize,
+        f.len() - 14,
+        "IPv4 total length"
+    );
+    assert_eq!(f[23], 1, "ICMP");
+    assert_eq!(&f[26..30], &VIP.octets(), "from the service address");
+    assert_eq!(&f[30..34], &CLIENT.octets(), "to the client");
+    assert!(ip_checksum_valid(f));
+    assert_eq!(
+        (f[34], f[35]),
+        (3, 3),
+        "destination unreachable / port unreachable"
+    );
+    assert_eq!(lb_common::checksum::checksum(&f[34..]), 0, "ICMP checksum");
+    assert_eq!(
+        &f[42..70],
+        &frame[14..42],
+        "quotes the IP header and 8 bytes of TCP"
+    );
+    assert_eq!(t.counter("icmp_no_endpoints"), 1);
+
+    let udp = t.run(&ipv4_frame(UDP, (CLIENT, 40000), (VIP, 80), b"q"));
+    assert_eq!(
+        udp.action, TC_ACT_OK,
+        "the service has no UDP port 80: passes"
+    );
+}

@@ -1,0 +1,93 @@
+//! A datapath with fresh, unpinned maps, programmed through the agent's own desired/diff/write
+//! path, and run with BPF_PROG_TEST_RUN.
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb::{
+    dataplane::{Dataplane, TC_INGRESS_PROGRAM},
+    desired::{DesiredDataplane, Frontend},
+    diff::{self, ActualDataplane},
+    model::Protocol,
+};
+
+pub struct TestDatapath {
+    pub dp: Dataplane,
+    pub actual: ActualDataplane,
+}
+
+pub struct Output {
+    pub action: u32,
+    pub frame: Vec<u8>,
+}
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "BPF_PROG_TEST_RUN tests need root (run `cargo xtask test`)"
+    );
+}
+
+impl TestDatapath {
+    pub fn new() -> Self {
+        require_root();
+        Self {
+            dp: Dataplane::load_unpinned().expect("load eBPF object"),
+            actual: ActualDataplane::default(),
+        }
+    }
+
+    pub fn program(&mut self, frontends: &[(Frontend, Vec<SocketAddrV4>)]) {
+        let desired = DesiredDataplane {
+            frontends: frontends.iter().cloned().collect(),
+        };
+        let ops = diff::diff(&desired, &self.actual).expect("capacity");
+        self.dp.write(&ops).expect("write maps");
+        diff::apply(&mut self.actual, &ops);
+    }
+
+    pub fn run(&mut self, frame: &[u8]) -> Output {
+        self.run_program(TC_INGRESS_PROGRAM, frame)
+    }
+
+    pub fn run_program(&mut self, name: &'static str, frame: &[u8]) -> Output {
+        let mut out = vec![0u8; frame.len().max(128) + 256];
+        let prog = self.dp.classifier(name).expect("program");
+        let mut opts = TestRunOptions::default();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        let result = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        Output {
+            action: result.return_value,
+            frame: out,
+        }
+    }
+
+    pub fn counter(&self, name: &str) -> u64 {
+        let i = lb_common::stats::COUNTER_NAMES
+            .iter()
+            .position(|n| *n == name)
+            .expect("counter name");
+        self.dp.stats().expect("stats")[i]
+    }
+}
+
+pub fn tcp_frontend(ip: Ipv4Addr, port: u16) -> Frontend {
+    Frontend {
+        ip,
+        port,
+        protocol: Protocol::Tcp,
+    }
+}
+
+pub fn udp_frontend(ip: Ipv4Addr, port: u16) -> Frontend {
+    Frontend {
+        ip,
+        port,
+        protocol: Protocol::Udp,
+    }
+}

@@ -1,0 +1,99 @@
+//! Builds and checks Ethernet/IPv4/TCP/UDP frames for BPF_PROG_TEST_RUN tests and benchmarks.
+#![allow(dead_code)]
+
+use std::net::Ipv4Addr;
+
+use lb_common::checksum;
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+
+/// An IPv4 frame with a TCP (SYN, 20-byte header) or UDP header and `payload`, all checksums valid.
+pub fn ipv4_frame(
+    protocol: u8,
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    payload: &[u8],
+) -> Vec<u8> {
+    let l4_header = if protocol == TCP { 20 } else { 8 };
+    let l4_len = l4_header + payload.len();
+    let mut f = Vec::with_capacity(14 + 20 + l4_len);
+    f.extend_from_slice(&NODE_MAC);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + l4_len) as u16;
+    f.extend_from_slice(&[
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0x12,
+        0x34,
+        0x40,
+        0,
+        64,
+        protocol,
+        0,
+        0,
+    ]);
+    f.extend_from_slice(&src.0.octets());
+    f.extend_from_slice(&dst.0.octets());
+    let ip_csum = checksum::checksum(&f[14..34]);
+    f[24..26].copy_from_slice(&ip_csum.to_be_bytes());
+    f.extend_from_slice(&src.1.to_be_bytes());
+    f.extend_from_slice(&dst.1.to_be_bytes());
+    if protocol == TCP {
+        // seq, ack, offset 5, SYN, window, csum, urgent
+        f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    } else {
+        f.extend_from_slice(&(l4_len as u16).to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+    }
+    f.extend_from_slice(payload);
+    let csum = l4_checksum(&f);
+    let off = if protocol == TCP { 34 + 16 } else { 34 + 6 };
+    f[off..off + 2].copy_from_slice(&csum.to_be_bytes());
+    f
+}
+
+/// The L4 checksum a correct sender would put in `frame` (its field taken as zero).
+pub fn l4_checksum(frame: &[u8]) -> u16 {
+    let protocol = frame[23];
+    let total = u16::from_be_bytes([frame[16], frame[17]]) as usize;
+    let l4 = &frame[34..14 + total];
+    let mut copy = l4.to_vec();
+    let off = if protocol == TCP { 16 } else { 6 };
+    copy[off] = 0;
+    copy[off + 1] = 0;
+    let src: [u8; 4] = frame[26..30].try_into().unwrap();
+    let dst: [u8; 4] = frame[30..34].try_into().unwrap();
+    let sum = checksum::ipv4_pseudo_header_sum(src, dst, protocol, l4.len() as u16);
+    let c = checksum::finish(checksum::add_bytes(sum, &copy));
+    if protocol == UDP && c == 0 { 0xffff } else { c }
+}
+
+pub fn ip_checksum_valid(frame: &[u8]) -> bool {
+    checksum::checksum(&frame[14..34]) == 0
+}
+
+pub fn l4_checksum_valid(frame: &[u8]) -> bool {
+    let off = if frame[23] == TCP { 34 + 16 } else { 34 + 6 };
+    u16::from_be_bytes([frame[off], frame[off + 1]]) == l4_checksum(frame)
+}
+
+pub fn src(frame: &[u8]) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]),
+        u16::from_be_bytes([frame[34], frame[35]]),
+    )
+}
+
+pub fn dst(frame: &[u8]) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]),
+        u16::from_be_bytes([frame[36], frame[37]]),
+    )
+}
