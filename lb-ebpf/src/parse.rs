@@ -42,8 +42,13 @@ pub fn bytes<const N: usize>(data: usize, data_end: usize, off: usize) -> Result
     Ok(unsafe { *((data + off) as *const [u8; N]) })
 }
 
+/// Headers every translated packet has: Ethernet, IPv4 without options, a TCP header.
+pub const MAX_HEADERS: usize = L4_OFF + 20;
+
+/// Parses the headers, which must lie in `data..data_end`; `packet_len` is the whole frame's
+/// length, which for a TC skb can exceed the directly readable (linear) part.
 #[inline(always)]
-pub fn parse(data: usize, data_end: usize) -> Result<Flow, Verdict> {
+pub fn parse(data: usize, data_end: usize, packet_len: usize) -> Result<Flow, Verdict> {
     let eth: [u8; ETH_LEN] = bytes(data, data_end, 0)?;
     if u16::from_be_bytes([eth[12], eth[13]]) != ETH_P_IP {
         return Err(Verdict::Pass(Counter::PassNotIpv4));
@@ -69,7 +74,7 @@ pub fn parse(data: usize, data_end: usize) -> Result<Flow, Verdict> {
     }
     let total_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
     let l4_min = if protocol == PROTO_TCP { 20 } else { 8 };
-    if total_len < IPV4_LEN + l4_min || data + ETH_LEN + total_len > data_end {
+    if total_len < IPV4_LEN + l4_min || ETH_LEN + total_len > packet_len {
         return Err(Verdict::Pass(Counter::PassTruncated));
     }
     let ports: [u8; 4] = bytes(data, data_end, L4_OFF)?;

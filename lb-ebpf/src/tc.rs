@@ -10,7 +10,7 @@ use lb_common::{PROTO_UDP, checksum, stats::Counter};
 use crate::{
     Verdict,
     maps::count,
-    parse::{ETH_LEN, Flow, IPV4_LEN, L4_OFF, bytes, parse},
+    parse::{ETH_LEN, Flow, IPV4_LEN, L4_OFF, MAX_HEADERS, bytes, parse},
     pipeline::{Translation, decide},
 };
 
@@ -20,7 +20,12 @@ const IP_CSUM_OFF: usize = ETH_LEN + 10;
 
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
-    let flow = match parse(ctx.data(), ctx.data_end()) {
+    let len = ctx.len() as usize;
+    // Headers outside the linear part of the skb cannot be read directly: pull them in.
+    if ctx.data() + MAX_HEADERS > ctx.data_end() && len > ctx.data_end() - ctx.data() {
+        let _ = ctx.pull_data(len.min(MAX_HEADERS) as u32);
+    }
+    let flow = match parse(ctx.data(), ctx.data_end(), len) {
         Ok(f) => f,
         Err(v) => return finish(v),
     };

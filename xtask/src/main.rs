@@ -1,1 +1,91 @@
-fn main() {}
+use std::{path::PathBuf, process::Command};
+
+use clap::{Parser, Subcommand};
+use xtask::{cmd::run_visible, testbed};
+
+mod demo;
+mod setup;
+
+/// Build, demo, test and benchmark the load balancer.
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: Debian packages, nightly rust-src, bpf-linker; mount bpffs.
+    Setup,
+    /// Build the `lb` binary (with the eBPF programs inside) in release mode.
+    Build,
+    /// Walk through the Kubernetes Services scenario on a simulated node.
+    Demo,
+    /// Run every test: lints, unit tests, BPF_PROG_TEST_RUN tables, namespace tests.
+    Test,
+    /// Per-packet cost of the datapath with BPF_PROG_TEST_RUN.
+    Bench,
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    eprintln!("==> cargo {}", args.join(" "));
+    run_visible(
+        Command::new(env!("CARGO"))
+            .args(args)
+            .current_dir(workspace_root()),
+    )
+}
+
+pub fn build() -> anyhow::Result<PathBuf> {
+    cargo(&["build", "--release", "-p", "lb-userspace"])?;
+    Ok(workspace_root().join("target/release/lb"))
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::setup(),
+        Task::Build => {
+            setup::setup()?;
+            let lb = build()?;
+            eprintln!("==> built {}", lb.display());
+            Ok(())
+        }
+        Task::Demo => {
+            setup::setup()?;
+            let lb = build()?;
+            demo::run(&lb)
+        }
+        Task::Test => {
+            setup::setup()?;
+            let left = testbed::cleanup_leftovers()?;
+            if left > 0 {
+                eprintln!("==> removed {left} leftovers of earlier runs");
+            }
+            cargo(&["fmt", "--all", "--check"])?;
+            cargo(&[
+                "clippy",
+                "--release",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
+            // Namespace tests time real connections: one test at a time keeps them honest.
+            let result = cargo(&["test", "--release", "--workspace", "--", "--test-threads=1"]);
+            testbed::cleanup_leftovers()?;
+            result
+        }
+        Task::Bench => {
+            setup::setup()?;
+            cargo(&["bench", "-p", "lb-userspace", "--bench", "datapath"])
+        }
+    }
+}

@@ -1,0 +1,453 @@
+//! A simulated node in network namespaces: a node namespace (where the agent runs and pods'
+//! links end), and one namespace per pod joined to it by a veth pair. Addresses come from
+//! 198.18.0.0/15 only and no route leaves the namespaces. Everything is removed on drop, also
+//! when a test panics; `cleanup_leftovers` removes what a killed run left behind.
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::cmd::{run, sh};
+
+/// The node's address on every pod-facing link: each pod's default gateway.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// Where tests and the demo allocate ClusterIPs.
+pub const SERVICE_CIDR: &str = "198.19.0.0/16";
+pub const ADMIN: &str = "127.0.0.1:10249";
+/// Every namespace and bpffs directory a testbed makes starts with one of these.
+pub const PREFIXES: [&str; 3] = ["lbt-", "lbdemo-", "lbbench-"];
+
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// The pod's link as seen from the node namespace.
+    pub node_iface: String,
+}
+
+struct Server {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+pub struct Testbed {
+    pub prefix: String,
+    pub node_netns: String,
+    pub bpffs: PathBuf,
+    pub dir: PathBuf,
+    pub manifests: PathBuf,
+    lb: PathBuf,
+    pods: Vec<Pod>,
+    servers: Vec<Server>,
+    agent: Option<Child>,
+    next_iface: u32,
+}
+
+static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+
+impl Testbed {
+    /// `kind` is one of [`PREFIXES`] without the dash; `lb` is the agent binary.
+    pub fn new(kind: &str, lb: &Path) -> anyhow::Result<Self> {
+        let prefix = format!(
+            "{kind}-{}-{}",
+            std::process::id(),
+            SEQUENCE.fetch_add(1, Ordering::SeqCst)
+        );
+        let dir = std::env::temp_dir().join(&prefix);
+        let manifests = dir.join("manifests");
+        fs::create_dir_all(&manifests)?;
+        let mut bed = Self {
+            node_netns: format!("{prefix}-node"),
+            bpffs: PathBuf::from("/sys/fs/bpf").join(&prefix),
+            prefix,
+            dir,
+            manifests,
+            lb: lb.to_path_buf(),
+            pods: Vec::new(),
+            servers: Vec::new(),
+            agent: None,
+            next_iface: 0,
+        };
+        bed.setup_node()?;
+        Ok(bed)
+    }
+
+    fn setup_node(&mut self) -> anyhow::Result<()> {
+        let ns = &self.node_netns;
+        sh(&format!("ip netns add {ns}"))?;
+        sh(&format!("ip -n {ns} link set lo up"))?;
+        // IPv4 sysctls of a new namespace are copied from the host's: set what routing needs.
+        for setting in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        ] {
+            sh(&format!("ip netns exec {ns} sysctl -qw {setting}"))?;
+        }
+        Ok(())
+    }
+
+    /// A pod namespace with `ip`, linked to the node by `veth<N>` (node side) / `eth0`.
+    pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> anyhow::Result<Pod> {
+        let pod = Pod {
+            name: name.to_string(),
+            netns: format!("{}-{name}", self.prefix),
+            ip,
+            node_iface: format!("veth{}", self.next_iface),
+        };
+        self.next_iface += 1;
+        let (ns, node, iface) = (&pod.netns, &self.node_netns, &pod.node_iface);
+        sh(&format!("ip netns add {ns}"))?;
+        self.pods.push(pod.clone());
+        for line in [
+            format!("ip link add {iface} netns {node} type veth peer name eth0 netns {ns}"),
+            format!("ip -n {ns} link set lo up"),
+            format!("ip -n {ns} addr add {ip}/32 dev eth0"),
+            format!("ip -n {ns} link set eth0 up"),
+            format!("ip -n {ns} route add {GATEWAY} dev eth0 scope link"),
+            format!("ip -n {ns} route add 198.18.0.0/15 via {GATEWAY} dev eth0"),
+            format!("ip -n {node} addr add {GATEWAY}/32 dev {iface}"),
+            format!("ip -n {node} link set {iface} up"),
+            format!("ip -n {node} route add {ip}/32 dev {iface}"),
+        ] {
+            sh(&line)?;
+        }
+        Ok(pod)
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Serves HTTP on `port` in the pod, answering every request with `<pod name>\n`.
+    pub fn serve_http(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
+        let body = format!("{}\n", pod.name);
+        self.serve_tcp(pod, port, move |mut stream| {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes());
+        })
+    }
+
+    /// Serves line echo on `port`: every line comes back as `<pod name>: <line>`.
+    pub fn serve_echo(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
+        let name = pod.name.clone();
+        self.serve_tcp(pod, port, move |stream| {
+            let mut writer = match stream.try_clone() {
+                Ok(w) => w,
+                Err(_) => return,
+            };
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { return };
+                if writeln!(writer, "{name}: {line}").is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    fn serve_tcp(
+        &mut self,
+        pod: &Pod,
+        port: u16,
+        handle: impl Fn(TcpStream) + Send + Sync + Clone + 'static,
+    ) -> anyhow::Result<()> {
+        let (netns, ip) = (pod.netns.clone(), pod.ip);
+        self.spawn_server(&netns, move |stop| {
+            let listener =
+                TcpListener::bind((ip, port)).with_context(|| format!("bind {ip}:{port}"))?;
+            listener.set_nonblocking(true)?;
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        stream.set_nonblocking(false)?;
+                        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+                        let handle = handle.clone();
+                        std::thread::spawn(move || handle(stream));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Answers every UDP datagram on `port` with `<pod name>: <datagram>`.
+    pub fn serve_udp(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
+        let (netns, ip, name) = (pod.netns.clone(), pod.ip, pod.name.clone());
+        self.spawn_server(&netns, move |stop| {
+            let socket =
+                UdpSocket::bind((ip, port)).with_context(|| format!("bind udp {ip}:{port}"))?;
+            socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    let mut reply = format!("{name}: ").into_bytes();
+                    reply.extend_from_slice(&buf[..n]);
+                    let _ = socket.send_to(&reply, from);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs `serve` on a thread that has entered `netns`; returns once it is listening.
+    fn spawn_server(
+        &mut self,
+        netns: &str,
+        serve: impl FnOnce(Arc<AtomicBool>) -> anyhow::Result<()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let path = format!("/run/netns/{netns}");
+        let thread_stop = stop.clone();
+        let thread = std::thread::spawn(move || {
+            if let Err(e) = enter_netns(&path) {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+            let _ = ready_tx.send(Ok(()));
+            if let Err(e) = serve(thread_stop) {
+                eprintln!("server in {path}: {e:#}");
+            }
+        });
+        ready_rx.recv().context("server thread died")??;
+        // Give bind() a moment; clients retry anyway.
+        std::thread::sleep(Duration::from_millis(20));
+        self.servers.push(Server { stop, thread });
+        Ok(())
+    }
+
+    /// Runs `f` on a thread inside the pod's network namespace (its sockets are the pod's).
+    pub fn in_pod<T: Send + 'static>(
+        &self,
+        pod: &Pod,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let path = format!("/run/netns/{}", pod.netns);
+        std::thread::spawn(move || -> anyhow::Result<T> {
+            enter_netns(&path)?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {} panicked", pod.netns))?
+    }
+
+    pub fn write_manifest(&self, name: &str, content: &str) -> anyhow::Result<()> {
+        // Write then rename, so the agent never reads half a file.
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        fs::write(&tmp, content)?;
+        fs::rename(&tmp, self.manifests.join(name))?;
+        Ok(())
+    }
+
+    pub fn remove_manifest(&self, name: &str) -> anyhow::Result<()> {
+        fs::remove_file(self.manifests.join(name))?;
+        Ok(())
+    }
+
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    /// Starts `lb agent` in the node namespace and waits until it serves its admin endpoint
+    /// and has attached to every pod link.
+    pub fn start_agent(&mut self) -> anyhow::Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.agent_log())?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node_netns))
+            .arg(&self.lb)
+            .args(["agent", "--manifests"])
+            .arg(&self.manifests)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .args([
+                "--admin",
+                ADMIN,
+                "--service-cidr",
+                SERVICE_CIDR,
+                "--node-name",
+                "node-1",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting lb agent")?;
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self
+                .agent
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "lb agent exited ({status}); log:\n{}",
+                    fs::read_to_string(self.agent_log()).unwrap_or_default()
+                );
+            }
+            if let Ok(status) = self.lb(&["status", "-o", "json"]) {
+                let all_attached = self
+                    .pods
+                    .iter()
+                    .all(|p| status.contains(&format!("\"{}\"", p.node_iface)));
+                if all_attached && status.contains("\"syncs\"") {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "lb agent not ready after 20 s; log:\n{}",
+                    fs::read_to_string(self.agent_log()).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the agent: SIGTERM (`kill = false`) or SIGKILL. Its programs stay attached.
+    pub fn stop_agent(&mut self, kill: bool) -> anyhow::Result<()> {
+        if let Some(mut child) = self.agent.take() {
+            let signal = if kill { libc::SIGKILL } else { libc::SIGTERM };
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, signal) };
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Runs `lb <args>` in the node namespace and returns its stdout.
+    pub fn lb(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.node_netns))
+            .arg(&self.lb)
+            .args(args);
+        if args.first().is_some_and(|a| *a == "get" || *a == "status") {
+            cmd.args(["--admin", ADMIN]);
+        }
+        Ok(String::from_utf8(run(&mut cmd)?.stdout)?)
+    }
+
+    /// Runs a command inside a pod's namespace.
+    pub fn exec(&self, pod: &Pod, args: &[&str]) -> anyhow::Result<String> {
+        let out = run(Command::new("ip")
+            .args(["netns", "exec", &pod.netns])
+            .args(args))?;
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// `curl` from a pod; the body on success.
+    pub fn curl(&self, from: &Pod, url: &str, timeout: Duration) -> anyhow::Result<String> {
+        let secs = format!("{:.3}", timeout.as_secs_f64());
+        self.exec(from, &["curl", "-sS", "--max-time", &secs, url])
+    }
+
+    /// Tears everything down; also done on drop.
+    pub fn cleanup(&mut self) {
+        for s in &self.servers {
+            s.stop.store(true, Ordering::Relaxed);
+        }
+        for s in self.servers.drain(..) {
+            let _ = s.thread.join();
+        }
+        let _ = self.stop_agent(true);
+        if self.bpffs.exists() {
+            let _ = run(Command::new(&self.lb)
+                .arg("reset")
+                .arg("--bpffs")
+                .arg(&self.bpffs));
+            remove_pins(&self.bpffs);
+        }
+        for pod in self.pods.drain(..) {
+            let _ = sh(&format!("ip netns del {}", pod.netns));
+        }
+        let _ = sh(&format!("ip netns del {}", self.node_netns));
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Ok(log) = fs::read_to_string(self.agent_log()) {
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- agent log ({}), last lines ---", self.prefix);
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        self.cleanup();
+    }
+}
+
+fn enter_netns(path: &str) -> anyhow::Result<()> {
+    let file = fs::File::open(path).with_context(|| format!("open {path}"))?;
+    // SAFETY: setns on a valid namespace fd; affects only the calling thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {path}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn remove_pins(dir: &Path) {
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// Removes namespaces, bpffs directories and temp folders left by killed runs.
+pub fn cleanup_leftovers() -> anyhow::Result<usize> {
+    let mut removed = 0;
+    let ours = |name: &str| PREFIXES.iter().any(|p| name.starts_with(p));
+    let list = sh("ip netns list")?;
+    for line in String::from_utf8_lossy(&list.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if ours(name) {
+            let _ = sh(&format!("ip netns del {name}"));
+            removed += 1;
+        }
+    }
+    for root in [Path::new("/sys/fs/bpf"), &std::env::temp_dir()] {
+        if let Ok(entries) = fs::read_dir(root) {
+            for e in entries.flatten() {
+                if ours(&e.file_name().to_string_lossy()) {
+                    remove_pins(&e.path());
+                    removed += 1;
+                }
+            }
+        }
+    }
+    Ok(removed)
+}
