@@ -136,25 +136,26 @@ fn udp_and_tcp_on_the_same_port_are_different_frontends() {
 fn non_service_and_malformed_frames_pass_byte_identical() {
     let mut t = with_web_service(vec![backend(1, 8080)]);
     let good = ipv4_frame(TCP, (CLIENT, 40000), (VIP, 80), b"payload");
-    let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
-    cases.push((
-        "other address",
-        ipv4_frame(TCP, (CLIENT, 1), (Ipv4Addr::new(198, 18, 9, 9), 80), b""),
-        "pass_no_service",
-    ));
-    cases.push((
-        "other port",
-        ipv4_frame(TCP, (CLIENT, 1), (VIP, 81), b""),
-        "pass_no_service",
-    ));
-    cases.push((
-        "UDP to a TCP-only port",
-        ipv4_frame(UDP, (CLIENT, 1), (VIP, 80), b""),
-        "pass_no_service",
-    ));
     // Frames cut inside the IPv4 header are refused by BPF_PROG_TEST_RUN itself (it pulls an
     // IPv4 header for an IPv4 ethertype); parse() bounds-checks them the same way as these.
-    cases.push(("TCP header cut", good[..44].to_vec(), "pass_truncated"));
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "other address",
+            ipv4_frame(TCP, (CLIENT, 1), (Ipv4Addr::new(198, 18, 9, 9), 80), b""),
+            "pass_no_service",
+        ),
+        (
+            "other port",
+            ipv4_frame(TCP, (CLIENT, 1), (VIP, 81), b""),
+            "pass_no_service",
+        ),
+        (
+            "UDP to a TCP-only port",
+            ipv4_frame(UDP, (CLIENT, 1), (VIP, 80), b""),
+            "pass_no_service",
+        ),
+        ("TCP header cut", good[..44].to_vec(), "pass_truncated"),
+    ];
     let mut long_total = good.clone();
     long_total[16..18].copy_from_slice(&1500u16.to_be_bytes());
     cases.push(("total length beyond frame", long_total, "pass_truncated"));

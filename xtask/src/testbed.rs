@@ -401,13 +401,13 @@ impl Testbed {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            if let Ok(log) = fs::read_to_string(self.agent_log()) {
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                eprintln!("--- agent log ({}), last lines ---", self.prefix);
-                for line in tail.iter().rev() {
-                    eprintln!("{line}");
-                }
+        if std::thread::panicking()
+            && let Ok(log) = fs::read_to_string(self.agent_log())
+        {
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- agent log ({}), last lines ---", self.prefix);
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
             }
         }
         self.cleanup();

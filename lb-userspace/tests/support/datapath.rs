@@ -56,9 +56,11 @@ impl TestDatapath {
     pub fn run_program(&mut self, name: &'static str, frame: &[u8]) -> Output {
         let mut out = vec![0u8; frame.len().max(128) + 256];
         let prog = self.dp.classifier(name).expect("program");
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
         let result = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
         out.truncate(result.data_size_out as usize);
         Output {
