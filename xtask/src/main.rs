@@ -73,13 +73,23 @@ fn main() -> anyhow::Result<()> {
                 "clippy",
                 "--release",
                 "--workspace",
+                "--exclude",
+                "lb-ebpf",
                 "--all-targets",
                 "--",
                 "-D",
                 "warnings",
             ])?;
             // Namespace tests time real connections: one test at a time keeps them honest.
-            let result = cargo(&["test", "--release", "--workspace", "--exclude", "lb-ebpf", "--", "--test-threads=1"]);
+            let result = cargo(&[
+                "test",
+                "--release",
+                "--workspace",
+                "--exclude",
+                "lb-ebpf",
+                "--",
+                "--test-threads=1",
+            ]);
             testbed::cleanup_leftovers()?;
             result
         }
