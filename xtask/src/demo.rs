@@ -1,5 +1,254 @@
-use std::path::Path;
+//! `cargo xtask demo`: the Kubernetes Services walk-through on a simulated node.
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::ErrorKind,
+    net::{Ipv4Addr, TcpStream},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
-pub fn run(_lb: &Path) -> anyhow::Result<()> {
-    anyhow::bail!("the demo is being written")
+use anyhow::Context as _;
+use serde::Deserialize as _;
+use xtask::testbed::{self, Pod, Testbed};
+
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .join("examples")
+}
+
+/// A Pod of the examples: name, podIP and container ports.
+struct ExamplePod {
+    file: String,
+    name: String,
+    ip: Ipv4Addr,
+    ports: Vec<u16>,
+}
+
+fn example_pods(dir: &Path) -> anyhow::Result<Vec<ExamplePod>> {
+    let mut pods = Vec::new();
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.sort();
+    for path in files {
+        let text = fs::read_to_string(&path)?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v =
+                serde_yaml::Value::deserialize(doc).with_context(|| path.display().to_string())?;
+            if v["kind"].as_str() != Some("Pod") {
+                continue;
+            }
+            let name = v["metadata"]["name"]
+                .as_str()
+                .context("Pod without name")?
+                .to_string();
+            let ip = v["status"]["podIP"]
+                .as_str()
+                .context("Pod without status.podIP")?
+                .parse()?;
+            let ports = v["spec"]["containers"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .flat_map(|c| c["ports"].as_sequence().cloned().unwrap_or_default())
+                .filter_map(|p| p["containerPort"].as_u64().map(|p| p as u16))
+                .collect();
+            pods.push(ExamplePod {
+                file: path.file_name().unwrap().to_string_lossy().into(),
+                name,
+                ip,
+                ports,
+            });
+        }
+    }
+    Ok(pods)
+}
+
+struct Demo {
+    bed: Testbed,
+    client: Pod,
+}
+
+fn heading(text: &str) {
+    println!("\n\x1b[1m== {text}\x1b[0m");
+}
+
+fn say(text: &str) {
+    println!("   {text}");
+}
+
+impl Demo {
+    fn apply(&self, file: &str) -> anyhow::Result<()> {
+        let text = fs::read_to_string(examples_dir().join(file))?;
+        println!("$ cp examples/{file} <manifests>/");
+        self.bed.write_manifest(file, &text)?;
+        // The agent applies a change within a second; wait until it has.
+        std::thread::sleep(Duration::from_millis(600));
+        Ok(())
+    }
+
+    fn lb(&self, args: &[&str]) -> anyhow::Result<()> {
+        println!("$ lb {}", args.join(" "));
+        print!("{}", self.bed.lb(args)?);
+        Ok(())
+    }
+
+    fn get(&self) -> anyhow::Result<()> {
+        self.lb(&["get", "svc"])?;
+        self.lb(&["get", "ep"])
+    }
+
+    fn cluster_ip(&self, service: &str) -> anyhow::Result<String> {
+        let out = self.bed.lb(&["get", "svc"])?;
+        let row = out
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(service))
+            .context("service not listed")?;
+        Ok(row
+            .split_whitespace()
+            .nth(2)
+            .context("no CLUSTER-IP column")?
+            .to_string())
+    }
+
+    fn curl(&self, url: &str) -> anyhow::Result<String> {
+        println!("$ curl {url}    (from the client pod)");
+        let body = self.bed.curl(&self.client, url, Duration::from_secs(2))?;
+        print!("{body}");
+        Ok(body)
+    }
+
+    fn connect_refused(&self, addr: &str) -> anyhow::Result<()> {
+        println!("$ curl http://{addr}/    (from the client pod)");
+        let target = addr.parse()?;
+        let (result, took) = self.bed.in_pod(&self.client, move || {
+            let started = Instant::now();
+            let r = TcpStream::connect_timeout(&target, Duration::from_secs(3)).map(|_| ());
+            (r.map_err(|e| e.kind()), started.elapsed())
+        })?;
+        match result {
+            Err(ErrorKind::ConnectionRefused) => say(&format!(
+                "connection refused after {:.1} ms (ICMP port unreachable from the ClusterIP)",
+                took.as_secs_f64() * 1e3
+            )),
+            other => anyhow::bail!("expected a refusal, got {other:?}"),
+        }
+        Ok(())
+    }
+}
+
+pub fn run(lb: &Path) -> anyhow::Result<()> {
+    let left = testbed::cleanup_leftovers("lbdemo")?;
+    if left > 0 {
+        eprintln!("==> removed {left} leftovers of earlier runs");
+    }
+    // Ctrl-C: the agent gets the same SIGINT; remove namespaces and pins, then leave.
+    ctrlc::set_handler(|| {
+        eprintln!("\ninterrupted: removing the demo's namespaces and pins");
+        let _ = testbed::cleanup_leftovers("lbdemo");
+        std::process::exit(130);
+    })?;
+
+    heading("Setting up a simulated node in network namespaces");
+    let mut bed = Testbed::new("lbdemo", lb)?;
+    let client = bed.add_pod("client", CLIENT_IP)?;
+    say(&format!(
+        "node namespace {} runs `lb agent`; pods link to it with veth pairs",
+        bed.node_netns
+    ));
+    say(&format!("client pod {CLIENT_IP}"));
+    let pods = example_pods(&examples_dir())?;
+    for p in &pods {
+        let pod = bed.add_pod(&p.name, p.ip)?;
+        for port in &p.ports {
+            bed.serve_http(&pod, *port)?;
+        }
+        say(&format!(
+            "pod {:<14} {:<12} serves HTTP on {:?} answering with its name  ({})",
+            p.name,
+            p.ip.to_string(),
+            p.ports,
+            p.file
+        ));
+    }
+    let outside = bed.add_pod("outside-host", OUTSIDE_IP)?;
+    bed.serve_http(&outside, 80)?;
+    say(&format!("a host outside the cluster at {OUTSIDE_IP}:80"));
+    bed.start_agent()?;
+    say(&format!(
+        "lb agent --manifests <dir> --service-cidr {} is running",
+        testbed::SERVICE_CIDR
+    ));
+    let demo = Demo { bed, client };
+
+    heading("1. A Service whose selector matches no pod yet");
+    demo.apply("01-hello-nasa-svc.yaml")?;
+    demo.get()?;
+    demo.connect_refused("198.19.10.10:80")?;
+
+    heading("2. A Pod with app: hello-nasa appears: it becomes the endpoint");
+    demo.apply("02-hello-nasa-pod.yaml")?;
+    demo.lb(&["get", "ep"])?;
+    demo.curl("http://198.19.10.10/")?;
+
+    heading("3. Multi-port Service (and a headless one, CLUSTER-IP None)");
+    demo.apply("03-nasa-node-svc.yaml")?;
+    demo.lb(&["get", "ep"])?;
+    demo.apply("04-nasa-node-pod.yaml")?;
+    demo.get()?;
+    let ip = demo.cluster_ip("nasa-node-svc")?;
+    demo.curl(&format!("http://{ip}:80/"))?;
+    demo.curl(&format!("http://{ip}:443/"))?;
+    say("(port 443 goes to the pod's 8082; the demo's pods speak plain HTTP there)");
+
+    heading("4. Four replicas behind one Service: load balancing");
+    demo.apply("05-nasa-rs-pods.yaml")?;
+    demo.apply("06-nasa-rs-svc.yaml")?;
+    demo.get()?;
+    let ip = demo.cluster_ip("nasa-rs-svc")?;
+    println!("$ for i in $(seq 100); do curl -s http://{ip}/; done | sort | uniq -c");
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..100 {
+        let body = demo.bed.curl(
+            &demo.client,
+            &format!("http://{ip}/"),
+            Duration::from_secs(2),
+        )?;
+        *counts.entry(body.trim().to_string()).or_default() += 1;
+    }
+    for (pod, n) in &counts {
+        println!("{n:>7} {pod}");
+    }
+    anyhow::ensure!(
+        counts.len() == 4,
+        "expected all 4 replicas to answer, got {counts:?}"
+    );
+
+    heading("5. A Service without selector plus manual Endpoints (and an ExternalName)");
+    demo.apply("07-external-db.yaml")?;
+    demo.get()?;
+    let ip = demo.cluster_ip("external-web")?;
+    demo.curl(&format!("http://{ip}/"))?;
+
+    heading("6. A pod goes away: its endpoint goes with it");
+    demo.bed.remove_manifest("05-nasa-rs-pods.yaml")?;
+    println!("$ rm <manifests>/05-nasa-rs-pods.yaml");
+    std::thread::sleep(Duration::from_millis(600));
+    demo.lb(&["get", "ep"])?;
+    let ip = demo.cluster_ip("nasa-rs-svc")?;
+    demo.connect_refused(&format!("{ip}:80"))?;
+
+    heading("Datapath counters");
+    demo.lb(&["status"])?;
+
+    heading("Cleaning up");
+    drop(demo);
+    say("namespaces, links and pins removed");
+    Ok(())
 }

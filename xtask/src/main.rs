@@ -43,6 +43,38 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
     )
 }
 
+/// Runs cargo test, echoing its output, and adds up its `test result:` lines.
+fn cargo_test(args: &[&str]) -> anyhow::Result<(u64, u64)> {
+    use std::io::{BufRead as _, BufReader};
+    eprintln!("==> cargo {}", args.join(" "));
+    let mut child = Command::new(env!("CARGO"))
+        .args(args)
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';').find_map(|part| {
+                    part.trim()
+                        .strip_suffix(word)
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                })
+            };
+            passed += count("passed").unwrap_or(0);
+            failed += count("failed").unwrap_or(0);
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        failed += 1;
+    }
+    Ok((passed, failed))
+}
+
 pub fn build() -> anyhow::Result<PathBuf> {
     cargo(&["build", "--release", "-p", "lb-userspace"])?;
     Ok(workspace_root().join("target/release/lb"))
@@ -64,7 +96,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test => {
             setup::setup()?;
-            let left = testbed::cleanup_leftovers()?;
+            let left = testbed::cleanup_leftovers("lbt")?;
             if left > 0 {
                 eprintln!("==> removed {left} leftovers of earlier runs");
             }
@@ -81,7 +113,7 @@ fn main() -> anyhow::Result<()> {
                 "warnings",
             ])?;
             // Namespace tests time real connections: one test at a time keeps them honest.
-            let result = cargo(&[
+            let result = cargo_test(&[
                 "test",
                 "--release",
                 "--workspace",
@@ -90,8 +122,11 @@ fn main() -> anyhow::Result<()> {
                 "--",
                 "--test-threads=1",
             ]);
-            testbed::cleanup_leftovers()?;
-            result
+            testbed::cleanup_leftovers("lbt")?;
+            let (passed, failed) = result?;
+            println!("{passed} passed, {failed} failed");
+            anyhow::ensure!(failed == 0 && passed > 0, "tests failed");
+            Ok(())
         }
         Task::Bench => {
             setup::setup()?;

@@ -26,8 +26,6 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// Where tests and the demo allocate ClusterIPs.
 pub const SERVICE_CIDR: &str = "198.19.0.0/16";
 pub const ADMIN: &str = "127.0.0.1:10249";
-/// Every namespace and bpffs directory a testbed makes starts with one of these.
-pub const PREFIXES: [&str; 3] = ["lbt-", "lbdemo-", "lbbench-"];
 
 #[derive(Clone, Debug)]
 pub struct Pod {
@@ -59,7 +57,8 @@ pub struct Testbed {
 static SEQUENCE: AtomicU32 = AtomicU32::new(0);
 
 impl Testbed {
-    /// `kind` is one of [`PREFIXES`] without the dash; `lb` is the agent binary.
+    /// `kind` starts the name of everything the testbed makes (`lbt`, `lbdemo`, `lbbench`), so
+    /// that [`cleanup_leftovers`] finds it; `lb` is the agent binary.
     pub fn new(kind: &str, lb: &Path) -> anyhow::Result<Self> {
         let prefix = format!(
             "{kind}-{}-{}",
@@ -427,10 +426,12 @@ fn remove_pins(dir: &Path) {
     let _ = fs::remove_dir_all(dir);
 }
 
-/// Removes namespaces, bpffs directories and temp folders left by killed runs.
-pub fn cleanup_leftovers() -> anyhow::Result<usize> {
+/// Removes namespaces, bpffs directories and temp folders that killed runs of testbeds of this
+/// `kind` left behind.
+pub fn cleanup_leftovers(kind: &str) -> anyhow::Result<usize> {
     let mut removed = 0;
-    let ours = |name: &str| PREFIXES.iter().any(|p| name.starts_with(p));
+    let prefix = format!("{kind}-");
+    let ours = |name: &str| name.starts_with(&prefix);
     let list = sh("ip netns list")?;
     for line in String::from_utf8_lossy(&list.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
