@@ -40,6 +40,18 @@ pub fn ipv4_pseudo_header_sum(src: [u8; 4], dst: [u8; 4], protocol: u8, l4_len: 
     sum + protocol as u32 + l4_len as u32
 }
 
+/// RFC 1624 incremental update of a checksum field (big-endian number) when 4 covered bytes
+/// change from `old` to `new`: HC' = ~(~HC + ~m + m').
+#[inline(always)]
+pub fn replace4(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
+    let mut sum = (!check) as u32;
+    sum += (!u16::from_be_bytes([old[0], old[1]])) as u32;
+    sum += (!u16::from_be_bytes([old[2], old[3]])) as u32;
+    sum += u16::from_be_bytes([new[0], new[1]]) as u32;
+    sum += u16::from_be_bytes([new[2], new[3]]) as u32;
+    !fold(sum)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,6 +74,33 @@ mod tests {
         assert_eq!(c, 0xb1e6);
         hdr[10..12].copy_from_slice(&c.to_be_bytes());
         assert_eq!(checksum(&hdr), 0);
+    }
+
+    #[test]
+    fn incremental_update_matches_recomputation() {
+        let mut hdr = [
+            0x45, 0x00, 0x00, 0x3c, 0x1c, 0x46, 0x40, 0x00, 0x40, 0x06, 0x00, 0x00, 0xc6, 0x12,
+            0x01, 0x01, 0xc6, 0x13, 0x00, 0x0a,
+        ];
+        let c = checksum(&hdr);
+        hdr[10..12].copy_from_slice(&c.to_be_bytes());
+        for new in [
+            [198, 18, 2, 1],
+            [0, 0, 0, 0],
+            [255, 255, 255, 255],
+            [198, 19, 0, 10],
+        ] {
+            let mut changed = hdr;
+            changed[16..20].copy_from_slice(&new);
+            changed[10..12].copy_from_slice(&[0, 0]);
+            let full = checksum(&changed);
+            let incremental = replace4(c, [0xc6, 0x13, 0x00, 0x0a], new);
+            // 0x0000 and 0xffff are the same number in one's complement.
+            assert!(
+                full == incremental || full | incremental == 0xffff && full & incremental == 0,
+                "{new:?}: {full:#x} vs {incremental:#x}"
+            );
+        }
     }
 
     #[test]

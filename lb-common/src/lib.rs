@@ -9,14 +9,16 @@
 pub mod checksum;
 pub mod stats;
 
-/// Frontend (service address, port, protocol) -> [`Frontend`].
-pub const FRONTENDS_MAP: &str = "LB_FRONTENDS_V1";
+/// IPv4 frontend (service address, port, protocol) -> [`Frontend`]. IPv6 gets its own map
+/// (`LB_FRONTENDS6_*`) with the same value type: per-family keys keep the per-packet hash small.
+pub const FRONTENDS_MAP: &str = "LB_FRONTENDS4_V1";
 /// (service id, slot) -> backend id; slots 0..backend_count of one service.
 pub const SLOTS_MAP: &str = "LB_SLOTS_V1";
 /// Backend id (array index) -> [`Backend`].
 pub const BACKENDS_MAP: &str = "LB_BACKENDS_V1";
-/// Flow 5-tuple as seen on the wire -> [`CtEntry`] (forward DNAT or reply reverse NAT).
-pub const CONNTRACK_MAP: &str = "LB_CONNTRACK_V1";
+/// IPv4 flow 5-tuple as seen on the wire -> [`CtEntry`] (forward DNAT or reply reverse NAT).
+/// IPv6 gets its own map (`LB_CONNTRACK6_*`).
+pub const CONNTRACK_MAP: &str = "LB_CONNTRACK4_V1";
 /// Counter index ([`stats::Counter`]) -> per-CPU packet count.
 pub const STATS_MAP: &str = "LB_STATS_V1";
 
@@ -65,20 +67,18 @@ pub const fn ipv4_addr(octets: [u8; 4]) -> Addr {
     ]
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FrontendKey {
-    pub addr: Addr,
+    pub addr: [u8; 4],
     /// Network byte order.
     pub port: u16,
     pub protocol: u8,
-    pub family: u8,
     pub scope: u8,
-    pub _pad: [u8; 3],
 }
 
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Frontend {
@@ -89,7 +89,7 @@ pub struct Frontend {
     pub _pad: u32,
 }
 
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct SlotKey {
@@ -99,7 +99,7 @@ pub struct SlotKey {
 
 pub const BACKEND_ACTIVE: u8 = 1;
 
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Backend {
@@ -113,19 +113,18 @@ pub struct Backend {
     pub service_id: u32,
 }
 
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct CtKey {
-    pub src: Addr,
-    pub dst: Addr,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
     /// Network byte order.
     pub sport: u16,
     /// Network byte order.
     pub dport: u16,
     pub protocol: u8,
-    pub family: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 3],
 }
 
 /// The flow was sent to a service address: rewrite the destination to the backend.
@@ -133,12 +132,12 @@ pub const CT_FORWARD: u8 = 1;
 /// The flow is a backend's reply: rewrite the source back to the service address.
 pub const CT_REPLY: u8 = 2;
 
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct CtEntry {
     /// Forward: the backend address. Reply: the service address.
-    pub nat_addr: Addr,
+    pub nat_addr: [u8; 4],
     /// Network byte order. Forward: backend port. Reply: service port.
     pub nat_port: u16,
     /// [`CT_FORWARD`] or [`CT_REPLY`].
@@ -146,16 +145,15 @@ pub struct CtEntry {
     pub _pad: u8,
     pub backend_id: u32,
     pub service_id: u32,
-    pub _pad2: u32,
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<FrontendKey>() == 24);
+    assert!(core::mem::size_of::<FrontendKey>() == 8);
     assert!(core::mem::size_of::<Frontend>() == 16);
     assert!(core::mem::size_of::<SlotKey>() == 8);
     assert!(core::mem::size_of::<Backend>() == 24);
-    assert!(core::mem::size_of::<CtKey>() == 40);
-    assert!(core::mem::size_of::<CtEntry>() == 32);
+    assert!(core::mem::size_of::<CtKey>() == 16);
+    assert!(core::mem::size_of::<CtEntry>() == 16);
 };
 
 #[cfg(feature = "user")]

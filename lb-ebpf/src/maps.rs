@@ -8,9 +8,9 @@ use lb_common::{
     MAX_SLOTS, SlotKey, stats::COUNTER_COUNT,
 };
 
-/// (service address, port, protocol) -> service id and backend count.
+/// IPv4 (service address, port, protocol) -> service id and backend count.
 #[btf_map]
-pub static LB_FRONTENDS_V1: HashMap<FrontendKey, Frontend, { MAX_FRONTENDS as usize }> =
+pub static LB_FRONTENDS4_V1: HashMap<FrontendKey, Frontend, { MAX_FRONTENDS as usize }> =
     HashMap::new();
 
 /// (service id, slot) -> backend id.
@@ -21,9 +21,9 @@ pub static LB_SLOTS_V1: HashMap<SlotKey, u32, { MAX_SLOTS as usize }> = HashMap:
 #[btf_map]
 pub static LB_BACKENDS_V1: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 
-/// Flow as seen on the wire -> NAT to apply (forward DNAT or reply reverse NAT).
+/// IPv4 flow as seen on the wire -> NAT to apply (forward DNAT or reply reverse NAT).
 #[btf_map]
-pub static LB_CONNTRACK_V1: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> =
+pub static LB_CONNTRACK4_V1: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> =
     LruHashMap::new();
 
 /// Counter index -> per-CPU packet count.

@@ -2,13 +2,13 @@
 //! They only read and update maps; rewriting the packet is the entry point's job.
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
-    BACKEND_ACTIVE, Backend, CT_FORWARD, CT_REPLY, CtEntry, CtKey, FAMILY_IPV4, FrontendKey,
-    SCOPE_CLUSTER, SlotKey, ipv4_addr, stats::Counter,
+    BACKEND_ACTIVE, Backend, CT_FORWARD, CT_REPLY, CtEntry, CtKey, FrontendKey, SCOPE_CLUSTER,
+    SlotKey, stats::Counter,
 };
 
 use crate::{
     Verdict,
-    maps::{LB_BACKENDS_V1, LB_CONNTRACK_V1, LB_FRONTENDS_V1, LB_SLOTS_V1},
+    maps::{LB_BACKENDS_V1, LB_CONNTRACK4_V1, LB_FRONTENDS4_V1, LB_SLOTS_V1},
     parse::Flow,
 };
 
@@ -34,13 +34,12 @@ fn first4(a: &[u8; 16]) -> [u8; 4] {
 #[inline(always)]
 fn ct_key(flow: &Flow) -> CtKey {
     CtKey {
-        src: ipv4_addr(flow.saddr),
-        dst: ipv4_addr(flow.daddr),
+        src: flow.saddr.to_ne_bytes(),
+        dst: flow.daddr.to_ne_bytes(),
         sport: flow.sport,
         dport: flow.dport,
         protocol: flow.protocol,
-        family: FAMILY_IPV4,
-        _pad: [0; 2],
+        _pad: [0; 3],
     }
 }
 
@@ -52,7 +51,7 @@ fn still_valid(entry: &CtEntry) -> bool {
             b.state == BACKEND_ACTIVE
                 && b.service_id == entry.service_id
                 && b.port == entry.nat_port
-                && first4(&b.addr) == first4(&entry.nat_addr)
+                && first4(&b.addr) == entry.nat_addr
         }
         None => false,
     }
@@ -62,16 +61,16 @@ fn still_valid(entry: &CtEntry) -> bool {
 pub fn decide(flow: &Flow) -> Result<Translation, Verdict> {
     let key = ct_key(flow);
     // SAFETY: the entry is copied out at once; a concurrent update can only make it stale.
-    if let Some(entry) = unsafe { LB_CONNTRACK_V1.get(&key) }.copied() {
+    if let Some(entry) = unsafe { LB_CONNTRACK4_V1.get(&key) }.copied() {
         if entry.kind == CT_REPLY {
             return Ok(Translation::Snat {
-                addr: first4(&entry.nat_addr),
+                addr: entry.nat_addr,
                 port: entry.nat_port,
             });
         }
         if entry.kind == CT_FORWARD && still_valid(&entry) {
             return Ok(Translation::Dnat {
-                addr: first4(&entry.nat_addr),
+                addr: entry.nat_addr,
                 port: entry.nat_port,
                 counter: Counter::DnatEstablished,
             });
@@ -80,15 +79,13 @@ pub fn decide(flow: &Flow) -> Result<Translation, Verdict> {
     }
 
     let frontend_key = FrontendKey {
-        addr: key.dst,
+        addr: flow.daddr.to_ne_bytes(),
         port: flow.dport,
         protocol: flow.protocol,
-        family: FAMILY_IPV4,
         scope: SCOPE_CLUSTER,
-        _pad: [0; 3],
     };
     // SAFETY: copied out at once.
-    let frontend = match unsafe { LB_FRONTENDS_V1.get(&frontend_key) } {
+    let frontend = match unsafe { LB_FRONTENDS4_V1.get(&frontend_key) } {
         Some(f) => *f,
         None => return Err(Verdict::Pass(Counter::PassNoService)),
     };
@@ -124,23 +121,22 @@ fn select(service_id: u32, backend_count: u32) -> Result<(u32, Backend), Verdict
 /// the reply entry keyed by the packet the backend will send back.
 #[inline(always)]
 fn track(key: &CtKey, service_id: u32, backend_id: u32, backend: &Backend) -> Result<(), Verdict> {
+    let backend_addr = first4(&backend.addr);
     let forward = CtEntry {
-        nat_addr: backend.addr,
+        nat_addr: backend_addr,
         nat_port: backend.port,
         kind: CT_FORWARD,
         _pad: 0,
         backend_id,
         service_id,
-        _pad2: 0,
     };
     let reply_key = CtKey {
-        src: backend.addr,
+        src: backend_addr,
         dst: key.src,
         sport: backend.port,
         dport: key.sport,
         protocol: key.protocol,
-        family: key.family,
-        _pad: [0; 2],
+        _pad: [0; 3],
     };
     let reply = CtEntry {
         nat_addr: key.dst,
@@ -149,10 +145,9 @@ fn track(key: &CtKey, service_id: u32, backend_id: u32, backend: &Backend) -> Re
         _pad: 0,
         backend_id,
         service_id,
-        _pad2: 0,
     };
-    if LB_CONNTRACK_V1.insert(&reply_key, &reply, 0).is_err()
-        || LB_CONNTRACK_V1.insert(key, &forward, 0).is_err()
+    if LB_CONNTRACK4_V1.insert(&reply_key, &reply, 0).is_err()
+        || LB_CONNTRACK4_V1.insert(key, &forward, 0).is_err()
     {
         return Err(Verdict::Drop(Counter::DropConntrackFull));
     }

@@ -39,14 +39,21 @@ pub fn run(ctx: &TcContext) -> i32 {
             &flow,
             IP_DST_OFF,
             L4_OFF + 2,
-            flow.daddr,
+            flow.daddr.to_ne_bytes(),
             flow.dport,
             addr,
             port,
         )
         .map(|()| (TC_ACT_OK as i32, counter)),
         Ok(Translation::Snat { addr, port }) => rewrite(
-            ctx, &flow, IP_SRC_OFF, L4_OFF, flow.saddr, flow.sport, addr, port,
+            ctx,
+            &flow,
+            IP_SRC_OFF,
+            L4_OFF,
+            flow.saddr.to_ne_bytes(),
+            flow.sport,
+            addr,
+            port,
         )
         .map(|()| (TC_ACT_OK as i32, Counter::ReverseNat)),
         Ok(Translation::Unreachable) => {
@@ -91,25 +98,37 @@ fn rewrite(
     new_port: u16,
 ) -> Result<(), Verdict> {
     let failed = |_| Verdict::Drop(Counter::DropRewriteFailed);
+    // The L4 checksum goes through the helper: for a CHECKSUM_PARTIAL packet (sent by a local
+    // socket, not yet checksummed) the field holds the pseudo-header sum and must change the
+    // other way, and port changes must not touch it; only the kernel knows which case it is.
     // A UDP checksum of zero means "none": BPF_F_MARK_MANGLED_0 leaves it so.
     let mangled = if flow.protocol == PROTO_UDP {
         BPF_F_MARK_MANGLED_0 as u64
     } else {
         0
     };
+    let csum_off = flow.l4_csum_off();
     let from = u32::from_ne_bytes(old_addr) as u64;
     let to = u32::from_ne_bytes(new_addr) as u64;
-    let csum_off = flow.l4_csum_off();
     ctx.l4_csum_replace(csum_off, from, to, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
         .map_err(failed)?;
     if old_port != new_port {
         ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)
             .map_err(failed)?;
-        ctx.store(port_off, &new_port, 0).map_err(failed)?;
     }
-    ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4)
-        .map_err(failed)?;
-    ctx.store(addr_off, &new_addr, 0).map_err(failed)?;
+    // The helpers may have moved the packet: bounds-check again before writing directly.
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    if data + L4_OFF + 4 > data_end {
+        return Err(Verdict::Drop(Counter::DropRewriteFailed));
+    }
+    // SAFETY: every offset written below is < L4_OFF + 4, checked just above.
+    // Word-sized writes (see the alignment note in parse.rs).
+    unsafe {
+        let ip_csum = (data + IP_CSUM_OFF) as *mut u16;
+        *ip_csum = checksum::replace4(u16::from_be(*ip_csum), old_addr, new_addr).to_be();
+        *((data + addr_off) as *mut u32) = u32::from_ne_bytes(new_addr);
+        *((data + port_off) as *mut u16) = new_port;
+    }
     Ok(())
 }
 

@@ -46,12 +46,10 @@ pub enum CapacityError {
 
 pub fn frontend_key(f: &desired::Frontend) -> FrontendKey {
     FrontendKey {
-        addr: ipv4_addr(f.ip.octets()),
+        addr: f.ip.octets(),
         port: net_port(f.port),
         protocol: f.protocol.number(),
-        family: FAMILY_IPV4,
         scope: SCOPE_CLUSTER,
-        _pad: [0; 3],
     }
 }
 
