@@ -108,6 +108,7 @@ fn main() -> anyhow::Result<()> {
                         .unwrap_or_else(|_| "info".into()),
                 )
                 .with_target(false)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
                 .init();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
