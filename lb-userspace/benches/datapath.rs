@@ -58,8 +58,8 @@ fn time(
         reported += prog.test_run(opts).expect("test run").duration;
     }
     let after = prog.info().expect("info");
-    let runs = (after.run_count() - before.run_count()) as f64;
-    let stats = (after.run_time() - before.run_time()).as_nanos() as f64 / runs;
+    let kernel_runs = (after.run_count() - before.run_count()) as f64;
+    let stats = (after.run_time() - before.run_time()).as_nanos() as f64 / kernel_runs;
     (stats, reported.as_nanos() as f64 / runs as f64)
 }
 
