@@ -15,8 +15,8 @@ use aya::{
     },
 };
 use lb_common::{
-    ALL_MAPS, BACKEND_ACTIVE, BACKENDS_MAP, Backend, FRONTENDS_MAP, Frontend, FrontendKey,
-    SLOTS_MAP, STATS_MAP, SlotKey, stats::COUNTER_COUNT,
+    ALL_MAPS, BACKEND_ACTIVE, BACKENDS_MAP, Backend, CONNTRACK_MAP, CtEntry, CtKey, FRONTENDS_MAP,
+    Frontend, FrontendKey, SLOTS_MAP, STATS_MAP, SlotKey, stats::COUNTER_COUNT,
 };
 
 use crate::diff::{ActualDataplane, MapOp};
@@ -192,6 +192,13 @@ impl Dataplane {
 
     fn frontends(&mut self) -> Result<BpfHashMap<&mut aya::maps::MapData, FrontendKey, Frontend>> {
         BpfHashMap::try_from(self.map_mut(FRONTENDS_MAP)?).map_err(map_err(FRONTENDS_MAP))
+    }
+
+    /// Entries in the conntrack map (two per translated flow: forward and reply).
+    pub fn conntrack_len(&self) -> Result<usize> {
+        let ct: BpfHashMap<_, CtKey, CtEntry> =
+            BpfHashMap::try_from(self.map(CONNTRACK_MAP)?).map_err(map_err(CONNTRACK_MAP))?;
+        Ok(ct.keys().filter(|k| k.is_ok()).count())
     }
 
     /// Per-counter packet totals, summed over CPUs.

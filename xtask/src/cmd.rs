@@ -45,3 +45,32 @@ pub fn sh(line: &str) -> anyhow::Result<Output> {
     let program = parts.next().context("empty command")?;
     run(Command::new(program).args(parts))
 }
+
+/// Passed and failed counts of a libtest summary line
+/// (`test result: ok. 6 passed; 0 failed; 0 ignored; ...`).
+pub fn test_result_counts(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |word: &str| {
+        rest.split(';').find_map(|part| {
+            let mut tokens = part.split_whitespace().rev();
+            (tokens.next() == Some(word))
+                .then(|| tokens.next()?.parse::<u64>().ok())
+                .flatten()
+        })
+    };
+    Some((count("passed")?, count("failed")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtest_summary_lines() {
+        let ok = "test result: ok. 6 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s";
+        assert_eq!(test_result_counts(ok), Some((6, 0)));
+        let bad = "test result: FAILED. 26 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.07s";
+        assert_eq!(test_result_counts(bad), Some((26, 2)));
+        assert_eq!(test_result_counts("test foo ... ok"), None);
+    }
+}

@@ -56,16 +56,9 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<(u64, u64)> {
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line?;
         println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            let count = |word: &str| {
-                rest.split(';').find_map(|part| {
-                    part.trim()
-                        .strip_suffix(word)
-                        .and_then(|n| n.trim().parse::<u64>().ok())
-                })
-            };
-            passed += count("passed").unwrap_or(0);
-            failed += count("failed").unwrap_or(0);
+        if let Some((p, f)) = xtask::cmd::test_result_counts(&line) {
+            passed += p;
+            failed += f;
         }
     }
     let status = child.wait()?;
