@@ -359,4 +359,191 @@ mod tests {
         assert!(objs[0].is_err());
         assert!(objs[1].is_ok());
     }
+
+    #[test]
+    fn adversarial_manifests_each_get_a_clear_error_and_change_nothing_else() {
+        let cases: [(&str, &str); 12] = [
+            ("kind: Service\nmetadata: {name: a}\n", "apiVersion"),
+            ("apiVersion: v1\nmetadata: {name: a}\n", "kind"),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: \"80\"}]}\n",
+                "spec.ports[0].port",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 99999999999999}]}\n",
+                "spec.ports[0].port",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: -1}]}\n",
+                "spec.ports[0].port",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 999.1.1.1, ports: [{port: 80}]}\n",
+                "spec.clusterIP",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: {port: 80}}\n",
+                "spec.ports",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: [a]}\nspec: {ports: [{port: 80}]}\n",
+                "metadata.name",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c}]}\nstatus: {podIP: not-an-ip}\n",
+                "status.podIP",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, ports: [{containerPort: 0}]}]}\n",
+                "spec.containers[0].ports[0].containerPort",
+            ),
+            (
+                "apiVersion: v1\nkind: Endpoints\nmetadata: {name: e}\nsubsets: [{addresses: [{ip: 1.2.3}], ports: [{port: 80}]}]\n",
+                "subsets[0].addresses[0].ip",
+            ),
+            (
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nendpoints: [{addresses: [198.18.1.1]}]\nports: [{port: 65536}]\n",
+                "ports[0].port",
+            ),
+        ];
+        for (yaml, field) in cases {
+            let mut store = ManifestStore::default();
+            assert!(
+                store
+                    .update(files(&[("good.yaml", SVC), ("bad.yaml", "")]))
+                    .is_empty()
+            );
+            let errors = store.update(files(&[("good.yaml", SVC), ("bad.yaml", yaml)]));
+            assert_eq!(errors.len(), 1, "{yaml}: {errors:?}");
+            assert_eq!(errors[0].file, PathBuf::from("bad.yaml"), "{yaml}");
+            assert!(
+                errors[0]
+                    .field
+                    .as_deref()
+                    .is_some_and(|f| f.starts_with(field)),
+                "{yaml}: want field {field}, got {}",
+                errors[0]
+            );
+            let names: Vec<String> = store.objects().map(|o| o.id().name.clone()).collect();
+            assert_eq!(
+                names,
+                ["web"],
+                "{yaml}: the good file's objects stay, nothing else appears"
+            );
+        }
+    }
+
+    #[test]
+    fn huge_and_deep_documents_are_rejected_or_parsed_without_harm() {
+        let many_ports: String = (1..=2000)
+            .map(|p| format!("  - {{name: p{p}, port: {p}}}\n"))
+            .collect();
+        let big = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: big}}\nspec:\n  ports:\n{many_ports}"
+        );
+        let objects = parse_file(Path::new("big.yaml"), &big).unwrap();
+        assert!(matches!(&objects[0], Ok(Object::Service(s)) if s.ports.len() == 2000));
+        let deep = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: d}}\nspec: {}{}",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        assert!(
+            parse_file(Path::new("deep.yaml"), &deep).is_err(),
+            "deep nesting is an error, not a crash"
+        );
+    }
+
+    /// Mutates valid manifests at random for a bounded number of rounds: the loader never
+    /// panics, every problem names its file, and the other file's objects always stay.
+    #[test]
+    fn fuzz_manifest_loader() {
+        let rounds: usize = std::env::var("MANIFEST_FUZZ_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100_000);
+        let seed: u64 = std::env::var("FUZZ_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(42);
+        let corpus = [
+            SVC.to_string(),
+            POD.to_string(),
+            format!("{SVC}---\n{POD}"),
+            "apiVersion: v1\nkind: Endpoints\nmetadata: {name: web}\nsubsets:\n- addresses: [{ip: 198.18.5.1}]\n  ports: [{name: http, port: 80}]\n".to_string(),
+            "{\"apiVersion\":\"v1\",\"kind\":\"Service\",\"metadata\":{\"name\":\"j\"},\"spec\":{\"ports\":[{\"port\":53,\"protocol\":\"UDP\"}]}}".to_string(),
+        ];
+        let tokens = [
+            ":",
+            "-",
+            "[",
+            "]",
+            "{",
+            "}",
+            "\n",
+            "  ",
+            "\"",
+            "0",
+            "65536",
+            "-1",
+            "None",
+            "null",
+            "~",
+            "&a",
+            "*a",
+            "!!binary",
+            "1e400",
+            "198.18.0.256",
+            "---\n",
+            "\t",
+        ];
+        let mut state = seed | 1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let other =
+            "apiVersion: v1\nkind: Service\nmetadata: {name: keep}\nspec: {ports: [{port: 9}]}\n";
+        let started = std::time::Instant::now();
+        for round in 0..rounds {
+            let base = &corpus[(next() % corpus.len() as u64) as usize];
+            let mut text: Vec<u8> = base.clone().into_bytes();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() % (text.len() as u64 + 1)) as usize;
+                match next() % 3 {
+                    0 if at < text.len() => {
+                        text.remove(at);
+                    }
+                    1 if at < text.len() => text[at] = next() as u8,
+                    _ => {
+                        let token = tokens[(next() % tokens.len() as u64) as usize];
+                        text.splice(at..at, token.bytes());
+                    }
+                }
+            }
+            let text = String::from_utf8_lossy(&text).into_owned();
+            let name = if base.starts_with('{') {
+                "fuzz.json"
+            } else {
+                "fuzz.yaml"
+            };
+            let mut store = ManifestStore::default();
+            let errors = store.update(files(&[("keep.yaml", other), (name, &text)]));
+            for e in &errors {
+                assert_eq!(
+                    e.file,
+                    PathBuf::from(name),
+                    "round {round} (FUZZ_SEED={seed}): {e}"
+                );
+                assert!(!e.message.is_empty());
+            }
+            assert!(
+                store.objects().any(|o| o.id().name == "keep"),
+                "round {round} (FUZZ_SEED={seed}): the other file's Service must stay; input:\n{text}"
+            );
+        }
+        eprintln!("{rounds} mutated manifests in {:.1?}", started.elapsed());
+    }
 }
