@@ -174,13 +174,9 @@ impl Agent {
                 .map(|e| format!("Service {}: {}", e.service, e.error)),
         );
         let want = desired(&states);
-        let ops = match diff::diff(&want, &self.actual) {
-            Ok(ops) => ops,
-            Err(e) => {
-                errors.push(format!("dataplane left as it was: {e}"));
-                Vec::new()
-            }
-        };
+        let plan = diff::diff(&want, &self.actual);
+        errors.extend(plan.skipped.iter().map(|e| format!("dataplane: {e}")));
+        let ops = plan.ops;
         if let Err(e) = self.dataplane.write(&ops) {
             error!("writing maps: {e}; rereading them");
             if let Ok(actual) = self.dataplane.read_actual() {
@@ -213,6 +209,7 @@ impl Agent {
                 errors,
                 counters,
                 last_sync_ops: ops.len(),
+                frontends_not_programmed: plan.skipped.len(),
                 syncs: self.syncs,
             },
         };

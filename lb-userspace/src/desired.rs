@@ -14,6 +14,12 @@ pub struct Frontend {
     pub protocol: Protocol,
 }
 
+impl std::fmt::Display for Frontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol.as_str())
+    }
+}
+
 /// Every frontend with its backends, sorted (so slot order is stable).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredDataplane {

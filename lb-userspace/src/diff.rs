@@ -34,14 +34,23 @@ pub enum MapOp {
     ClearBackend(u32),
 }
 
+/// A frontend that could not be programmed because a map is full. The frontend keeps what
+/// it had (or stays absent), everything else is programmed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CapacityError {
-    #[error("{wanted} frontends (service ports) wanted, the frontend map holds {MAX_FRONTENDS}")]
-    Frontends { wanted: usize },
-    #[error("{wanted} backends wanted, the backend map holds {MAX_BACKENDS}")]
-    Backends { wanted: usize },
-    #[error("{wanted} backend slots wanted, the slot map holds {MAX_SLOTS}")]
-    Slots { wanted: usize },
+    #[error("{frontend}: not programmed: the frontend map is full ({MAX_FRONTENDS} entries)")]
+    Frontends { frontend: desired::Frontend },
+    #[error("{frontend}: not updated: the backend map is full ({MAX_BACKENDS} entries)")]
+    Backends { frontend: desired::Frontend },
+    #[error("{frontend}: not updated: the slot map is full ({MAX_SLOTS} entries)")]
+    Slots { frontend: desired::Frontend },
+}
+
+/// The operations to write, and the frontends left out for lack of room.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub ops: Vec<MapOp>,
+    pub skipped: Vec<CapacityError>,
 }
 
 pub fn frontend_key(f: &desired::Frontend) -> FrontendKey {
@@ -91,44 +100,77 @@ impl IdAllocator {
     }
 }
 
-pub fn diff(
+pub fn diff(desired: &DesiredDataplane, actual: &ActualDataplane) -> Plan {
+    diff_with_capacity(desired, actual, Capacity::MAPS)
+}
+
+/// Map sizes the plan must fit in.
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity {
+    pub frontends: usize,
+    pub slots: usize,
+    pub backends: u32,
+}
+
+impl Capacity {
+    pub const MAPS: Capacity = Capacity {
+        frontends: MAX_FRONTENDS as usize,
+        slots: MAX_SLOTS as usize,
+        backends: MAX_BACKENDS,
+    };
+}
+
+pub fn diff_with_capacity(
     desired: &DesiredDataplane,
     actual: &ActualDataplane,
-) -> Result<Vec<MapOp>, CapacityError> {
-    let wanted_backends: usize = desired.frontends.values().map(Vec::len).sum();
-    if desired.frontends.len() > MAX_FRONTENDS as usize {
-        return Err(CapacityError::Frontends {
-            wanted: desired.frontends.len(),
-        });
-    }
-    if wanted_backends > MAX_SLOTS as usize {
-        return Err(CapacityError::Slots {
-            wanted: wanted_backends,
-        });
-    }
-    // Backend ids come from the space not used by any backend present now (old and new
-    // backends coexist until the old ones are cleared): running out of it is the capacity error.
+    capacity: Capacity,
+) -> Plan {
     let mut by_service: HashMap<u32, Vec<(u32, Backend)>> = HashMap::new();
     for (id, b) in &actual.backends {
         by_service.entry(b.service_id).or_default().push((*id, *b));
     }
+    // Removals are written last, so the maps must hold old and new entries at once: every
+    // budget counts from what is there now. Backend ids come from the ids no present backend
+    // uses; running out of them means the backend map is full.
+    let mut frontend_room = capacity.frontends.saturating_sub(actual.frontends.len());
+    let mut slot_room = capacity.slots.saturating_sub(actual.slots.len());
     let mut service_ids =
         IdAllocator::new(actual.frontends.values().map(|f| f.service_id), 1, u32::MAX);
-    let mut backend_ids = IdAllocator::new(actual.backends.keys().copied(), 0, MAX_BACKENDS);
+    let mut backend_ids = IdAllocator::new(actual.backends.keys().copied(), 0, capacity.backends);
 
+    let mut plan = Plan::default();
     let (mut put_backends, mut put_slots, mut put_frontends) = (Vec::new(), Vec::new(), Vec::new());
     let (mut del_frontends, mut del_slots, mut clear_backends) =
         (Vec::new(), Vec::new(), Vec::new());
 
-    for (f, addrs) in &desired.frontends {
+    // Frontends that exist first: a full map must not stop them from following their endpoints.
+    let mut order: Vec<(&desired::Frontend, &Vec<SocketAddrV4>)> =
+        desired.frontends.iter().collect();
+    order.sort_by_key(|(f, _)| !actual.frontends.contains_key(&frontend_key(f)));
+
+    for (f, addrs) in order {
         let key = frontend_key(f);
         let old = actual.frontends.get(&key);
         let service_id = match old {
             Some(fe) => fe.service_id,
-            None => service_ids.take().ok_or(CapacityError::Frontends {
-                wanted: desired.frontends.len(),
-            })?,
+            None if frontend_room > 0 => match service_ids.take() {
+                Some(id) => id,
+                None => {
+                    plan.skipped.push(CapacityError::Frontends { frontend: *f });
+                    continue;
+                }
+            },
+            None => {
+                plan.skipped.push(CapacityError::Frontends { frontend: *f });
+                continue;
+            }
         };
+        let old_count = old.map_or(0, |o| o.backend_count) as usize;
+        let new_slots = addrs.len().saturating_sub(old_count);
+        if new_slots > slot_room {
+            plan.skipped.push(CapacityError::Slots { frontend: *f });
+            continue;
+        }
         let existing: HashMap<(lb_common::Addr, u16), u32> = by_service
             .get(&service_id)
             .into_iter()
@@ -136,20 +178,30 @@ pub fn diff(
             .map(|(id, b)| ((b.addr, b.port), *id))
             .collect();
         let mut ids = Vec::with_capacity(addrs.len());
+        let mut new_backends = Vec::new();
         for addr in addrs {
             let b = backend(*addr, service_id);
-            let id = match existing.get(&(b.addr, b.port)) {
-                Some(id) => *id,
-                None => {
-                    let id = backend_ids.take().ok_or(CapacityError::Backends {
-                        wanted: wanted_backends,
-                    })?;
-                    put_backends.push(MapOp::PutBackend(id, b));
-                    id
-                }
-            };
-            ids.push(id);
+            match existing.get(&(b.addr, b.port)) {
+                Some(id) => ids.push(*id),
+                None => match backend_ids.take() {
+                    Some(id) => {
+                        new_backends.push(MapOp::PutBackend(id, b));
+                        ids.push(id);
+                    }
+                    None => break,
+                },
+            }
         }
+        if ids.len() < addrs.len() {
+            plan.skipped.push(CapacityError::Backends { frontend: *f });
+            continue;
+        }
+        // This frontend fits: commit its operations.
+        if old.is_none() {
+            frontend_room -= 1;
+        }
+        slot_room -= new_slots;
+        put_backends.extend(new_backends);
         for (slot, id) in ids.iter().enumerate() {
             let slot_key = SlotKey {
                 service_id,
@@ -169,8 +221,7 @@ pub fn diff(
         if old != Some(&wanted) {
             put_frontends.push(MapOp::PutFrontend(key, wanted));
         }
-        let old_count = old.map_or(0, |o| o.backend_count);
-        for slot in count..old_count {
+        for slot in count..old_count as u32 {
             del_slots.push(MapOp::DeleteSlot(SlotKey { service_id, slot }));
         }
         let kept: BTreeSet<u32> = ids.into_iter().collect();
@@ -201,13 +252,13 @@ pub fn diff(
         }
     }
 
-    let mut ops = put_backends;
-    ops.extend(put_slots);
-    ops.extend(put_frontends);
-    ops.extend(del_frontends);
-    ops.extend(del_slots);
-    ops.extend(clear_backends);
-    Ok(ops)
+    plan.ops = put_backends;
+    plan.ops.extend(put_slots);
+    plan.ops.extend(put_frontends);
+    plan.ops.extend(del_frontends);
+    plan.ops.extend(del_slots);
+    plan.ops.extend(clear_backends);
+    plan
 }
 
 /// The actual state after `ops` were written.
@@ -288,13 +339,13 @@ mod tests {
     fn empty_to_full_and_back_stays_consistent_at_every_step() {
         let mut actual = ActualDataplane::default();
         let d = desired(&[(fe(1, 80), backends(3)), (fe(2, 53), vec![])]);
-        let ops = diff(&d, &actual).unwrap();
+        let ops = diff(&d, &actual).ops;
         apply_checked(&mut actual, &ops);
         assert_eq!(actual.frontends.len(), 2);
         assert_eq!(actual.backends.len(), 3);
-        assert!(diff(&d, &actual).unwrap().is_empty(), "converged");
+        assert!(diff(&d, &actual).ops.is_empty(), "converged");
 
-        let ops = diff(&DesiredDataplane::default(), &actual).unwrap();
+        let ops = diff(&DesiredDataplane::default(), &actual).ops;
         apply_checked(&mut actual, &ops);
         assert_eq!(actual, ActualDataplane::default());
     }
@@ -302,7 +353,7 @@ mod tests {
     #[test]
     fn ids_are_kept_for_surviving_frontends_and_backends() {
         let mut actual = ActualDataplane::default();
-        let ops = diff(&desired(&[(fe(1, 80), backends(3))]), &actual).unwrap();
+        let ops = diff(&desired(&[(fe(1, 80), backends(3))]), &actual).ops;
         apply(&mut actual, &ops);
         let sid = actual.frontends[&frontend_key(&fe(1, 80))].service_id;
         let ids_before: BTreeMap<u32, Backend> = actual.backends.clone();
@@ -310,7 +361,7 @@ mod tests {
         // Remove backend 2, add backend 4.
         let mut b = backends(4);
         b.remove(1);
-        let ops = diff(&desired(&[(fe(1, 80), b)]), &actual).unwrap();
+        let ops = diff(&desired(&[(fe(1, 80), b)]), &actual).ops;
         apply_checked(&mut actual, &ops);
         assert_eq!(actual.frontends[&frontend_key(&fe(1, 80))].service_id, sid);
         for (id, old) in &ids_before {
@@ -329,9 +380,9 @@ mod tests {
     #[test]
     fn shrink_updates_count_before_deleting_slots() {
         let mut actual = ActualDataplane::default();
-        let ops = diff(&desired(&[(fe(1, 80), backends(5))]), &actual).unwrap();
+        let ops = diff(&desired(&[(fe(1, 80), backends(5))]), &actual).ops;
         apply(&mut actual, &ops);
-        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).unwrap();
+        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).ops;
         let frontend_at = ops
             .iter()
             .position(|o| matches!(o, MapOp::PutFrontend(..)))
@@ -348,10 +399,10 @@ mod tests {
     #[test]
     fn new_frontend_never_reuses_an_id_being_removed() {
         let mut actual = ActualDataplane::default();
-        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).unwrap();
+        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).ops;
         apply(&mut actual, &ops);
         let old_sid = actual.frontends.values().next().unwrap().service_id;
-        let ops = diff(&desired(&[(fe(2, 80), backends(2))]), &actual).unwrap();
+        let ops = diff(&desired(&[(fe(2, 80), backends(2))]), &actual).ops;
         apply_checked(&mut actual, &ops);
         assert_ne!(
             actual.frontends.values().next().unwrap().service_id,
@@ -361,25 +412,98 @@ mod tests {
         assert_eq!(actual.slots.len(), 2);
     }
 
+    fn fe_n(i: u32) -> Fe {
+        Fe {
+            ip: std::net::Ipv4Addr::from(0xc613_0000 + i),
+            port: 80,
+            protocol: Protocol::Tcp,
+        }
+    }
+
     #[test]
-    fn capacity_is_checked_before_writing() {
-        let many: BTreeMap<Fe, Vec<SocketAddrV4>> = (0..=MAX_FRONTENDS)
-            .map(|i| {
-                (
-                    Fe {
-                        ip: std::net::Ipv4Addr::from(0xc6130000 + i),
-                        port: 80,
-                        protocol: Protocol::Tcp,
-                    },
-                    vec![],
-                )
-            })
-            .collect();
-        let err = diff(
-            &DesiredDataplane { frontends: many },
-            &ActualDataplane::default(),
-        )
-        .unwrap_err();
-        assert!(matches!(err, CapacityError::Frontends { .. }));
+    fn full_frontend_map_skips_new_frontends_and_keeps_the_rest_working() {
+        let small = Capacity {
+            frontends: 3,
+            slots: 100,
+            backends: 100,
+        };
+        let mut actual = ActualDataplane::default();
+        let two = desired(&[(fe_n(1), backends(1)), (fe_n(2), backends(1))]);
+        let ops = diff_with_capacity(&two, &actual, small).ops;
+        apply_checked(&mut actual, &ops);
+        // Two more wanted, one fits; the existing ones still follow their endpoints.
+        let four = desired(&[
+            (fe_n(1), backends(2)),
+            (fe_n(2), backends(1)),
+            (fe_n(3), backends(1)),
+            (fe_n(4), backends(1)),
+        ]);
+        let plan = diff_with_capacity(&four, &actual, small);
+        assert_eq!(
+            plan.skipped,
+            vec![CapacityError::Frontends { frontend: fe_n(4) }]
+        );
+        assert!(plan.skipped[0].to_string().contains("frontend map is full"));
+        apply_checked(&mut actual, &plan.ops);
+        assert_eq!(actual.frontends.len(), 3);
+        assert_eq!(actual.frontends[&frontend_key(&fe_n(1))].backend_count, 2);
+    }
+
+    #[test]
+    fn full_backend_map_leaves_that_frontend_as_it_was() {
+        let small = Capacity {
+            frontends: 10,
+            slots: 100,
+            backends: 4,
+        };
+        let mut actual = ActualDataplane::default();
+        let start = desired(&[(fe(1, 80), backends(2)), (fe(2, 80), backends(2))]);
+        let ops = diff_with_capacity(&start, &actual, small).ops;
+        apply_checked(&mut actual, &ops);
+        let before = actual.frontends[&frontend_key(&fe(2, 80))];
+        // fe(2) wants 3 new backends: no room. fe(1) loses one: still done.
+        let next = desired(&[(fe(1, 80), backends(1)), (fe(2, 80), backends(5))]);
+        let plan = diff_with_capacity(&next, &actual, small);
+        assert_eq!(
+            plan.skipped,
+            vec![CapacityError::Backends {
+                frontend: fe(2, 80)
+            }]
+        );
+        apply_checked(&mut actual, &plan.ops);
+        assert_eq!(actual.frontends[&frontend_key(&fe(2, 80))], before);
+        assert_eq!(actual.frontends[&frontend_key(&fe(1, 80))].backend_count, 1);
+        // Room appears later: the next sync programs it.
+        let plan = diff_with_capacity(
+            &next,
+            &actual,
+            Capacity {
+                backends: 8,
+                ..small
+            },
+        );
+        assert!(plan.skipped.is_empty());
+        apply_checked(&mut actual, &plan.ops);
+        assert_eq!(actual.frontends[&frontend_key(&fe(2, 80))].backend_count, 5);
+    }
+
+    #[test]
+    fn full_slot_map_skips_growth_only() {
+        let small = Capacity {
+            frontends: 10,
+            slots: 3,
+            backends: 100,
+        };
+        let mut actual = ActualDataplane::default();
+        let ops = diff_with_capacity(&desired(&[(fe(1, 80), backends(2))]), &actual, small).ops;
+        apply_checked(&mut actual, &ops);
+        let plan = diff_with_capacity(&desired(&[(fe(1, 80), backends(5))]), &actual, small);
+        assert_eq!(
+            plan.skipped,
+            vec![CapacityError::Slots {
+                frontend: fe(1, 80)
+            }]
+        );
+        assert!(plan.ops.is_empty());
     }
 }

@@ -250,3 +250,37 @@ fn service_without_endpoints_answers_icmp_port_unreachable() {
         "the service has no UDP port 80: passes"
     );
 }
+
+#[test]
+fn full_conntrack_evicts_old_flows_and_new_flows_keep_working() {
+    let backends = vec![backend(1, 8080), backend(2, 8080)];
+    let mut t = with_web_service(backends.clone());
+    // Every flow takes two entries (forward and reply): this is twice what the map holds.
+    let flows = lb_common::MAX_CONNTRACK;
+    let frame = |i: u32| {
+        let client = Ipv4Addr::new(198, 18, 100 + (i / 50_000) as u8, 1);
+        ipv4_frame(TCP, (client, 10_000 + (i % 50_000) as u16), (VIP, 80), b"")
+    };
+    for i in 0..flows {
+        let out = t.run(&frame(i));
+        assert_eq!(out.action, TC_ACT_OK, "flow {i}");
+        let d = dst(&out.frame);
+        assert!(
+            backends.iter().any(|b| (*b.ip(), b.port()) == d),
+            "flow {i} went to {d:?}"
+        );
+    }
+    assert_eq!(
+        t.counter("dnat_new"),
+        flows as u64,
+        "every new flow translated, none dropped"
+    );
+    assert_eq!(t.counter("drop_conntrack_full"), 0);
+    assert!(t.dp.conntrack_len().unwrap() <= lb_common::MAX_CONNTRACK as usize);
+    // The most recent flows are still tracked.
+    let before = t.counter("dnat_established");
+    for i in flows - 1000..flows {
+        t.run(&frame(i));
+    }
+    assert_eq!(t.counter("dnat_established") - before, 1000);
+}

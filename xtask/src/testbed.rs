@@ -368,6 +368,14 @@ impl Testbed {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// Runs a command in the node's namespace.
+    pub fn exec_node(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = run(Command::new("ip")
+            .args(["netns", "exec", &self.node_netns])
+            .args(args))?;
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
     /// `curl` from a pod; the body on success.
     pub fn curl(&self, from: &Pod, url: &str, timeout: Duration) -> anyhow::Result<String> {
         let secs = format!("{:.3}", timeout.as_secs_f64());
