@@ -52,6 +52,8 @@ pub struct Testbed {
     servers: Vec<Server>,
     agent: Option<Child>,
     next_iface: u32,
+    /// Peer addresses every TCP server accepted, by pod name.
+    accepted: std::collections::HashMap<String, Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>>,
 }
 
 static SEQUENCE: AtomicU32 = AtomicU32::new(0);
@@ -79,6 +81,7 @@ impl Testbed {
             servers: Vec::new(),
             agent: None,
             next_iface: 0,
+            accepted: Default::default(),
         };
         bed.setup_node()?;
         Ok(bed)
@@ -162,9 +165,14 @@ impl Testbed {
                 Ok(w) => w,
                 Err(_) => return,
             };
+            let _ = writer.set_nodelay(true);
             for line in BufReader::new(stream).lines() {
                 let Ok(line) = line else { return };
-                if writeln!(writer, "{name}: {line}").is_err() {
+                // One write per line: with Nagle off, one segment per answer.
+                if writer
+                    .write_all(format!("{name}: {line}\n").as_bytes())
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -198,6 +206,14 @@ impl Testbed {
             }
             Ok(())
         })
+    }
+
+    /// Every peer the pod's TCP servers accepted so far.
+    pub fn accepted(&self, pod: &str) -> Vec<std::net::SocketAddr> {
+        self.accepted
+            .get(pod)
+            .map(|l| l.lock().expect("accept log").clone())
+            .unwrap_or_default()
     }
 
     /// Answers every UDP datagram on `port` with `<pod name>: <datagram>`.
