@@ -213,6 +213,10 @@ impl Agent {
                 syncs: self.syncs,
             },
         };
+        // A full sync parses and copies every object: hand the freed memory back to the system
+        // rather than keeping the peak resident (glibc keeps freed heap otherwise).
+        // SAFETY: malloc_trim only releases free memory.
+        unsafe { libc::malloc_trim(0) };
         if let Ok(mut shared) = self.shared.try_write() {
             *shared = view;
         } else {

@@ -79,6 +79,7 @@ impl ControlPlane {
                 Object::Endpoints(e) | Object::EndpointSlice(e) => manual.push(e),
             }
         }
+        let index = Index::new(&pods, &manual);
         self.accepted.retain(|name, _| services.contains_key(name));
         self.first_seen
             .retain(|name, _| services.contains_key(name));
@@ -99,7 +100,7 @@ impl ControlPlane {
             let created = svc
                 .created
                 .unwrap_or(*self.first_seen.entry(name.clone()).or_insert(now));
-            let ports = resolve_ports(&svc, &pods, &manual);
+            let ports = resolve_ports(&svc, &index);
             states.push(ServiceState {
                 service: svc,
                 cluster_ip,
@@ -221,7 +222,59 @@ fn fnv1a(data: &[u8]) -> u64 {
     })
 }
 
-fn resolve_ports(svc: &Service, pods: &[&Pod], manual: &[&ManualEndpoints]) -> Vec<ResolvedPort> {
+/// Pods by label and manual endpoints by Service, so that resolving every Service does not
+/// scan every object.
+struct Index<'a> {
+    pods_by_label: HashMap<(&'a str, &'a str, &'a str), Vec<&'a Pod>>,
+    manual_by_service: HashMap<&'a ObjectName, Vec<&'a ManualEndpoints>>,
+}
+
+impl<'a> Index<'a> {
+    fn new(pods: &[&'a Pod], manual: &[&'a ManualEndpoints]) -> Self {
+        let mut pods_by_label: HashMap<_, Vec<&Pod>> = HashMap::new();
+        for pod in pods {
+            for (k, v) in &pod.labels {
+                pods_by_label
+                    .entry((pod.id.namespace.as_str(), k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(*pod);
+            }
+        }
+        let mut manual_by_service: HashMap<_, Vec<&ManualEndpoints>> = HashMap::new();
+        for m in manual {
+            manual_by_service.entry(&m.service).or_default().push(*m);
+        }
+        Self {
+            pods_by_label,
+            manual_by_service,
+        }
+    }
+
+    /// Pods of `namespace` whose labels contain every pair of `selector`.
+    fn selected<'s>(
+        &'s self,
+        namespace: &'s str,
+        selector: &'s BTreeMap<String, String>,
+    ) -> impl Iterator<Item = &'a Pod> + 's {
+        let candidates = selector
+            .iter()
+            .next()
+            .and_then(|(k, v)| self.pods_by_label.get(&(namespace, k.as_str(), v.as_str())));
+        candidates
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(move |pod| selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v)))
+    }
+
+    fn manual(&self, service: &ObjectName) -> &[&'a ManualEndpoints] {
+        self.manual_by_service
+            .get(service)
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
+fn resolve_ports(svc: &Service, index: &Index) -> Vec<ResolvedPort> {
     if svc.service_type == ServiceType::ExternalName {
         return Vec::new();
     }
@@ -239,11 +292,8 @@ fn resolve_ports(svc: &Service, pods: &[&Pod], manual: &[&ManualEndpoints]) -> V
             };
             match &svc.selector {
                 Some(selector) => {
-                    for pod in pods.iter().filter(|p| p.id.namespace == svc.id.namespace) {
+                    for pod in index.selected(&svc.id.namespace, selector) {
                         let Some(ip) = pod.ip else { continue };
-                        if !selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v)) {
-                            continue;
-                        }
                         let target = match &port.target_port {
                             TargetPort::Number(n) => Some(*n),
                             TargetPort::Name(name) => pod
@@ -258,7 +308,7 @@ fn resolve_ports(svc: &Service, pods: &[&Pod], manual: &[&ManualEndpoints]) -> V
                     }
                 }
                 None => {
-                    for m in manual.iter().filter(|m| m.service == svc.id) {
+                    for m in index.manual(&svc.id) {
                         for group in &m.groups {
                             let Some(ep_port) = group
                                 .ports

@@ -137,30 +137,51 @@ impl Testbed {
             .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
-    /// Serves HTTP on `port` in the pod, answering every request with `<pod name>\n`.
+    /// Serves HTTP on `port` on every address of the pod, answering every request with
+    /// `<pod name>\n`; connections are kept alive unless the client asks to close.
     pub fn serve_http(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
         let body = format!("{}\n", pod.name);
-        self.serve_tcp(pod, port, move |mut stream| {
-            let mut request = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => request.extend_from_slice(&buf[..n]),
+        self.serve_tcp(pod, Ipv4Addr::UNSPECIFIED, port, move |mut stream| {
+            let _ = stream.set_nodelay(true);
+            let mut pending = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    }
+                    continue;
+                };
+                let request = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+                pending.drain(..end + 4);
+                let close = request.contains("connection: close") || request.lines().next().is_some_and(|l| l.ends_with("http/1.0"));
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
+                    body.len(),
+                    if close { "Connection: close\r\n" } else { "" }
+                );
+                if stream.write_all(response.as_bytes()).is_err() || close {
+                    return;
                 }
             }
-            let response = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes());
         })
+    }
+
+    /// Adds another address to a pod (routed to it from the node).
+    pub fn add_address(&self, pod: &Pod, ip: Ipv4Addr) -> anyhow::Result<()> {
+        sh(&format!("ip -n {} addr add {ip}/32 dev eth0", pod.netns))?;
+        sh(&format!(
+            "ip -n {} route add {ip}/32 dev {}",
+            self.node_netns, pod.node_iface
+        ))?;
+        Ok(())
     }
 
     /// Serves line echo on `port`: every line comes back as `<pod name>: <line>`.
     pub fn serve_echo(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
         let name = pod.name.clone();
-        self.serve_tcp(pod, port, move |stream| {
+        self.serve_tcp(pod, pod.ip, port, move |stream| {
             let mut writer = match stream.try_clone() {
                 Ok(w) => w,
                 Err(_) => return,
@@ -182,17 +203,20 @@ impl Testbed {
     fn serve_tcp(
         &mut self,
         pod: &Pod,
+        ip: Ipv4Addr,
         port: u16,
         handle: impl Fn(TcpStream) + Send + Sync + Clone + 'static,
     ) -> anyhow::Result<()> {
-        let (netns, ip) = (pod.netns.clone(), pod.ip);
+        let netns = pod.netns.clone();
+        let log = self.accepted.entry(pod.name.clone()).or_default().clone();
         self.spawn_server(&netns, move |stop| {
             let listener =
                 TcpListener::bind((ip, port)).with_context(|| format!("bind {ip}:{port}"))?;
             listener.set_nonblocking(true)?;
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((stream, _)) => {
+                    Ok((stream, peer)) => {
+                        log.lock().expect("accept log").push(peer);
                         stream.set_nonblocking(false)?;
                         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
                         let handle = handle.clone();
@@ -351,6 +375,11 @@ impl Testbed {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The agent's process id (nsenter execs it in place).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|c| c.id())
     }
 
     /// Stops the agent: SIGTERM (`kill = false`) or SIGKILL. Its programs stay attached.

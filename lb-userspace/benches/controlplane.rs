@@ -1,0 +1,293 @@
+//! Control plane at 10,000 Services x 10 endpoints: time from the objects arriving to the maps
+//! programmed (full sync) and for one endpoint change, compared with kube-proxy's rules loaded
+//! by iptables-restore (legacy and nft) and nft; and the agent's resident memory at that size.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    time::{Duration, Instant, SystemTime},
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+use lb::{
+    controlplane::ControlPlane,
+    dataplane::Dataplane,
+    desired::desired,
+    diff::{self, ActualDataplane},
+    model::{self, Object},
+};
+use serde::Serialize;
+use xtask::{
+    kubeproxy::{ServiceRules, iptables_restore, nft_ruleset},
+    testbed::Testbed,
+};
+
+const SERVICES: u32 = 10_000;
+const ENDPOINTS: u32 = 10;
+
+fn vip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + 1 + i)
+}
+
+fn endpoint(i: u32, k: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + 256 + i * ENDPOINTS + k)
+}
+
+fn service(i: u32) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(format!("svc-{i}")),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(vip(i).to_string()),
+            ports: Some(vec![ServicePort {
+                port: 80,
+                target_port: Some(IntOrString::Int(8080)),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn slice(i: u32, first_endpoint: u32) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("svc-{i}-abcde")),
+            labels: Some(BTreeMap::from([(
+                model::SERVICE_NAME_LABEL.to_string(),
+                format!("svc-{i}"),
+            )])),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: (first_endpoint..first_endpoint + ENDPOINTS)
+            .map(|k| Endpoint {
+                addresses: vec![endpoint(i, k).to_string()],
+                ..Default::default()
+            })
+            .collect(),
+        ports: Some(vec![EndpointPort {
+            port: Some(8080),
+            ..Default::default()
+        }]),
+    }
+}
+
+#[derive(Serialize)]
+struct Results {
+    services: u32,
+    endpoints_per_service: u32,
+    full_sync_ms: f64,
+    full_sync_breakdown_ms: BTreeMap<&'static str, f64>,
+    map_operations: usize,
+    one_change_ms: f64,
+    one_change_map_operations: usize,
+    agent_rss_mib: f64,
+    agent_sync_from_files_ms: Option<f64>,
+    iptables_legacy_restore_ms: Option<f64>,
+    iptables_nft_restore_ms: Option<f64>,
+    nft_ms: Option<f64>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn main() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    anyhow::ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "run as root (cargo xtask bench)"
+    );
+    let services: Vec<Service> = (0..SERVICES).map(service).collect();
+    let slices: Vec<EndpointSlice> = (0..SERVICES).map(|i| slice(i, 0)).collect();
+    let mut dp = Dataplane::load_unpinned()?;
+
+    // Full sync: objects in memory (as a watch delivers them) -> maps written.
+    let mut breakdown = BTreeMap::new();
+    let started = Instant::now();
+    let mut objects: Vec<Object> = Vec::with_capacity(2 * SERVICES as usize);
+    for s in &services {
+        objects.push(Object::Service(model::service(s)?));
+    }
+    for s in &slices {
+        objects.push(Object::EndpointSlice(model::endpoint_slice(s)?));
+    }
+    let t_model = started.elapsed();
+    let mut control = ControlPlane::new("198.19.0.0/16".parse()?);
+    let (states, errors) = control.compute(&objects, SystemTime::now());
+    anyhow::ensure!(errors.is_empty(), "{errors:?}");
+    let t_compute = started.elapsed();
+    let want = desired(&states);
+    let t_desired = started.elapsed();
+    let mut actual = ActualDataplane::default();
+    let plan = diff::diff(&want, &actual);
+    anyhow::ensure!(plan.skipped.is_empty());
+    let t_diff = started.elapsed();
+    dp.write(&plan.ops)?;
+    let full = started.elapsed();
+    diff::apply(&mut actual, &plan.ops);
+    breakdown.insert("1 model", ms(t_model));
+    breakdown.insert("2 control plane", ms(t_compute - t_model));
+    breakdown.insert("3 desired", ms(t_desired - t_compute));
+    breakdown.insert("4 diff", ms(t_diff - t_desired));
+    breakdown.insert("5 map writes", ms(full - t_diff));
+    let map_operations = plan.ops.len();
+
+    // One endpoint change with everything present: median of 11.
+    let mut changes = Vec::new();
+    let mut change_ops = 0;
+    for round in 0..11u32 {
+        let i = (round * 7919) % SERVICES;
+        let started = Instant::now();
+        let changed = slice(i, 1 + round);
+        objects[(SERVICES + i) as usize] = Object::EndpointSlice(model::endpoint_slice(&changed)?);
+        let (states, _) = control.compute(&objects, SystemTime::now());
+        let plan = diff::diff(&desired(&states), &actual);
+        dp.write(&plan.ops)?;
+        changes.push(started.elapsed());
+        change_ops = plan.ops.len();
+        diff::apply(&mut actual, &plan.ops);
+    }
+    changes.sort();
+    let one_change = changes[changes.len() / 2];
+
+    // kube-proxy's rules for the same Services, loaded into a fresh node namespace each.
+    let rules: Vec<ServiceRules> = (0..SERVICES)
+        .map(|i| ServiceRules {
+            name: format!("svc-{i}"),
+            vip: SocketAddrV4::new(vip(i), 80),
+            endpoints: (0..ENDPOINTS)
+                .map(|k| SocketAddrV4::new(endpoint(i, k), 8080))
+                .collect(),
+        })
+        .collect();
+    let lb = Path::new(env!("CARGO_BIN_EXE_lb"));
+    let restore = |tool: &str, text: &str| -> Option<f64> {
+        let bed = Testbed::new("lbbench", lb).ok()?;
+        let file = bed.dir.join("rules");
+        std::fs::write(&file, text).ok()?;
+        let started = Instant::now();
+        let args: Vec<&str> = match tool {
+            "nft" => vec!["nft", "-f"],
+            other => vec![other],
+        };
+        let mut full: Vec<&str> = args;
+        let file = file.to_string_lossy().into_owned();
+        full.push(&file);
+        match bed.exec_node(&full) {
+            Ok(_) => Some(ms(started.elapsed())),
+            Err(e) => {
+                eprintln!("{tool}: {e}");
+                None
+            }
+        }
+    };
+    let ipt = iptables_restore(&rules);
+    let iptables_legacy_restore_ms = restore("iptables-legacy-restore", &ipt);
+    let iptables_nft_restore_ms = restore("iptables-nft-restore", &ipt);
+    let nft_ms = restore("nft", &nft_ruleset(&rules));
+
+    // The real agent on the same Services as manifest files: its resident memory.
+    let (agent_rss_mib, agent_sync_from_files_ms) = agent_at_size(lb, &services, &slices)?;
+
+    let results = Results {
+        services: SERVICES,
+        endpoints_per_service: ENDPOINTS,
+        full_sync_ms: ms(full),
+        full_sync_breakdown_ms: breakdown,
+        map_operations,
+        one_change_ms: ms(one_change),
+        one_change_map_operations: change_ops,
+        agent_rss_mib,
+        agent_sync_from_files_ms,
+        iptables_legacy_restore_ms,
+        iptables_nft_restore_ms,
+        nft_ms,
+    };
+    let text = serde_json::to_string_pretty(&results)?;
+    println!("{text}");
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("controlplane.json"), text)?;
+    Ok(())
+}
+
+/// Runs `lb agent` on the objects written as JSON manifests; returns its resident memory once
+/// it has programmed them all, and the sync time it logged.
+fn agent_at_size(
+    lb: &Path,
+    services: &[Service],
+    slices: &[EndpointSlice],
+) -> anyhow::Result<(f64, Option<f64>)> {
+    let mut bed = Testbed::new("lbbench", lb)?;
+    let list = |kind: &str, items: Vec<serde_json::Value>| serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items, "metadata": {}, "_kind": kind});
+    let svc_items = services
+        .iter()
+        .map(|s| {
+            let mut v = serde_json::to_value(s).unwrap();
+            v["apiVersion"] = "v1".into();
+            v["kind"] = "Service".into();
+            v
+        })
+        .collect();
+    let slice_items = slices
+        .iter()
+        .map(|s| {
+            let mut v = serde_json::to_value(s).unwrap();
+            v["apiVersion"] = "discovery.k8s.io/v1".into();
+            v["kind"] = "EndpointSlice".into();
+            v
+        })
+        .collect();
+    bed.write_manifest("services.json", &list("Service", svc_items).to_string())?;
+    bed.write_manifest(
+        "slices.json",
+        &list("EndpointSlice", slice_items).to_string(),
+    )?;
+    bed.start_agent()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = bed
+            .exec_node(&["curl", "-sS", "http://127.0.0.1:10249/metrics"])
+            .unwrap_or_default();
+        if metrics.contains(&format!("lb_services {SERVICES}")) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "agent did not program {SERVICES} services in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let pid = bed.agent_pid().expect("agent running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let log = std::fs::read_to_string(bed.agent_log())?;
+    let sync_us = log
+        .lines()
+        .filter(|l| l.contains("maps updated"))
+        .filter_map(|l| {
+            l.split("took_us=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .next_back();
+    Ok((rss_kib / 1024.0, sync_us.map(|us| us / 1e3)))
+}

@@ -1,0 +1,255 @@
+//! Side by side on one simulated node: a client pod sends HTTP to a ClusterIP whose 10
+//! endpoints are addresses of one server pod, through this project's datapath, through the
+//! rules kube-proxy's iptables mode (legacy and nft back ends) and nftables mode would
+//! program, and directly to the server (the ceiling), with 1, 1,000 and 10,000 Services of
+//! 10 endpoints each, the measured Service a random one. Load: wrk, bounded in connections
+//! and time, over new connections (`Connection: close`) and over kept-alive connections.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use xtask::{
+    kubeproxy::{ServiceRules, iptables_restore, nft_ruleset},
+    testbed::{Pod, Testbed},
+};
+
+const ENDPOINTS: u32 = 10;
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+
+fn vip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + 1 + i)
+}
+
+fn server_ip(k: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 2, 1 + k as u8)
+}
+
+/// Endpoints of the Services not measured: addresses nothing answers on.
+fn fake_endpoint(i: u32, k: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 100, 0)) + (i * ENDPOINTS + k) % (150 * 256))
+}
+
+#[derive(Serialize, Clone)]
+struct Measurement {
+    services: u32,
+    mode: &'static str,
+    workload: &'static str,
+    requests_per_second: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+struct Wrk {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn duration_us(text: &str) -> Option<f64> {
+    let (number, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = number.parse().ok()?;
+    Some(match unit {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" => n * 1e6,
+        _ => return None,
+    })
+}
+
+fn parse_wrk(out: &str) -> anyhow::Result<Wrk> {
+    let find = |prefix: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_string()))
+    };
+    let rps = find("Requests/sec:").and_then(|v| v.parse().ok());
+    let p50 = find("50%").and_then(|v| duration_us(&v));
+    let p99 = find("99%").and_then(|v| duration_us(&v));
+    match (rps, p50, p99) {
+        (Some(rps), Some(p50_us), Some(p99_us)) => Ok(Wrk {
+            rps,
+            p50_us,
+            p99_us,
+        }),
+        _ => anyhow::bail!("cannot read wrk output:\n{out}"),
+    }
+}
+
+fn wrk(
+    bed: &Testbed,
+    client: &Pod,
+    url: &str,
+    new_connections: bool,
+    seconds: u64,
+) -> anyhow::Result<Wrk> {
+    let secs = format!("{seconds}s");
+    let mut args = vec![
+        "wrk",
+        "-t2",
+        "-c8",
+        "-d",
+        &secs,
+        "--latency",
+        "--timeout",
+        "2s",
+    ];
+    if new_connections {
+        args.extend(["-H", "Connection: close"]);
+    }
+    args.push(url);
+    parse_wrk(&bed.exec(client, &args)?)
+}
+
+fn main() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    anyhow::ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "run as root (cargo xtask bench)"
+    );
+    let seconds: u64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let scales: Vec<u32> = std::env::var("BENCH_SCALES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 1_000, 10_000]);
+    let lb = Path::new(env!("CARGO_BIN_EXE_lb"));
+    let mut results = Vec::new();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for &n in &scales {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let measured = (seed >> 33) as u32 % n;
+        eprintln!(
+            "== {n} Services, measuring svc-{measured} at {}",
+            vip(measured)
+        );
+        let mut bed = Testbed::new("lbbench", lb)?;
+        let client = bed.add_pod("client", CLIENT_IP)?;
+        let server = bed.add_pod("server", server_ip(0))?;
+        for k in 1..ENDPOINTS {
+            bed.add_address(&server, server_ip(k))?;
+        }
+        bed.serve_http(&server, 8080)?;
+        let services: Vec<ServiceRules> = (0..n)
+            .map(|i| ServiceRules {
+                name: format!("svc-{i}"),
+                vip: SocketAddrV4::new(vip(i), 80),
+                endpoints: (0..ENDPOINTS)
+                    .map(|k| {
+                        SocketAddrV4::new(
+                            if i == measured {
+                                server_ip(k)
+                            } else {
+                                fake_endpoint(i, k)
+                            },
+                            8080,
+                        )
+                    })
+                    .collect(),
+            })
+            .collect();
+        let service_url = format!("http://{}/", vip(measured));
+        let mut measure = |mode: &'static str, url: &str, bed: &Testbed| -> anyhow::Result<()> {
+            for (workload, new_connections) in [("new connections", true), ("kept-alive", false)] {
+                let w = wrk(bed, &client, url, new_connections, seconds)?;
+                eprintln!(
+                    "   {mode:<16} {workload:<16} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us",
+                    w.rps, w.p50_us, w.p99_us
+                );
+                results.push(Measurement {
+                    services: n,
+                    mode,
+                    workload,
+                    requests_per_second: w.rps,
+                    p50_us: w.p50_us,
+                    p99_us: w.p99_us,
+                });
+            }
+            Ok(())
+        };
+
+        measure("direct", &format!("http://{}:8080/", server_ip(0)), &bed)?;
+
+        write_manifests(&bed, &services)?;
+        bed.start_agent()?;
+        wait_programmed(&bed, n)?;
+        measure("lb (eBPF)", &service_url, &bed)?;
+        bed.stop_agent(false)?;
+        bed.lb(&["reset", "--bpffs", &bed.bpffs.to_string_lossy()])?;
+
+        let rules_file = bed.dir.join("rules");
+        std::fs::write(&rules_file, iptables_restore(&services))?;
+        let rules = rules_file.to_string_lossy().into_owned();
+        for (mode, restore, flush) in [
+            (
+                "iptables-legacy",
+                "iptables-legacy-restore",
+                "iptables-legacy",
+            ),
+            ("iptables-nft", "iptables-nft-restore", "iptables-nft"),
+        ] {
+            let started = Instant::now();
+            bed.exec_node(&[restore, &rules])?;
+            eprintln!("   {mode}: rules loaded in {:.1?}", started.elapsed());
+            measure(mode, &service_url, &bed)?;
+            bed.exec_node(&[flush, "-t", "nat", "-F"])?;
+            bed.exec_node(&[flush, "-t", "nat", "-X"])?;
+        }
+        {
+            std::fs::write(&rules_file, nft_ruleset(&services))?;
+            let started = Instant::now();
+            bed.exec_node(&["nft", "-f", &rules])?;
+            eprintln!("   nftables: rules loaded in {:.1?}", started.elapsed());
+            measure("nftables", &service_url, &bed)?;
+            bed.exec_node(&["nft", "flush", "ruleset"])?;
+        }
+        drop(bed);
+    }
+    let text = serde_json::to_string_pretty(&results)?;
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("kube-proxy.json"), &text)?;
+    println!("{text}");
+    Ok(())
+}
+
+fn write_manifests(bed: &Testbed, services: &[ServiceRules]) -> anyhow::Result<()> {
+    let mut items = Vec::new();
+    for s in services {
+        items.push(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": s.name},
+            "spec": {"clusterIP": s.vip.ip().to_string(), "ports": [{"port": s.vip.port(), "targetPort": 8080}]}
+        }));
+        items.push(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{}-abcde", s.name), "labels": {"kubernetes.io/service-name": s.name}},
+            "addressType": "IPv4",
+            "endpoints": s.endpoints.iter().map(|e| serde_json::json!({"addresses": [e.ip().to_string()]})).collect::<Vec<_>>(),
+            "ports": [{"port": 8080}]
+        }));
+    }
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+    bed.write_manifest("services.json", &list.to_string())
+}
+
+fn wait_programmed(bed: &Testbed, n: u32) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !bed
+        .exec_node(&["curl", "-sS", "http://127.0.0.1:10249/metrics"])
+        .unwrap_or_default()
+        .contains(&format!("lb_services {n}\n"))
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "agent did not program {n} services"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! The rules kube-proxy would program for a set of ClusterIP Services, in its iptables mode
+//! (KUBE-SERVICES, a KUBE-SVC chain per service with statistic-random jumps to KUBE-SEP
+//! chains that DNAT) and its nftables mode (a verdict map on address . protocol . port).
+//! Used to compare this project's datapath and control plane with kube-proxy's, side by side.
+use std::{fmt::Write as _, net::SocketAddrV4};
+
+/// A ClusterIP Service port with its endpoints.
+pub struct ServiceRules {
+    pub name: String,
+    pub vip: SocketAddrV4,
+    pub endpoints: Vec<SocketAddrV4>,
+}
+
+fn chain_id(kind: &str, service: usize, endpoint: Option<usize>) -> String {
+    // kube-proxy uses a 16-character hash; a counter has the same shape and length.
+    match endpoint {
+        None => format!("KUBE-{kind}-{service:016X}"),
+        Some(e) => format!("KUBE-{kind}-{:016X}", (service as u64) << 8 | e as u64),
+    }
+}
+
+/// An `iptables-restore` input for the nat table, as kube-proxy's iptables mode writes it.
+pub fn iptables_restore(services: &[ServiceRules]) -> String {
+    let mut out = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n",
+    );
+    out.push_str(":KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n");
+    for (i, s) in services.iter().enumerate() {
+        let _ = writeln!(out, ":{} - [0:0]", chain_id("SVC", i, None));
+        for e in 0..s.endpoints.len() {
+            let _ = writeln!(out, ":{} - [0:0]", chain_id("SEP", i, Some(e)));
+        }
+    }
+    out.push_str(
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    );
+    out.push_str(
+        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    );
+    out.push_str("-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n");
+    for (i, s) in services.iter().enumerate() {
+        let svc = chain_id("SVC", i, None);
+        let _ = writeln!(
+            out,
+            "-A KUBE-SERVICES -d {}/32 -p tcp -m comment --comment \"default/{}:http cluster IP\" -m tcp --dport {} -j {svc}",
+            s.vip.ip(),
+            s.name,
+            s.vip.port()
+        );
+        let n = s.endpoints.len();
+        for (e, ep) in s.endpoints.iter().enumerate() {
+            let sep = chain_id("SEP", i, Some(e));
+            if e + 1 < n {
+                let _ = writeln!(
+                    out,
+                    "-A {svc} -m comment --comment \"default/{}:http -> {ep}\" -m statistic --mode random --probability {:.11} -j {sep}",
+                    s.name,
+                    1.0 / (n - e) as f64
+                );
+            } else {
+                let _ = writeln!(
+                    out,
+                    "-A {svc} -m comment --comment \"default/{}:http -> {ep}\" -j {sep}",
+                    s.name
+                );
+            }
+            let _ = writeln!(
+                out,
+                "-A {sep} -s {}/32 -m comment --comment \"default/{}:http\" -j KUBE-MARK-MASQ",
+                ep.ip(),
+                s.name
+            );
+            let _ = writeln!(
+                out,
+                "-A {sep} -p tcp -m comment --comment \"default/{}:http\" -m tcp -j DNAT --to-destination {ep}",
+                s.name
+            );
+        }
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+/// An `nft -f` input, as kube-proxy's nftables mode structures it.
+pub fn nft_ruleset(services: &[ServiceRules]) -> String {
+    let mut out = String::from("table ip kube-proxy {\n");
+    out.push_str("  map service-ips {\n    type ipv4_addr . inet_proto . inet_service : verdict\n");
+    if !services.is_empty() {
+        out.push_str("    elements = {\n");
+        for (i, s) in services.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "      {} . tcp . {} : goto service-{i},",
+                s.vip.ip(),
+                s.vip.port()
+            );
+        }
+        out.push_str("    }\n");
+    }
+    out.push_str("  }\n");
+    out.push_str(
+        "  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n",
+    );
+    out.push_str("    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n");
+    for (i, s) in services.iter().enumerate() {
+        if s.endpoints.is_empty() {
+            continue;
+        }
+        let _ = write!(
+            out,
+            "  chain service-{i} {{\n    numgen random mod {} vmap {{ ",
+            s.endpoints.len()
+        );
+        for e in 0..s.endpoints.len() {
+            let _ = write!(out, "{e} : goto endpoint-{i}-{e}, ");
+        }
+        out.push_str("}\n  }\n");
+        for (e, ep) in s.endpoints.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "  chain endpoint-{i}-{e} {{\n    ip saddr {} mark set mark or 0x4000\n    meta l4proto tcp dnat to {ep}\n  }}",
+                ep.ip()
+            );
+        }
+    }
+    out.push_str("}\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn services() -> Vec<ServiceRules> {
+        vec![ServiceRules {
+            name: "web".into(),
+            vip: "198.19.0.10:80".parse().unwrap(),
+            endpoints: vec![
+                "198.18.2.1:8080".parse().unwrap(),
+                "198.18.2.2:8080".parse().unwrap(),
+            ],
+        }]
+    }
+
+    #[test]
+    fn iptables_rules_have_kube_proxy_shape() {
+        let rules = iptables_restore(&services());
+        assert!(rules.contains("-A KUBE-SERVICES -d 198.19.0.10/32 -p tcp"));
+        assert!(rules.contains("--dport 80 -j KUBE-SVC-0000000000000000"));
+        assert!(rules.contains(
+            "-m statistic --mode random --probability 0.50000000000 -j KUBE-SEP-0000000000000000"
+        ));
+        assert!(rules.contains("-j DNAT --to-destination 198.18.2.2:8080"));
+        assert!(rules.ends_with("COMMIT\n"));
+    }
+
+    #[test]
+    fn nft_rules_use_a_verdict_map() {
+        let rules = nft_ruleset(&services());
+        assert!(rules.contains("198.19.0.10 . tcp . 80 : goto service-0"));
+        assert!(rules.contains(
+            "numgen random mod 2 vmap { 0 : goto endpoint-0-0, 1 : goto endpoint-0-1, }"
+        ));
+        assert!(rules.contains("dnat to 198.18.2.1:8080"));
+    }
+}
