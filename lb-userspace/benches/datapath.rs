@@ -165,6 +165,31 @@ fn main() {
         }
     }
     print_report(&rows);
+    write_json(&rows);
+}
+
+/// target/bench/datapath.json for `cargo xtask bench --report`: ns above the floor (the floor
+/// itself in absolute ns).
+fn write_json(rows: &[Row]) {
+    let json: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            let floor = rows.iter().find(|f| f.services == r.services && f.case.starts_with("floor")).unwrap();
+            let (stats, loop_) = if r.case.starts_with("floor") {
+                (r.stats, r.loop_)
+            } else {
+                (r.stats - floor.stats, r.loop_ - floor.loop_)
+            };
+            serde_json::json!({"services": r.services, "case": r.case, "stats_ns": stats, "loop_ns": loop_})
+        })
+        .collect();
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out).expect("target/bench");
+    std::fs::write(
+        out.join("datapath.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .expect("write datapath.json");
 }
 
 fn rebuild(frontends: &[(lb::desired::Frontend, Vec<SocketAddrV4>)]) -> TestDatapath {

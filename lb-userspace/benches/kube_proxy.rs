@@ -178,6 +178,8 @@ fn main() -> anyhow::Result<()> {
         write_manifests(&bed, &services)?;
         bed.start_agent()?;
         wait_programmed(&bed, n)?;
+        // Let the agent finish the work that follows its first sync.
+        std::thread::sleep(Duration::from_secs(2));
         measure("lb (eBPF)", &service_url, &bed)?;
         bed.stop_agent(false)?;
         bed.lb(&["reset", "--bpffs", &bed.bpffs.to_string_lossy()])?;
@@ -200,14 +202,12 @@ fn main() -> anyhow::Result<()> {
             bed.exec_node(&[flush, "-t", "nat", "-F"])?;
             bed.exec_node(&[flush, "-t", "nat", "-X"])?;
         }
-        {
-            std::fs::write(&rules_file, nft_ruleset(&services))?;
-            let started = Instant::now();
-            bed.exec_node(&["nft", "-f", &rules])?;
-            eprintln!("   nftables: rules loaded in {:.1?}", started.elapsed());
-            measure("nftables", &service_url, &bed)?;
-            bed.exec_node(&["nft", "flush", "ruleset"])?;
-        }
+        std::fs::write(&rules_file, nft_ruleset(&services))?;
+        let started = Instant::now();
+        bed.exec_node(&["nft", "-f", &rules])?;
+        eprintln!("   nftables: rules loaded in {:.1?}", started.elapsed());
+        measure("nftables", &service_url, &bed)?;
+        bed.exec_node(&["nft", "flush", "ruleset"])?;
         drop(bed);
     }
     let text = serde_json::to_string_pretty(&results)?;

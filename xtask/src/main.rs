@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use xtask::{cmd::run_visible, testbed};
 
 mod demo;
+mod report;
 mod setup;
 
 /// Build, demo, test and benchmark the load balancer.
@@ -23,8 +24,12 @@ enum Task {
     Demo,
     /// Run every test: lints, unit tests, BPF_PROG_TEST_RUN tables, namespace tests.
     Test,
-    /// Per-packet cost of the datapath with BPF_PROG_TEST_RUN.
-    Bench,
+    /// Per-packet cost of the datapath with BPF_PROG_TEST_RUN; with --report also the
+    /// control plane and the side-by-side comparison with kube-proxy, written to BENCHMARKS.md.
+    Bench {
+        #[arg(long)]
+        report: bool,
+    },
 }
 
 fn workspace_root() -> PathBuf {
@@ -121,9 +126,17 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(failed == 0 && passed > 0, "tests failed");
             Ok(())
         }
-        Task::Bench => {
+        Task::Bench { report } => {
             setup::setup()?;
-            cargo(&["bench", "-p", "lb-userspace", "--bench", "datapath"])
+            testbed::cleanup_leftovers("lbbench")?;
+            cargo(&["bench", "-p", "lb-userspace", "--bench", "datapath"])?;
+            if report {
+                cargo(&["bench", "-p", "lb-userspace", "--bench", "controlplane"])?;
+                cargo(&["bench", "-p", "lb-userspace", "--bench", "kube_proxy"])?;
+                report::write(&workspace_root())?;
+                eprintln!("==> wrote BENCHMARKS.md and lb-userspace/benches/charts/");
+            }
+            Ok(())
         }
     }
 }

@@ -223,7 +223,14 @@ impl Testbed {
                         std::thread::spawn(move || handle(stream));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(2))
+                        // Wait for the next connection, waking up now and then to see `stop`.
+                        let mut fd = libc::pollfd {
+                            fd: listener.as_raw_fd(),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        };
+                        // SAFETY: one valid pollfd, owned here.
+                        unsafe { libc::poll(&mut fd, 1, 100) };
                     }
                     Err(e) => return Err(e.into()),
                 }

@@ -168,6 +168,9 @@ fn key(o: &Object) -> ObjectKey {
 #[derive(Default)]
 pub struct ManifestStore {
     files: BTreeMap<PathBuf, Vec<Object>>,
+    /// The text each file had when its objects were taken from it, and the problems found in
+    /// it then: an unchanged file is not parsed again, and its problems are still reported.
+    texts: BTreeMap<PathBuf, (String, Vec<ManifestError>)>,
 }
 
 impl ManifestStore {
@@ -180,23 +183,34 @@ impl ManifestStore {
     ) -> Vec<ManifestError> {
         let mut errors = Vec::new();
         let mut next: BTreeMap<PathBuf, Vec<Object>> = BTreeMap::new();
+        let mut texts = BTreeMap::new();
         for (path, content) in files {
             let previous = self.files.remove(&path).unwrap_or_default();
-            let parsed = content
-                .map_err(|e| ManifestError {
+            if let (Ok(text), Some((old_text, old_errors))) = (&content, self.texts.remove(&path))
+                && *text == old_text
+            {
+                errors.extend(old_errors.iter().cloned());
+                texts.insert(path.clone(), (old_text, old_errors));
+                next.insert(path, previous);
+                continue;
+            }
+            let parsed = match &content {
+                Err(e) => Err(ManifestError {
                     file: path.clone(),
                     document: None,
                     object: None,
                     field: None,
                     message: format!("cannot read: {e}"),
-                })
-                .and_then(|text| parse_file(&path, &text));
+                }),
+                Ok(text) => parse_file(&path, text),
+            };
             let objects = match parsed {
                 Err(e) => {
                     errors.push(e);
                     previous
                 }
                 Ok(results) => {
+                    let errors_before = errors.len();
                     let mut previous: HashMap<ObjectKey, Object> =
                         previous.into_iter().map(|o| (key(&o), o)).collect();
                     let mut objects = Vec::new();
@@ -216,6 +230,9 @@ impl ManifestStore {
                                 errors.push(e);
                             }
                         }
+                    }
+                    if let Ok(text) = content {
+                        texts.insert(path.clone(), (text, errors[errors_before..].to_vec()));
                     }
                     objects
                 }
@@ -243,6 +260,7 @@ impl ManifestStore {
             });
         }
         self.files = next;
+        self.texts = texts;
         errors
     }
 
@@ -337,6 +355,23 @@ mod tests {
             vec!["p2", "web"],
             "new pod applied, old service kept"
         );
+    }
+
+    #[test]
+    fn unchanged_files_are_not_parsed_again_but_keep_reporting_problems() {
+        let mut store = ManifestStore::default();
+        let bad = SVC.replace("port: 80", "port: 0");
+        let first = store.update(files(&[("a.yaml", POD), ("b.yaml", &bad)]));
+        let second = store.update(files(&[("a.yaml", POD), ("b.yaml", &bad)]));
+        assert_eq!(first.len(), 1);
+        assert_eq!(first, second);
+        assert_eq!(store.objects().count(), 1);
+        assert!(
+            store
+                .update(files(&[("a.yaml", POD), ("b.yaml", SVC)]))
+                .is_empty()
+        );
+        assert_eq!(store.objects().count(), 2);
     }
 
     #[test]

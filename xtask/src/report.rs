@@ -1,0 +1,388 @@
+//! `cargo xtask bench --report`: BENCHMARKS.md and its charts from the measured data the
+//! benchmarks wrote to target/bench/*.json.
+use std::{fmt::Write as _, path::Path, process::Command};
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+use xtask::cmd::run;
+
+/// A grouped bar chart as SVG: one group per category, one bar per series.
+pub fn bar_chart_svg(
+    title: &str,
+    unit: &str,
+    categories: &[String],
+    series: &[(String, Vec<Option<f64>>)],
+) -> String {
+    const W: f64 = 900.0;
+    const H: f64 = 420.0;
+    const LEFT: f64 = 80.0;
+    const RIGHT: f64 = 190.0;
+    const TOP: f64 = 50.0;
+    const BOTTOM: f64 = 50.0;
+    const COLORS: [&str; 6] = [
+        "#2b6cb0", "#dd6b20", "#38a169", "#805ad5", "#c53030", "#718096",
+    ];
+    let max = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().flatten())
+        .fold(0.0f64, |m, v| m.max(*v));
+    let max = if max <= 0.0 { 1.0 } else { nice_ceiling(max) };
+    let plot_w = W - LEFT - RIGHT;
+    let plot_h = H - TOP - BOTTOM;
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="DejaVu Sans, sans-serif" font-size="13">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="28" font-size="17" text-anchor="middle">{}</text>
+"#,
+        LEFT + plot_w / 2.0,
+        escape(title)
+    );
+    for i in 0..=5 {
+        let v = max * i as f64 / 5.0;
+        let y = TOP + plot_h - plot_h * i as f64 / 5.0;
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e2e8f0"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+            LEFT + plot_w,
+            LEFT - 6.0,
+            y + 4.0,
+            short(v)
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r#"<text x="18" y="{:.1}" transform="rotate(-90 18 {:.1})" text-anchor="middle">{}</text>"#,
+        TOP + plot_h / 2.0,
+        TOP + plot_h / 2.0,
+        escape(unit)
+    );
+    let group_w = plot_w / categories.len().max(1) as f64;
+    let bar_w = group_w * 0.8 / series.len().max(1) as f64;
+    for (c, category) in categories.iter().enumerate() {
+        let gx = LEFT + group_w * c as f64 + group_w * 0.1;
+        for (s, (_, values)) in series.iter().enumerate() {
+            if let Some(Some(v)) = values.get(c) {
+                let h = plot_h * v / max;
+                let _ = writeln!(
+                    svg,
+                    r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="{}"/>"#,
+                    gx + bar_w * s as f64,
+                    TOP + plot_h - h,
+                    bar_w * 0.92,
+                    COLORS[s % COLORS.len()]
+                );
+            }
+        }
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            LEFT + group_w * (c as f64 + 0.5),
+            TOP + plot_h + 22.0,
+            escape(category)
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r##"<line x1="{LEFT}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#4a5568"/>"##,
+        TOP + plot_h,
+        LEFT + plot_w,
+        TOP + plot_h
+    );
+    for (s, (name, _)) in series.iter().enumerate() {
+        let y = TOP + 10.0 + 22.0 * s as f64;
+        let x = W - RIGHT + 20.0;
+        let _ = writeln!(
+            svg,
+            r#"<rect x="{x}" y="{:.1}" width="14" height="14" fill="{}"/><text x="{}" y="{:.1}">{}</text>"#,
+            y - 11.0,
+            COLORS[s % COLORS.len()],
+            x + 20.0,
+            y,
+            escape(name)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn nice_ceiling(v: f64) -> f64 {
+    let magnitude = 10f64.powf(v.log10().floor());
+    for step in [1.0, 2.0, 2.5, 5.0, 10.0] {
+        if v <= step * magnitude {
+            return step * magnitude;
+        }
+    }
+    10.0 * magnitude
+}
+
+fn short(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else if v >= 10.0 || v == 0.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+fn write_png(svg: &str, png: &Path) -> anyhow::Result<()> {
+    let svg_path = png.with_extension("svg");
+    std::fs::write(&svg_path, svg)?;
+    run(Command::new("rsvg-convert")
+        .arg("-o")
+        .arg(png)
+        .arg(&svg_path))
+    .context("rsvg-convert (Debian librsvg2-bin)")?;
+    std::fs::remove_file(svg_path)?;
+    Ok(())
+}
+
+fn read(path: &Path) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+/// Writes BENCHMARKS.md and the charts it shows.
+pub fn write(root: &Path) -> anyhow::Result<()> {
+    let data = root.join("target/bench");
+    let charts = root.join("lb-userspace/benches/charts");
+    std::fs::create_dir_all(&charts)?;
+    let mut md = String::from(
+        "# Benchmarks\n\nRegenerated by `cargo xtask bench --report` on the machine it runs on (2 cores, \
+shared and noisy): compare figures measured side by side in one run, not across runs.\n",
+    );
+
+    if let Some(kp) = read(&data.join("kube-proxy.json")) {
+        md.push_str(KUBE_PROXY_INTRO);
+        let rows = kp.as_array().cloned().unwrap_or_default();
+        let modes = [
+            "direct",
+            "lb (eBPF)",
+            "iptables-legacy",
+            "iptables-nft",
+            "nftables",
+        ];
+        let mut scales: Vec<u64> = rows.iter().filter_map(|r| r["services"].as_u64()).collect();
+        scales.dedup();
+        for workload in ["new connections", "kept-alive"] {
+            let _ = writeln!(md, "\n### {workload}\n");
+            md.push_str("| Services | mode | requests/s | % of direct | p50 (µs) | p99 (µs) |\n|---:|---|---:|---:|---:|---:|\n");
+            let get = |n: u64, mode: &str| {
+                rows.iter().find(|r| {
+                    r["services"].as_u64() == Some(n)
+                        && r["mode"] == mode
+                        && r["workload"] == workload
+                })
+            };
+            let mut series: Vec<(String, Vec<Option<f64>>)> =
+                modes.iter().map(|m| (m.to_string(), Vec::new())).collect();
+            for &n in &scales {
+                let direct = get(n, "direct").and_then(|r| r["requests_per_second"].as_f64());
+                for (m, mode) in modes.iter().enumerate() {
+                    let r = get(n, mode);
+                    let rps = r.and_then(|r| r["requests_per_second"].as_f64());
+                    series[m].1.push(rps);
+                    if let Some(r) = r {
+                        let pct = match (rps, direct) {
+                            (Some(a), Some(d)) if d > 0.0 => format!("{:.0}%", a / d * 100.0),
+                            _ => "-".into(),
+                        };
+                        let _ = writeln!(
+                            md,
+                            "| {n} | {mode} | {:.0} | {pct} | {:.0} | {:.0} |",
+                            rps.unwrap_or(0.0),
+                            r["p50_us"].as_f64().unwrap_or(0.0),
+                            r["p99_us"].as_f64().unwrap_or(0.0)
+                        );
+                    }
+                }
+            }
+            let file = format!("kube-proxy-{}.png", workload.replace(' ', "-"));
+            let categories: Vec<String> = scales.iter().map(|n| format!("{n} Services")).collect();
+            write_png(
+                &bar_chart_svg(
+                    &format!("HTTP through a ClusterIP, {workload}"),
+                    "requests per second",
+                    &categories,
+                    &series,
+                ),
+                &charts.join(&file),
+            )?;
+            let _ = writeln!(md, "\n![{workload}](lb-userspace/benches/charts/{file})");
+        }
+    }
+
+    if let Some(cp) = read(&data.join("controlplane.json")) {
+        md.push_str(CONTROL_PLANE_INTRO);
+        let f = |k: &str| cp[k].as_f64();
+        let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+        let _ = writeln!(md, "| what | time (ms) |\n|---|---:|");
+        let _ = writeln!(
+            md,
+            "| lb: full sync, objects in memory -> maps ({} map writes) | {} |",
+            cp["map_operations"],
+            fmt(f("full_sync_ms"))
+        );
+        if let Some(b) = cp["full_sync_breakdown_ms"].as_object() {
+            for (k, v) in b {
+                let _ = writeln!(
+                    md,
+                    "| &nbsp;&nbsp;{} | {:.1} |",
+                    &k[2..],
+                    v.as_f64().unwrap_or(0.0)
+                );
+            }
+        }
+        let _ = writeln!(
+            md,
+            "| lb: one endpoint change, 10,000 Services present ({} map writes) | {:.1} |",
+            cp["one_change_map_operations"],
+            f("one_change_ms").unwrap_or(0.0)
+        );
+        let _ = writeln!(
+            md,
+            "| lb agent: full sync from JSON manifest files (read, parse, program) | {} |",
+            fmt(f("agent_sync_from_files_ms"))
+        );
+        let _ = writeln!(
+            md,
+            "| kube-proxy rules: iptables-legacy-restore | {} |",
+            fmt(f("iptables_legacy_restore_ms"))
+        );
+        let _ = writeln!(
+            md,
+            "| kube-proxy rules: iptables-nft-restore | {} |",
+            fmt(f("iptables_nft_restore_ms"))
+        );
+        let _ = writeln!(md, "| kube-proxy rules: nft -f | {} |", fmt(f("nft_ms")));
+        let _ = writeln!(
+            md,
+            "\nAgent resident memory with 10,000 Services x 10 endpoints programmed: **{:.0} MiB**.",
+            f("agent_rss_mib").unwrap_or(0.0)
+        );
+        let series = vec![(
+            "full sync".to_string(),
+            vec![
+                f("full_sync_ms").map(|v| v / 1e3),
+                f("iptables_legacy_restore_ms").map(|v| v / 1e3),
+                f("iptables_nft_restore_ms").map(|v| v / 1e3),
+                f("nft_ms").map(|v| v / 1e3),
+            ],
+        )];
+        let categories =
+            ["lb (eBPF maps)", "iptables-legacy", "iptables-nft", "nft"].map(String::from);
+        write_png(
+            &bar_chart_svg(
+                "10,000 Services x 10 endpoints: full sync",
+                "seconds",
+                &categories,
+                &series,
+            ),
+            &charts.join("control-plane.png"),
+        )?;
+        md.push_str("\n![control plane](lb-userspace/benches/charts/control-plane.png)\n");
+    }
+
+    if let Some(dp) = read(&data.join("datapath.json")) {
+        md.push_str(DATAPATH_INTRO);
+        md.push_str("| case | Services | ns above floor (kernel stats) | ns above floor (test-run durations) |\n|---|---:|---:|---:|\n");
+        let rows = dp.as_array().cloned().unwrap_or_default();
+        let mut cases: Vec<String> = Vec::new();
+        let mut scales: Vec<u64> = Vec::new();
+        for r in &rows {
+            let case = r["case"].as_str().unwrap_or("").to_string();
+            if !cases.contains(&case) {
+                cases.push(case);
+            }
+            if let Some(n) = r["services"].as_u64()
+                && !scales.contains(&n)
+            {
+                scales.push(n);
+            }
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.1} | {:.1} |",
+                r["case"].as_str().unwrap_or(""),
+                r["services"],
+                r["stats_ns"].as_f64().unwrap_or(0.0),
+                r["loop_ns"].as_f64().unwrap_or(0.0)
+            );
+        }
+        let series: Vec<(String, Vec<Option<f64>>)> = scales
+            .iter()
+            .map(|n| {
+                let values = cases
+                    .iter()
+                    .filter(|c| *c != "new flow" && !c.starts_with("floor"))
+                    .map(|c| {
+                        rows.iter()
+                            .find(|r| r["services"].as_u64() == Some(*n) && r["case"] == c.as_str())
+                            .and_then(|r| r["stats_ns"].as_f64())
+                    })
+                    .collect();
+                (format!("{n} Services"), values)
+            })
+            .collect();
+        let categories: Vec<String> = cases
+            .iter()
+            .filter(|c| *c != "new flow" && !c.starts_with("floor"))
+            .cloned()
+            .collect();
+        write_png(
+            &bar_chart_svg(
+                "TC program cost per packet (BPF_PROG_TEST_RUN)",
+                "ns above the floor",
+                &categories,
+                &series,
+            ),
+            &charts.join("per-packet.png"),
+        )?;
+        md.push_str("\n![per packet](lb-userspace/benches/charts/per-packet.png)\n");
+    }
+    std::fs::write(root.join("BENCHMARKS.md"), md)?;
+    Ok(())
+}
+
+const KUBE_PROXY_INTRO: &str = "
+## Datapath against kube-proxy, side by side
+
+A client pod sends HTTP to a ClusterIP whose 10 endpoints are addresses of one server pod,
+on a simulated node in network namespaces. The same Services (each with 10 endpoints; the
+measured one chosen at random) are programmed in turn as this project's eBPF maps, as
+kube-proxy's iptables mode would write them (KUBE-SERVICES, a KUBE-SVC chain per Service
+with statistic-random jumps to KUBE-SEP chains that DNAT), loaded through iptables-legacy and
+through iptables-nft, and as its nftables mode would (a verdict map on address . protocol .
+port); `direct` is the client talking to the server pod's address, no Service at all.
+Load: wrk, 2 threads, 8 connections, a fixed duration, over new connections (the server
+closes each after one response) and over kept-alive connections. Source:
+`lb-userspace/benches/kube_proxy.rs`.
+";
+
+const CONTROL_PLANE_INTRO: &str = "
+## Control plane: 10,000 Services x 10 endpoints
+
+From Service and EndpointSlice objects in memory (as a watch delivers them) to the BPF maps
+written, against loading kube-proxy's equivalent rules with iptables-restore / nft into a
+fresh network namespace. Source: `lb-userspace/benches/controlplane.rs`.
+
+";
+
+const DATAPATH_INTRO: &str = "
+## Per packet: the TC program with BPF_PROG_TEST_RUN
+
+Single runs (repeat = 1) in a loop: with repeat > 1 the kernel reruns the program on the
+buffer it already rewrote, so a DNAT program would time its own output. Figures are ns
+above a program that only returns, timed the same way. Source:
+`lb-userspace/benches/datapath.rs`.
+
+";
