@@ -102,6 +102,13 @@ fn wrk(
     parse_wrk(&bed.exec(client, &args)?)
 }
 
+/// BENCH_MODES (comma-separated, e.g. `direct,lb`) limits the modes measured.
+fn wanted(mode: &str) -> bool {
+    std::env::var("BENCH_MODES").map_or(true, |modes| {
+        modes.split(',').any(|m| mode.starts_with(m.trim()))
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     anyhow::ensure!(
@@ -155,6 +162,9 @@ fn main() -> anyhow::Result<()> {
             .collect();
         let service_url = format!("http://{}/", vip(measured));
         let mut measure = |mode: &'static str, url: &str, bed: &Testbed| -> anyhow::Result<()> {
+            if !wanted(mode) {
+                return Ok(());
+            }
             for (workload, new_connections) in [("new connections", true), ("kept-alive", false)] {
                 let w = wrk(bed, &client, url, new_connections, seconds)?;
                 eprintln!(
@@ -181,7 +191,10 @@ fn main() -> anyhow::Result<()> {
         // Let the agent finish the work that follows its first sync.
         std::thread::sleep(Duration::from_secs(2));
         measure("lb (eBPF)", &service_url, &bed)?;
+        // The same datapath with the agent stopped (programs stay attached): what the agent's
+        // own work costs the traffic.
         bed.stop_agent(false)?;
+        measure("lb, agent stopped", &service_url, &bed)?;
         bed.lb(&["reset", "--bpffs", &bed.bpffs.to_string_lossy()])?;
 
         let rules_file = bed.dir.join("rules");
@@ -195,6 +208,9 @@ fn main() -> anyhow::Result<()> {
             ),
             ("iptables-nft", "iptables-nft-restore", "iptables-nft"),
         ] {
+            if !wanted(mode) {
+                continue;
+            }
             let started = Instant::now();
             bed.exec_node(&[restore, &rules])?;
             eprintln!("   {mode}: rules loaded in {:.1?}", started.elapsed());
@@ -202,12 +218,14 @@ fn main() -> anyhow::Result<()> {
             bed.exec_node(&[flush, "-t", "nat", "-F"])?;
             bed.exec_node(&[flush, "-t", "nat", "-X"])?;
         }
-        std::fs::write(&rules_file, nft_ruleset(&services))?;
-        let started = Instant::now();
-        bed.exec_node(&["nft", "-f", &rules])?;
-        eprintln!("   nftables: rules loaded in {:.1?}", started.elapsed());
-        measure("nftables", &service_url, &bed)?;
-        bed.exec_node(&["nft", "flush", "ruleset"])?;
+        if wanted("nftables") {
+            std::fs::write(&rules_file, nft_ruleset(&services))?;
+            let started = Instant::now();
+            bed.exec_node(&["nft", "-f", &rules])?;
+            eprintln!("   nftables: rules loaded in {:.1?}", started.elapsed());
+            measure("nftables", &service_url, &bed)?;
+            bed.exec_node(&["nft", "flush", "ruleset"])?;
+        }
         drop(bed);
     }
     let text = serde_json::to_string_pretty(&results)?;

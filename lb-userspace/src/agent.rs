@@ -76,7 +76,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Reading the files (our own sync) raises access events: only changes count, or
+        // every sync would trigger the next one.
+        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
             let _ = tx.send(());
         }
     })?;
@@ -98,7 +100,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     info!(admin = %admin, manifests = %agent.config.manifests.display(), "agent running");
 
     let mut links = tokio::time::interval(LINK_SCAN_EVERY);
-    let mut resync = tokio::time::interval(RESYNC_EVERY);
+    // The first full resync comes one period after start (the start-up sync just ran).
+    let mut resync =
+        tokio::time::interval_at(tokio::time::Instant::now() + RESYNC_EVERY, RESYNC_EVERY);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {

@@ -129,6 +129,33 @@ fn every_backend_is_reached_through_the_cluster_ip() {
         ep.contains("198.18.2.1:8080,198.18.2.2:8080,198.18.2.3:8080"),
         "{ep}"
     );
+
+    let metric = |name: &str| {
+        let metrics = bed
+            .exec_node(&["curl", "-sS", "http://127.0.0.1:10249/metrics"])
+            .unwrap();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+    };
+    wait_for(
+        "the counters published on /metrics",
+        Duration::from_secs(2),
+        || {
+            metric("lb_datapath_packets_total{verdict=\"dnat_new\"}") == Some(60)
+                && metric("lb_services") == Some(1)
+        },
+    );
+
+    // Idle: nothing changes, so the agent does not sync (its own reads of the manifest folder
+    // must not wake it up).
+    let before = metric("lb_syncs_total").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        metric("lb_syncs_total"),
+        Some(before),
+        "the agent kept syncing with nothing changed"
+    );
 }
 
 #[test]

@@ -4,7 +4,9 @@ use std::process::Command;
 use anyhow::Context as _;
 use xtask::cmd::{run, run_visible};
 
-const DEBIAN_PACKAGES: [&str; 8] = [
+/// Tools the tests, the demo and the benchmarks use (wrk, iptables, nftables and
+/// librsvg2-bin only for `cargo xtask bench --report`).
+const DEBIAN_PACKAGES: [&str; 12] = [
     "bpftool",
     "iproute2",
     "ethtool",
@@ -13,6 +15,10 @@ const DEBIAN_PACKAGES: [&str; 8] = [
     "socat",
     "tcpdump",
     "dnsutils",
+    "wrk",
+    "iptables",
+    "nftables",
+    "librsvg2-bin",
 ];
 const BPF_LINKER_VERSION: &str = "0.10.4";
 
