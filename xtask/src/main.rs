@@ -24,6 +24,8 @@ enum Task {
     Demo,
     /// Run every test: lints, unit tests, BPF_PROG_TEST_RUN tables, namespace tests.
     Test,
+    /// Write BENCHMARKS.md and its charts from the last measurements in target/bench.
+    Report,
     /// Per-packet cost of the datapath with BPF_PROG_TEST_RUN; with --report also the
     /// control plane and the side-by-side comparison with kube-proxy, written to BENCHMARKS.md.
     Bench {
@@ -126,6 +128,7 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(failed == 0 && passed > 0, "tests failed");
             Ok(())
         }
+        Task::Report => report::write(&workspace_root()),
         Task::Bench { report } => {
             setup::setup()?;
             testbed::cleanup_leftovers("lbbench")?;

@@ -165,13 +165,12 @@ shared and noisy): compare figures measured side by side in one run, not across 
     if let Some(kp) = read(&data.join("kube-proxy.json")) {
         md.push_str(KUBE_PROXY_INTRO);
         let rows = kp.as_array().cloned().unwrap_or_default();
-        let modes = [
-            "direct",
-            "lb (eBPF)",
-            "iptables-legacy",
-            "iptables-nft",
-            "nftables",
-        ];
+        let mut modes: Vec<&str> = Vec::new();
+        for mode in rows.iter().filter_map(|r| r["mode"].as_str()) {
+            if !modes.contains(&mode) {
+                modes.push(mode);
+            }
+        }
         let mut scales: Vec<u64> = rows.iter().filter_map(|r| r["services"].as_u64()).collect();
         scales.dedup();
         for workload in ["new connections", "kept-alive"] {
@@ -362,7 +361,9 @@ measured one chosen at random) are programmed in turn as this project's eBPF map
 kube-proxy's iptables mode would write them (KUBE-SERVICES, a KUBE-SVC chain per Service
 with statistic-random jumps to KUBE-SEP chains that DNAT), loaded through iptables-legacy and
 through iptables-nft, and as its nftables mode would (a verdict map on address . protocol .
-port); `direct` is the client talking to the server pod's address, no Service at all.
+port); `direct` is the client talking to the server pod's address, no Service at all;
+`lb, agent stopped` is the same eBPF datapath with the agent not running (what the agent's
+own work costs the traffic).
 Load: wrk, 2 threads, 8 connections, a fixed duration, over new connections (the server
 closes each after one response) and over kept-alive connections. Source:
 `lb-userspace/benches/kube_proxy.rs`.
