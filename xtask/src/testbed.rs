@@ -7,6 +7,7 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -332,7 +333,8 @@ impl Testbed {
             .create(true)
             .append(true)
             .open(self.agent_log())?;
-        let child = Command::new("nsenter")
+        let mut command = Command::new("nsenter");
+        command
             .arg(format!("--net=/run/netns/{}", self.node_netns))
             .arg(&self.lb)
             .args(["agent", "--manifests"])
@@ -349,9 +351,16 @@ impl Testbed {
             ])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting lb agent")?;
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe. The agent dies with the thread that started it,
+        // so a killed test run leaves no agent behind.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command.spawn().context("starting lb agent")?;
         self.agent = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -492,6 +501,20 @@ pub fn cleanup_leftovers(kind: &str) -> anyhow::Result<usize> {
     let mut removed = 0;
     let prefix = format!("{kind}-");
     let ours = |name: &str| name.starts_with(&prefix);
+    // Agents of killed runs: their command line names a bpffs directory of this kind.
+    let marker = format!("/sys/fs/bpf/{prefix}");
+    for entry in fs::read_dir("/proc")?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(" agent ") && cmdline.contains(&marker) {
+            // SAFETY: signalling a leftover agent of ours.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            removed += 1;
+        }
+    }
     let list = sh("ip netns list")?;
     for line in String::from_utf8_lossy(&list.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
