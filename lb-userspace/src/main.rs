@@ -130,31 +130,24 @@ fn main() -> anyhow::Result<()> {
             output,
             admin,
         } => {
-            let keep = |ns: &str| all_namespaces || ns == namespace;
-            let now = SystemTime::now();
+            let list = List {
+                admin: &admin,
+                namespace: &namespace,
+                all_namespaces,
+                output,
+            };
             match resource {
-                Resource::Services => {
-                    let mut rows: Vec<ServiceView> = api::fetch(&admin, api::SERVICES_PATH)?;
-                    rows.retain(|r| keep(&r.namespace));
-                    match output {
-                        Some(Output::Json) => println!("{}", serde_json::to_string_pretty(&rows)?),
-                        None => print_table(rows.is_empty(), &namespace, all_namespaces, || {
-                            views::services_table(&rows, all_namespaces, now)
-                        }),
-                    }
-                }
-                Resource::Endpoints => {
-                    let mut rows: Vec<EndpointsView> = api::fetch(&admin, api::ENDPOINTS_PATH)?;
-                    rows.retain(|r| keep(&r.namespace));
-                    match output {
-                        Some(Output::Json) => println!("{}", serde_json::to_string_pretty(&rows)?),
-                        None => print_table(rows.is_empty(), &namespace, all_namespaces, || {
-                            views::endpoints_table(&rows, all_namespaces, now)
-                        }),
-                    }
-                }
+                Resource::Services => list.print::<ServiceView>(
+                    api::SERVICES_PATH,
+                    |v| &v.namespace,
+                    views::services_table,
+                ),
+                Resource::Endpoints => list.print::<EndpointsView>(
+                    api::ENDPOINTS_PATH,
+                    |v| &v.namespace,
+                    views::endpoints_table,
+                ),
             }
-            Ok(())
         }
         Command::Status { admin, output } => {
             let status: StatusView = api::fetch(&admin, api::STATUS_PATH)?;
@@ -195,14 +188,31 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn print_table(empty: bool, namespace: &str, all: bool, table: impl FnOnce() -> String) {
-    if empty {
-        if all {
-            eprintln!("No resources found");
-        } else {
-            eprintln!("No resources found in {namespace} namespace.");
+/// What `lb get` lists, and how.
+struct List<'a> {
+    admin: &'a str,
+    namespace: &'a str,
+    all_namespaces: bool,
+    output: Option<Output>,
+}
+
+impl List<'_> {
+    fn print<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        namespace_of: fn(&T) -> &str,
+        table: fn(&[T], bool, SystemTime) -> String,
+    ) -> anyhow::Result<()> {
+        let mut rows: Vec<T> = api::fetch(self.admin, path)?;
+        rows.retain(|r| self.all_namespaces || namespace_of(r) == self.namespace);
+        match self.output {
+            Some(Output::Json) => println!("{}", serde_json::to_string_pretty(&rows)?),
+            None if rows.is_empty() && self.all_namespaces => eprintln!("No resources found"),
+            None if rows.is_empty() => {
+                eprintln!("No resources found in {} namespace.", self.namespace)
+            }
+            None => print!("{}", table(&rows, self.all_namespaces, SystemTime::now())),
         }
-    } else {
-        print!("{}", table());
+        Ok(())
     }
 }

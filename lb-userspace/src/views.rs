@@ -265,6 +265,25 @@ mod tests {
     }
 
     #[test]
+    fn all_namespaces_adds_the_namespace_column() {
+        let v = EndpointsView {
+            namespace: "kube-system".into(),
+            name: "dns".into(),
+            endpoints: vec![],
+            created: 0,
+        };
+        let t = endpoints_table(&[v], true, SystemTime::UNIX_EPOCH + Duration::from_secs(3));
+        let lines: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(
+            lines,
+            [
+                vec!["NAMESPACE", "NAME", "ENDPOINTS", "AGE"],
+                vec!["kube-system", "dns", "<none>", "3s"]
+            ]
+        );
+    }
+
+    #[test]
     fn endpoints_column_truncates_after_three() {
         let e: Vec<String> = (1..=4).map(|i| format!("198.18.1.{i}:80")).collect();
         assert_eq!(
