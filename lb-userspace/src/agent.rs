@@ -164,11 +164,27 @@ impl Agent {
     fn sync(&mut self) {
         let started = Instant::now();
         let mut errors = Vec::new();
-        match read_folder(&self.config.manifests) {
-            Ok(files) => errors.extend(self.store.update(files).iter().map(|e| e.to_string())),
-            // The folder vanished or is unreadable: keep everything as it is.
-            Err(e) => errors.push(format!("{}: {e}", self.config.manifests.display())),
+        // Parsing builds large short-lived trees. Done on a thread of its own, it allocates from
+        // another heap arena; the store is then copied back here and that arena is left empty
+        // for malloc_trim to return, instead of fragmenting the heap the agent lives in.
+        let dir = &self.config.manifests;
+        let store = &mut self.store;
+        let parsed = std::thread::scope(|scope| {
+            scope
+                .spawn(|| match read_folder(dir) {
+                    Ok(files) => store.update(files).iter().map(|e| e.to_string()).collect(),
+                    // The folder vanished or is unreadable: keep everything as it is.
+                    Err(e) => vec![format!("{}: {e}", dir.display())],
+                })
+                .join()
+        });
+        match parsed {
+            Ok(problems) => errors.extend(problems),
+            Err(_) => {
+                errors.push("parsing the manifests panicked; objects kept as they were".into())
+            }
         }
+        self.store = self.store.clone();
         let (states, service_errors) = self
             .control
             .compute(self.store.objects(), SystemTime::now());

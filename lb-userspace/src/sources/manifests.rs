@@ -118,8 +118,15 @@ fn collect_objects(
     let invalid = |e: FieldError| error(Some(e.field), e.message);
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "List") => {
-            for item in doc.get("items").and_then(Value::as_array).cloned().unwrap_or_default() {
-                collect_objects(path, document, item, out)?;
+            // Taken, not copied: a List can hold every object of a large cluster.
+            let items = match doc {
+                Value::Object(mut fields) => fields.remove("items"),
+                _ => None,
+            };
+            if let Some(Value::Array(items)) = items {
+                for item in items {
+                    collect_objects(path, document, item, out)?;
+                }
             }
         }
         ("v1", "Service") => {
@@ -165,7 +172,7 @@ fn key(o: &Object) -> ObjectKey {
 }
 
 /// The objects of a manifest folder, file by file, as last loaded.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct ManifestStore {
     files: BTreeMap<PathBuf, Vec<Object>>,
     /// The text each file had when its objects were taken from it, and the problems found in
