@@ -118,7 +118,7 @@ fn main() -> anyhow::Result<()> {
     let seconds: u64 = std::env::var("BENCH_SECONDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(3);
     let scales: Vec<u32> = std::env::var("BENCH_SCALES")
         .ok()
         .map(|v| v.split(',').filter_map(|s| s.parse().ok()).collect())

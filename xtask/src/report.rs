@@ -364,8 +364,9 @@ through iptables-nft, and as its nftables mode would (a verdict map on address .
 port); `direct` is the client talking to the server pod's address, no Service at all;
 `lb, agent stopped` is the same eBPF datapath with the agent not running (what the agent's
 own work costs the traffic).
-Load: wrk, 2 threads, 8 connections, a fixed duration, over new connections (the server
-closes each after one response) and over kept-alive connections. Source:
+Load: wrk, 1 thread, 8 connections, 3 s, over new connections (the server closes each after
+one response) and over kept-alive connections; the median of 3 runs. wrk is kept on CPU 0
+and the server's threads on CPU 1 of this 2-core machine. Source:
 `lb-userspace/benches/kube_proxy.rs`.
 ";
 

@@ -55,6 +55,8 @@ pub struct Testbed {
     next_iface: u32,
     /// Peer addresses every TCP server accepted, by pod name.
     accepted: std::collections::HashMap<String, Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>>,
+    /// CPU the next TCP server's threads are kept on.
+    pin_next_server: Option<usize>,
 }
 
 static SEQUENCE: AtomicU32 = AtomicU32::new(0);
@@ -83,6 +85,7 @@ impl Testbed {
             agent: None,
             next_iface: 0,
             accepted: Default::default(),
+            pin_next_server: None,
         };
         bed.setup_node()?;
         Ok(bed)
@@ -141,7 +144,19 @@ impl Testbed {
     /// Serves HTTP on `port` on every address of the pod, answering every request with
     /// `<pod name>\n`; connections are kept alive unless the client asks to close.
     pub fn serve_http(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
+        self.serve_http_on(pod, port, None)
+    }
+
+    /// [`Self::serve_http`], with the server's threads kept on one CPU (benchmarks pin the
+    /// load generator to another, so that neither steals the other's core).
+    pub fn serve_http_on(
+        &mut self,
+        pod: &Pod,
+        port: u16,
+        cpu: Option<usize>,
+    ) -> anyhow::Result<()> {
         let body = format!("{}\n", pod.name);
+        self.pin_next_server = cpu;
         self.serve_tcp(pod, Ipv4Addr::UNSPECIFIED, port, move |mut stream| {
             let _ = stream.set_nodelay(true);
             let mut pending = Vec::new();
@@ -210,7 +225,17 @@ impl Testbed {
     ) -> anyhow::Result<()> {
         let netns = pod.netns.clone();
         let log = self.accepted.entry(pod.name.clone()).or_default().clone();
+        let cpu = self.pin_next_server.take();
         self.spawn_server(&netns, move |stop| {
+            if let Some(cpu) = cpu {
+                // Threads started from this one (one per connection) inherit the mask.
+                // SAFETY: a zeroed cpu_set_t with one CPU set, applied to this thread.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                }
+            }
             let listener =
                 TcpListener::bind((ip, port)).with_context(|| format!("bind {ip}:{port}"))?;
             listener.set_nonblocking(true)?;
