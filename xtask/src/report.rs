@@ -368,6 +368,12 @@ Load: wrk, 1 thread, 8 connections, 3 s, over new connections (the server closes
 one response) and over kept-alive connections; the median of 3 runs. wrk is kept on CPU 0
 and the server's threads on CPU 1 of this 2-core machine. Source:
 `lb-userspace/benches/kube_proxy.rs`.
+
+Read the new-connection rates: they repeat within a few per cent from run to run, and they
+carry the per-connection cost of each datapath (the iptables modes walk their chains for
+every new connection). The kept-alive rates do not: on this shared 2-core machine they swing
+by a third or more between runs of the same mode, the direct path included, so their
+differences below are noise, not a ranking.
 ";
 
 const CONTROL_PLANE_INTRO: &str = "
