@@ -335,6 +335,22 @@ fn resolve_ports(svc: &Service, index: &Index) -> Vec<ResolvedPort> {
         .collect()
 }
 
+/// Service states of a YAML manifest, as a fresh control plane over 198.19.0.0/16 computes
+/// them at the Unix epoch (for tests of the stages that follow).
+#[cfg(test)]
+pub fn states_from_yaml(yaml: &str) -> Vec<ServiceState> {
+    let objects: Vec<Object> =
+        crate::sources::manifests::parse_file(std::path::Path::new("t.yaml"), yaml)
+            .expect("test manifest parses")
+            .into_iter()
+            .map(|r| r.expect("test object is valid"))
+            .collect();
+    let (states, errors) = ControlPlane::new("198.19.0.0/16".parse().expect("cidr"))
+        .compute(&objects, SystemTime::UNIX_EPOCH);
+    assert!(errors.is_empty(), "{errors:?}");
+    states
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

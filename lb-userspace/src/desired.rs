@@ -48,21 +48,14 @@ pub fn desired(services: &[ServiceState]) -> DesiredDataplane {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{controlplane::ControlPlane, sources::manifests::parse_file};
-    use std::{path::Path, time::SystemTime};
+    use crate::controlplane::states_from_yaml;
 
     #[test]
     fn one_frontend_per_cluster_ip_port_and_protocol() {
         let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: dns}\nspec:\n  clusterIP: 198.19.0.53\n  selector: {app: dns}\n  ports: [{name: tcp, port: 53}, {name: udp, port: 53, protocol: UDP}]\n---\n\
 apiVersion: v1\nkind: Service\nmetadata: {name: headless}\nspec: {clusterIP: None, selector: {app: dns}, ports: [{port: 53}]}\n---\n\
 apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {app: dns}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 198.18.1.9}\n";
-        let objects: Vec<_> = parse_file(Path::new("t.yaml"), yaml)
-            .unwrap()
-            .into_iter()
-            .map(|r| r.unwrap())
-            .collect();
-        let (states, _) = ControlPlane::new("198.19.0.0/16".parse().unwrap())
-            .compute(&objects, SystemTime::UNIX_EPOCH);
+        let states = states_from_yaml(yaml);
         let d = desired(&states);
         assert_eq!(d.frontends.len(), 2, "headless has no frontend");
         let ip: Ipv4Addr = "198.19.0.53".parse().unwrap();

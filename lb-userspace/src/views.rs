@@ -239,8 +239,7 @@ pub fn endpoints_table(views: &[EndpointsView], all_namespaces: bool, now: Syste
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{controlplane::ControlPlane, sources::manifests::parse_file};
-    use std::path::Path;
+    use crate::controlplane::states_from_yaml;
 
     #[test]
     fn human_durations_match_kubectl() {
@@ -300,13 +299,7 @@ mod tests {
 apiVersion: v1\nkind: Service\nmetadata: {name: lb}\nspec:\n  type: LoadBalancer\n  externalIPs: [198.18.200.1]\n  ports: [{port: 80, nodePort: 30850}]\n---\n\
 apiVersion: v1\nkind: Service\nmetadata: {name: headless}\nspec: {clusterIP: None, ports: [{port: 80}]}\n---\n\
 apiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec: {type: ExternalName, externalName: my.database.example.com}\n";
-        let objects: Vec<_> = parse_file(Path::new("t.yaml"), yaml)
-            .unwrap()
-            .into_iter()
-            .map(|r| r.unwrap())
-            .collect();
-        let (states, _) = ControlPlane::new("198.19.0.0/16".parse().unwrap())
-            .compute(&objects, SystemTime::UNIX_EPOCH);
+        let states = states_from_yaml(yaml);
         let views: Vec<ServiceView> = states.iter().map(service_view).collect();
         let table = services_table(
             &views,
