@@ -24,13 +24,37 @@ use crate::{
     views,
 };
 
+/// Where `lb get` and the agent meet by default.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:10249";
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/lb";
+
+/// `lb agent`'s flags.
+#[derive(clap::Args)]
 pub struct AgentConfig {
+    /// Folder of Service, Pod, Endpoints and EndpointSlice manifests (*.yaml, *.yml, *.json).
+    #[arg(long)]
     pub manifests: PathBuf,
+    /// This node's name.
+    #[arg(long, env = "NODE_NAME", default_value_t = hostname())]
     pub node_name: String,
+    /// Interfaces facing pods, as a shell pattern; links that appear later are attached too.
+    #[arg(long, default_value = "veth*")]
     pub pod_iface_glob: String,
+    /// Range that ClusterIPs are allocated from and must lie in.
+    #[arg(long, default_value = "10.96.0.0/12")]
     pub service_cidr: Ipv4Net,
+    /// Directory on a bpf filesystem where maps and links are pinned.
+    #[arg(long, default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
+    /// Address of the local admin endpoint that `lb get` reads.
+    #[arg(long, default_value = DEFAULT_ADMIN)]
     pub admin: SocketAddr,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Full resync from the maps themselves, in case anything else touched them.
@@ -184,7 +208,9 @@ impl Agent {
                 errors.push("parsing the manifests panicked; objects kept as they were".into())
             }
         }
-        self.store = self.store.clone();
+        if self.store.parsed_last_update() > 0 {
+            self.store = self.store.clone();
+        }
         let (states, service_errors) = self
             .control
             .compute(self.store.objects(), SystemTime::now());

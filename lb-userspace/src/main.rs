@@ -1,10 +1,9 @@
-use std::{net::SocketAddr, path::PathBuf, time::SystemTime};
+use std::{path::PathBuf, time::SystemTime};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use ipnet::Ipv4Net;
 use lb::{
-    agent::{self, AgentConfig},
+    agent::{self, AgentConfig, DEFAULT_ADMIN, DEFAULT_BPFFS},
     api::{self, StatusView},
     dataplane,
     views::{self, EndpointsView, ServiceView},
@@ -18,32 +17,10 @@ struct Cli {
     command: Command,
 }
 
-const DEFAULT_ADMIN: &str = "127.0.0.1:10249";
-const DEFAULT_BPFFS: &str = "/sys/fs/bpf/lb";
-
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent in standalone mode: program the datapath from a folder of manifests.
-    Agent {
-        /// Folder of Service, Pod, Endpoints and EndpointSlice manifests (*.yaml, *.yml, *.json).
-        #[arg(long)]
-        manifests: PathBuf,
-        /// This node's name.
-        #[arg(long, env = "NODE_NAME", default_value_t = hostname())]
-        node_name: String,
-        /// Interfaces facing pods, as a shell pattern; links that appear later are attached too.
-        #[arg(long, default_value = "veth*")]
-        pod_iface_glob: String,
-        /// Range that ClusterIPs are allocated from and must lie in.
-        #[arg(long, default_value = "10.96.0.0/12")]
-        service_cidr: Ipv4Net,
-        /// Directory on a bpf filesystem where maps and links are pinned.
-        #[arg(long, default_value = DEFAULT_BPFFS)]
-        bpffs: PathBuf,
-        /// Address of the local admin endpoint that `lb get` reads.
-        #[arg(long, default_value = DEFAULT_ADMIN)]
-        admin: SocketAddr,
-    },
+    Agent(AgentConfig),
     /// Show Services or Endpoints as the running agent sees them, like kubectl get.
     Get {
         resource: Resource,
@@ -85,23 +62,10 @@ enum Output {
     Json,
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default()
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Agent {
-            manifests,
-            node_name,
-            pod_iface_glob,
-            service_cidr,
-            bpffs,
-            admin,
-        } => {
+        Command::Agent(config) => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
@@ -114,14 +78,7 @@ fn main() -> anyhow::Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            runtime.block_on(agent::run(AgentConfig {
-                manifests,
-                node_name,
-                pod_iface_glob,
-                service_cidr,
-                bpffs,
-                admin,
-            }))
+            runtime.block_on(agent::run(config))
         }
         Command::Get {
             resource,

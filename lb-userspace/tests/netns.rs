@@ -67,6 +67,16 @@ fn web_pods(bed: &mut Testbed, n: u8) -> Pod {
     client
 }
 
+/// The `web` Service: 198.19.0.10:80 to the `web` pods' `target_port`.
+fn write_web_service(bed: &Testbed, target_port: u32) {
+    let ports = format!("  - {{port: 80, targetPort: {target_port}}}\n");
+    bed.write_manifest(
+        "svc.yaml",
+        &service_manifest("web", "web", "198.19.0.10", &ports),
+    )
+    .unwrap();
+}
+
 /// Pod names answering `url` over `count` new connections.
 fn spread(bed: &Testbed, client: &Pod, url: &str, count: usize) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
@@ -94,16 +104,7 @@ fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
 fn every_backend_is_reached_through_the_cluster_ip() {
     let mut bed = testbed();
     let client = web_pods(&mut bed, 3);
-    bed.write_manifest(
-        "svc.yaml",
-        &service_manifest(
-            "web",
-            "web",
-            "198.19.0.10",
-            "  - {port: 80, targetPort: 8080}\n",
-        ),
-    )
-    .unwrap();
+    write_web_service(&bed, 8080);
     bed.start_agent().unwrap();
 
     let seen = spread(&bed, &client, "http://198.19.0.10/", 60);
@@ -308,16 +309,7 @@ fn multi_port_service_with_target_port_by_name() {
 fn endpoints_follow_pods_live_and_bad_manifests_change_nothing() {
     let mut bed = testbed();
     let client = web_pods(&mut bed, 1);
-    bed.write_manifest(
-        "svc.yaml",
-        &service_manifest(
-            "web",
-            "web",
-            "198.19.0.10",
-            "  - {port: 80, targetPort: 8080}\n",
-        ),
-    )
-    .unwrap();
+    write_web_service(&bed, 8080);
     bed.start_agent().unwrap();
     assert_eq!(
         spread(&bed, &client, "http://198.19.0.10/", 5)
@@ -347,16 +339,7 @@ fn endpoints_follow_pods_live_and_bad_manifests_change_nothing() {
         "apiVersion: v1\nkind: Service\nmetadata: {name: x\n",
     )
     .unwrap();
-    bed.write_manifest(
-        "svc.yaml",
-        &service_manifest(
-            "web",
-            "web",
-            "198.19.0.10",
-            "  - {port: 80, targetPort: 70000}\n",
-        ),
-    )
-    .unwrap();
+    write_web_service(&bed, 70000);
     wait_for("both problems reported", Duration::from_secs(2), || {
         let status = bed.lb(&["status"]).unwrap();
         status.contains("broken.yaml") && status.contains("spec.ports[0].targetPort")

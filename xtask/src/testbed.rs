@@ -482,7 +482,7 @@ impl Testbed {
                 .arg("reset")
                 .arg("--bpffs")
                 .arg(&self.bpffs));
-            remove_pins(&self.bpffs);
+            let _ = fs::remove_dir_all(&self.bpffs);
         }
         for pod in self.pods.drain(..) {
             let _ = sh(&format!("ip netns del {}", pod.netns));
@@ -514,10 +514,6 @@ fn enter_netns(path: &str) -> anyhow::Result<()> {
         bail!("setns {path}: {}", std::io::Error::last_os_error());
     }
     Ok(())
-}
-
-fn remove_pins(dir: &Path) {
-    let _ = fs::remove_dir_all(dir);
 }
 
 /// Removes namespaces, bpffs directories and temp folders that killed runs of testbeds of this
@@ -552,7 +548,7 @@ pub fn cleanup_leftovers(kind: &str) -> anyhow::Result<usize> {
         if let Ok(entries) = fs::read_dir(root) {
             for e in entries.flatten() {
                 if ours(&e.file_name().to_string_lossy()) {
-                    remove_pins(&e.path());
+                    let _ = fs::remove_dir_all(e.path());
                     removed += 1;
                 }
             }

@@ -178,6 +178,8 @@ pub struct ManifestStore {
     /// The text each file had when its objects were taken from it, and the problems found in
     /// it then: an unchanged file is not parsed again, and its problems are still reported.
     texts: BTreeMap<PathBuf, (String, Vec<ManifestError>)>,
+    /// Files the last update had to parse (0: everything came from the cache).
+    parsed: usize,
 }
 
 impl ManifestStore {
@@ -191,6 +193,7 @@ impl ManifestStore {
         let mut errors = Vec::new();
         let mut next: BTreeMap<PathBuf, Vec<Object>> = BTreeMap::new();
         let mut texts = BTreeMap::new();
+        self.parsed = 0;
         for (path, content) in files {
             let previous = self.files.remove(&path).unwrap_or_default();
             if let (Ok(text), Some((old_text, old_errors))) = (&content, self.texts.remove(&path))
@@ -201,6 +204,7 @@ impl ManifestStore {
                 next.insert(path, previous);
                 continue;
             }
+            self.parsed += 1;
             let parsed = match &content {
                 Err(e) => Err(ManifestError {
                     file: path.clone(),
@@ -269,6 +273,11 @@ impl ManifestStore {
         self.files = next;
         self.texts = texts;
         errors
+    }
+
+    /// How many files the last update parsed; 0 when none had changed.
+    pub fn parsed_last_update(&self) -> usize {
+        self.parsed
     }
 
     pub fn objects(&self) -> impl Iterator<Item = &Object> {
@@ -372,6 +381,11 @@ mod tests {
         let second = store.update(files(&[("a.yaml", POD), ("b.yaml", &bad)]));
         assert_eq!(first.len(), 1);
         assert_eq!(first, second);
+        assert_eq!(
+            store.parsed_last_update(),
+            0,
+            "nothing changed, nothing parsed"
+        );
         assert_eq!(store.objects().count(), 1);
         assert!(
             store
