@@ -1,6 +1,7 @@
 //! `lb agent`: standalone mode wiring: manifest folder -> control plane -> desired -> diff ->
 //! dataplane, plus the admin endpoint.
 use std::{
+    collections::BTreeSet,
     net::SocketAddr,
     path::PathBuf,
     sync::Arc,
@@ -11,17 +12,16 @@ use anyhow::Context as _;
 use ipnet::Ipv4Net;
 use lb_common::stats::COUNTER_NAMES;
 use notify::Watcher as _;
-use tokio::sync::{RwLock, mpsc};
+use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::{
     api::{self, AdminState, SharedState, StatusView},
     controlplane::ControlPlane,
     dataplane::Dataplane,
-    desired::desired,
+    desired::{DesiredDataplane, Frontend},
     diff::{self, ActualDataplane},
     sources::manifests::{ManifestStore, read_folder},
-    views,
 };
 
 /// Where `lb get` and the agent meet by default.
@@ -68,15 +68,23 @@ struct Agent {
     config: AgentConfig,
     pattern: glob::Pattern,
     store: ManifestStore,
-    control: ControlPlane,
+    desired: DesiredDataplane,
+    /// Frontends a full map kept out: tried again at every sync.
+    unprogrammed: BTreeSet<Frontend>,
     dataplane: Dataplane,
     actual: ActualDataplane,
+    /// The control plane, and the status the admin endpoint shows.
     shared: SharedState,
     last_errors: Vec<String>,
     syncs: u64,
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    // Large buffers (a full sync's plan, map tables, parse trees) come from mmap and go back
+    // to the system when freed. glibc otherwise raises this threshold after the first such
+    // free and serves them from the heap, whose holes then stay resident.
+    // SAFETY: mallopt only changes allocator tuning.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024) };
     let pattern = glob::Pattern::new(&config.pod_iface_glob)
         .with_context(|| format!("--pod-iface-glob {:?}", config.pod_iface_glob))?;
     if !config.manifests.is_dir() {
@@ -93,7 +101,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         backends = actual.backends.len(),
         "datapath loaded; pinned maps reused"
     );
-    let shared: SharedState = Arc::new(RwLock::new(AdminState::default()));
+    let shared: SharedState = Arc::new(AdminState::new(ControlPlane::new(config.service_cidr)));
     let admin = config.admin;
     let server_state = shared.clone();
     let mut server = tokio::spawn(async move { api::serve(admin, server_state).await });
@@ -109,7 +117,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     watcher.watch(&config.manifests, notify::RecursiveMode::NonRecursive)?;
 
     let mut agent = Agent {
-        control: ControlPlane::new(config.service_cidr),
+        desired: DesiredDataplane::default(),
+        unprogrammed: BTreeSet::new(),
         pattern,
         store: ManifestStore::default(),
         dataplane,
@@ -120,7 +129,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         config,
     };
     agent.scan_links();
-    agent.sync();
+    agent.sync(true);
     info!(admin = %admin, manifests = %agent.config.manifests.display(), "agent running");
 
     let mut links = tokio::time::interval(LINK_SCAN_EVERY);
@@ -133,11 +142,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             Some(()) = rx.recv() => {
                 tokio::time::sleep(DEBOUNCE).await;
                 while rx.try_recv().is_ok() {}
-                agent.sync();
+                agent.sync(false);
             }
             _ = links.tick() => {
                 agent.scan_links();
-                agent.publish_counters().await;
+                agent.publish_counters();
             }
             _ = resync.tick() => agent.resync(),
             _ = tokio::signal::ctrl_c() => break,
@@ -157,12 +166,12 @@ impl Agent {
             .unwrap_or_default()
     }
 
-    async fn publish_counters(&self) {
+    fn publish_counters(&self) {
         let counters = self.counters();
         let attached = self.dataplane.attached().into_iter().collect();
-        let mut shared = self.shared.write().await;
-        shared.status.counters = counters;
-        shared.status.attached_interfaces = attached;
+        let mut status = self.shared.status_mut();
+        status.counters = counters;
+        status.attached_interfaces = attached;
     }
 
     fn scan_links(&mut self) {
@@ -176,16 +185,19 @@ impl Agent {
         }
     }
 
-    /// Re-reads the maps, then syncs: anything orphaned or changed behind our back is mended.
+    /// Re-reads the maps, then syncs them whole: anything orphaned or changed behind our back
+    /// is mended.
     fn resync(&mut self) {
         match self.dataplane.read_actual() {
             Ok(actual) => self.actual = actual,
             Err(e) => error!("reading maps for resync: {e}"),
         }
-        self.sync();
+        self.sync(true);
     }
 
-    fn sync(&mut self) {
+    /// Brings the maps up to date with the manifest folder. Only the frontends that changed
+    /// (and those a full map kept out before) are compared with the maps, unless `full`.
+    fn sync(&mut self, full: bool) {
         let started = Instant::now();
         let mut errors = Vec::new();
         // Parsing builds large short-lived trees. Done on a thread of its own, it allocates from
@@ -208,19 +220,29 @@ impl Agent {
                 errors.push("parsing the manifests panicked; objects kept as they were".into())
             }
         }
-        if self.store.parsed_last_update() > 0 {
+        let parsed_files = self.store.parsed_last_update();
+        if parsed_files > 0 {
             self.store = self.store.clone();
         }
-        let (states, service_errors) = self
-            .control
-            .compute(self.store.objects(), SystemTime::now());
+        let mut control = self.shared.control_mut();
+        for change in self.store.take_changes() {
+            control.apply(change);
+        }
+        let changed = control.compute(SystemTime::now());
         errors.extend(
-            service_errors
-                .iter()
+            control
+                .errors()
                 .map(|e| format!("Service {}: {}", e.service, e.error)),
         );
-        let want = desired(&states);
-        let plan = diff::diff(&want, &self.actual);
+        let mut touched = self.desired.update(&control, &changed);
+        drop(control);
+        touched.append(&mut self.unprogrammed);
+        let plan = if full {
+            diff::diff(&self.desired, &self.actual)
+        } else {
+            diff::diff_frontends(&self.desired, &self.actual, &touched)
+        };
+        self.unprogrammed = plan.skipped.iter().map(|e| e.frontend()).collect();
         errors.extend(plan.skipped.iter().map(|e| format!("dataplane: {e}")));
         let ops = plan.ops;
         if let Err(e) = self.dataplane.write(&ops) {
@@ -238,36 +260,31 @@ impl Agent {
             self.last_errors = errors.clone();
         }
         self.syncs += 1;
+        let took_us = started.elapsed().as_micros() as u64;
+        if parsed_files > 0 {
+            // Parsing and copying freed a lot: hand it back to the system rather than keeping
+            // the peak resident (glibc keeps freed heap otherwise).
+            // SAFETY: malloc_trim only releases free memory.
+            unsafe { libc::malloc_trim(0) };
+        }
         if !ops.is_empty() {
             info!(
                 ops = ops.len(),
-                took_us = started.elapsed().as_micros() as u64,
+                services_changed = changed.len(),
+                took_us,
                 "maps updated"
             );
         }
         let counters = self.counters();
-        let view = AdminState {
-            services: states.iter().map(views::service_view).collect(),
-            endpoints: states.iter().filter_map(views::endpoints_view).collect(),
-            status: StatusView {
-                node_name: self.config.node_name.clone(),
-                attached_interfaces: self.dataplane.attached().into_iter().collect(),
-                errors,
-                counters,
-                last_sync_ops: ops.len(),
-                frontends_not_programmed: plan.skipped.len(),
-                syncs: self.syncs,
-            },
+        let attached_interfaces = self.dataplane.attached().into_iter().collect();
+        *self.shared.status_mut() = StatusView {
+            node_name: self.config.node_name.clone(),
+            attached_interfaces,
+            errors,
+            counters,
+            last_sync_ops: ops.len(),
+            frontends_not_programmed: plan.skipped.len(),
+            syncs: self.syncs,
         };
-        // A full sync parses and copies every object: hand the freed memory back to the system
-        // rather than keeping the peak resident (glibc keeps freed heap otherwise).
-        // SAFETY: malloc_trim only releases free memory.
-        unsafe { libc::malloc_trim(0) };
-        if let Ok(mut shared) = self.shared.try_write() {
-            *shared = view;
-        } else {
-            let shared = self.shared.clone();
-            tokio::spawn(async move { *shared.write().await = view });
-        }
     }
 }

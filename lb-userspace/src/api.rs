@@ -1,6 +1,13 @@
 //! The agent's local admin endpoint, read by `lb get`.
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
+};
 
+use crate::{
+    controlplane::ControlPlane,
+    views::{self, EndpointsView, ServiceView},
+};
 use axum::{Json, Router, extract::State, routing::get};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -8,9 +15,6 @@ use prometheus_client::{
     registry::Registry,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::RwLock;
-
-use crate::views::{EndpointsView, ServiceView};
 
 /// Counters of the datapath by name, manifest problems, and attached interfaces.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -26,14 +30,52 @@ pub struct StatusView {
     pub syncs: u64,
 }
 
-#[derive(Clone, Debug, Default)]
+/// What the admin endpoint serves: the control plane itself (Services are rendered when asked,
+/// not kept twice) and the agent's status. Locks are held briefly and never across an await.
 pub struct AdminState {
-    pub services: Vec<ServiceView>,
-    pub endpoints: Vec<EndpointsView>,
-    pub status: StatusView,
+    control: RwLock<ControlPlane>,
+    status: RwLock<StatusView>,
 }
 
-pub type SharedState = Arc<RwLock<AdminState>>;
+impl AdminState {
+    pub fn new(control: ControlPlane) -> Self {
+        Self {
+            control: RwLock::new(control),
+            status: RwLock::new(StatusView::default()),
+        }
+    }
+
+    // A panic while holding a lock leaves data that is still whole (every update is a
+    // single assignment or a complete control plane step), so poisoning is ignored.
+    pub fn control(&self) -> RwLockReadGuard<'_, ControlPlane> {
+        self.control.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn control_mut(&self) -> RwLockWriteGuard<'_, ControlPlane> {
+        self.control.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn status(&self) -> RwLockReadGuard<'_, StatusView> {
+        self.status.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn status_mut(&self) -> RwLockWriteGuard<'_, StatusView> {
+        self.status.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn services(&self) -> Vec<ServiceView> {
+        self.control().states().map(views::service_view).collect()
+    }
+
+    fn endpoints(&self) -> Vec<EndpointsView> {
+        self.control()
+            .states()
+            .filter_map(views::endpoints_view)
+            .collect()
+    }
+}
+
+pub type SharedState = Arc<AdminState>;
 
 pub const SERVICES_PATH: &str = "/v1/services";
 pub const ENDPOINTS_PATH: &str = "/v1/endpoints";
@@ -47,9 +89,11 @@ struct VerdictLabel {
 
 /// Prometheus text exposition of the agent's state and the datapath counters.
 fn metrics(state: &AdminState) -> String {
+    let services = state.control().services_len();
+    let status = state.status().clone();
     let mut registry = Registry::default();
     let packets = Family::<VerdictLabel, Counter>::default();
-    for (name, value) in &state.status.counters {
+    for (name, value) in &status.counters {
         packets
             .get_or_create(&VerdictLabel {
                 verdict: name.clone(),
@@ -62,29 +106,29 @@ fn metrics(state: &AdminState) -> String {
         packets,
     );
     let syncs = Counter::<u64>::default();
-    syncs.inc_by(state.status.syncs);
+    syncs.inc_by(status.syncs);
     registry.register("lb_syncs", "Syncs of the maps with the manifests", syncs);
     let gauges: [(&str, &str, usize); 5] = [
-        ("lb_services", "Services known", state.services.len()),
+        ("lb_services", "Services known", services),
         (
             "lb_manifest_problems",
             "Manifest files or objects with errors",
-            state.status.errors.len(),
+            status.errors.len(),
         ),
         (
             "lb_frontends_not_programmed",
             "Frontends left out because a map is full",
-            state.status.frontends_not_programmed,
+            status.frontends_not_programmed,
         ),
         (
             "lb_attached_interfaces",
             "Interfaces the TC program is attached to",
-            state.status.attached_interfaces.len(),
+            status.attached_interfaces.len(),
         ),
         (
             "lb_last_sync_map_operations",
             "Map writes of the last sync",
-            state.status.last_sync_ops,
+            status.last_sync_ops,
         ),
     ];
     for (name, help, value) in gauges {
@@ -100,10 +144,22 @@ fn metrics(state: &AdminState) -> String {
 
 pub fn router(state: SharedState) -> Router {
     Router::new()
-        .route(SERVICES_PATH, get(|State(s): State<SharedState>| async move { Json(s.read().await.services.clone()) }))
-        .route(ENDPOINTS_PATH, get(|State(s): State<SharedState>| async move { Json(s.read().await.endpoints.clone()) }))
-        .route(STATUS_PATH, get(|State(s): State<SharedState>| async move { Json(s.read().await.status.clone()) }))
-        .route(METRICS_PATH, get(|State(s): State<SharedState>| async move { metrics(&*s.read().await) }))
+        .route(
+            SERVICES_PATH,
+            get(|State(s): State<SharedState>| async move { Json(s.services()) }),
+        )
+        .route(
+            ENDPOINTS_PATH,
+            get(|State(s): State<SharedState>| async move { Json(s.endpoints()) }),
+        )
+        .route(
+            STATUS_PATH,
+            get(|State(s): State<SharedState>| async move { Json(s.status().clone()) }),
+        )
+        .route(
+            METRICS_PATH,
+            get(|State(s): State<SharedState>| async move { metrics(&s) }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state)
 }

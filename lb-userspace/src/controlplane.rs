@@ -1,7 +1,7 @@
 //! The part of the control plane that standalone mode does itself: ClusterIP allocation and
 //! endpoints from selectors over Pods (or from manual Endpoints / EndpointSlices). Pure.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::Entry},
     net::{Ipv4Addr, SocketAddrV4},
     time::SystemTime,
 };
@@ -10,8 +10,8 @@ use ipnet::Ipv4Net;
 use serde::Serialize;
 
 use crate::model::{
-    ClusterIpRequest, FieldError, ManualEndpoints, Object, ObjectName, Pod, Service, ServicePort,
-    ServiceType, TargetPort,
+    ClusterIpRequest, FieldError, ManualEndpoints, Object, ObjectKey, ObjectName, Pod, Service,
+    ServicePort, ServiceType, TargetPort,
 };
 
 /// One service port with the endpoints that serve it.
@@ -40,20 +40,57 @@ pub struct ServiceError {
     pub error: FieldError,
 }
 
+/// A change to the objects the control plane works from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    Upsert(Object),
+    Delete(ObjectKey),
+}
+
+/// A Service whose state changed in the last `compute`, with the state it had before.
+#[derive(Debug)]
+pub struct ServiceChange {
+    pub name: ObjectName,
+    pub before: Option<ServiceState>,
+}
+
+/// Namespace, label key and label value.
+type LabelKey = (String, String, String);
+
+/// Computes Service states incrementally: objects arrive as changes, and only the Services a
+/// change can affect are computed again, from indexes kept between computations. One endpoint
+/// change among 10,000 Services costs what one Service costs.
 pub struct ControlPlane {
     cidr: Ipv4Net,
-    /// Services accepted last time, with their address: kept while they exist, so an address
-    /// never moves, and used in place of a newer version that cannot be accepted.
-    accepted: HashMap<ObjectName, (Service, Option<Ipv4Addr>)>,
-    first_seen: HashMap<ObjectName, SystemTime>,
+    /// The latest version of every Service, as given.
+    services: HashMap<ObjectName, Service>,
+    /// Services with a selector, by the selector's first pair: only such a Service can select a
+    /// Pod that has this label.
+    selectors_by_label: HashMap<LabelKey, HashSet<ObjectName>>,
+    endpoints: EndpointSources,
+    /// Which Service holds each address handed out.
+    owners: HashMap<Ipv4Addr, ObjectName>,
+    /// Services whose latest version is rejected, and why.
+    rejected: BTreeMap<ObjectName, FieldError>,
+    /// Every Service accepted, in the version accepted last and with its address: an address
+    /// never moves while its Service exists, and a version that cannot be accepted leaves the
+    /// previous one in force.
+    states: BTreeMap<ObjectName, ServiceState>,
+    /// Services to compute at the next `compute`.
+    dirty: BTreeSet<ObjectName>,
 }
 
 impl ControlPlane {
     pub fn new(cidr: Ipv4Net) -> Self {
         Self {
             cidr,
-            accepted: HashMap::new(),
-            first_seen: HashMap::new(),
+            services: HashMap::new(),
+            selectors_by_label: HashMap::new(),
+            endpoints: EndpointSources::default(),
+            owners: HashMap::new(),
+            rejected: BTreeMap::new(),
+            states: BTreeMap::new(),
+            dirty: BTreeSet::new(),
         }
     }
 
@@ -61,78 +98,199 @@ impl ControlPlane {
         self.cidr
     }
 
-    /// Computes every Service's state from the current objects.
-    pub fn compute<'a>(
-        &mut self,
-        objects: impl IntoIterator<Item = &'a Object>,
-        now: SystemTime,
-    ) -> (Vec<ServiceState>, Vec<ServiceError>) {
-        let mut services: BTreeMap<ObjectName, &Service> = BTreeMap::new();
-        let mut pods: Vec<&Pod> = Vec::new();
-        let mut manual: Vec<&ManualEndpoints> = Vec::new();
-        for o in objects {
-            match o {
-                Object::Service(s) => {
-                    services.insert(s.id.clone(), s);
+    /// Takes in one change; the Services it affects are computed at the next `compute`.
+    pub fn apply(&mut self, change: Change) {
+        match change {
+            Change::Upsert(object) => {
+                let key = object.key();
+                match object {
+                    Object::Service(svc) => self.set_service(key.1, Some(svc)),
+                    Object::Pod(pod) => self.set_pod(key.1, Some(pod)),
+                    Object::Endpoints(m) | Object::EndpointSlice(m) => {
+                        self.set_manual(key, Some(m))
+                    }
                 }
-                Object::Pod(p) => pods.push(p),
-                Object::Endpoints(e) | Object::EndpointSlice(e) => manual.push(e),
+            }
+            Change::Delete(key) => match key.0 {
+                "Service" => self.set_service(key.1, None),
+                "Pod" => self.set_pod(key.1, None),
+                _ => self.set_manual(key, None),
+            },
+        }
+    }
+
+    /// Makes `objects` the whole set: everything else is deleted.
+    pub fn replace_all(&mut self, objects: impl IntoIterator<Item = Object>) {
+        let mut present = HashSet::new();
+        for object in objects {
+            present.insert(object.key());
+            self.apply(Change::Upsert(object));
+        }
+        let gone: Vec<ObjectKey> = self
+            .services
+            .keys()
+            .map(|name| ("Service", name.clone()))
+            .chain(self.endpoints.keys())
+            .filter(|key| !present.contains(key))
+            .collect();
+        for key in gone {
+            self.apply(Change::Delete(key));
+        }
+    }
+
+    fn set_service(&mut self, name: ObjectName, svc: Option<Service>) {
+        if self.services.get(&name) == svc.as_ref() {
+            return;
+        }
+        if let Some(old) = self.services.remove(&name)
+            && let Some(label) = selector_label(&old)
+        {
+            remove_from(&mut self.selectors_by_label, &label, &name);
+        }
+        if let Some(svc) = svc {
+            if let Some(label) = selector_label(&svc) {
+                self.selectors_by_label
+                    .entry(label)
+                    .or_default()
+                    .insert(name.clone());
+            }
+            self.services.insert(name.clone(), svc);
+        }
+        self.dirty.insert(name);
+    }
+
+    fn set_pod(&mut self, name: ObjectName, pod: Option<Pod>) {
+        let (old, new) = match self.endpoints.set_pod(name, pod) {
+            Some(versions) => versions,
+            None => return,
+        };
+        for pod in [old.as_ref(), new.as_ref()].into_iter().flatten() {
+            for (k, v) in &pod.labels {
+                let label = (pod.id.namespace.clone(), k.clone(), v.clone());
+                for service in self.selectors_by_label.get(&label).into_iter().flatten() {
+                    let selects = self.services[service]
+                        .selector
+                        .as_ref()
+                        .is_some_and(|s| selects(s, &pod.labels));
+                    if selects {
+                        self.dirty.insert(service.clone());
+                    }
+                }
             }
         }
-        let index = Index::new(&pods, &manual);
-        self.accepted.retain(|name, _| services.contains_key(name));
-        self.first_seen
-            .retain(|name, _| services.contains_key(name));
+        // A rejected Service runs on its accepted version, whose selector is not indexed.
+        self.dirty.extend(self.rejected.keys().cloned());
+    }
 
-        let (addresses, errors) = self.allocate(&services);
-        let mut states = Vec::new();
-        for (name, svc) in &services {
-            let (svc, cluster_ip) = match addresses.get(name) {
-                Some(ip) => ((*svc).clone(), *ip),
-                // Rejected now but accepted before: the previous version stays in force.
-                None => match self.accepted.get(name) {
-                    Some((old, ip)) => (old.clone(), *ip),
-                    None => continue,
-                },
+    fn set_manual(&mut self, key: ObjectKey, manual: Option<ManualEndpoints>) {
+        self.dirty.extend(self.endpoints.set_manual(key, manual));
+    }
+
+    /// Computes the Services that changes affected; returns those whose state changed.
+    pub fn compute(&mut self, now: SystemTime) -> Vec<ServiceChange> {
+        let mut before: BTreeMap<ObjectName, Option<ServiceState>> = BTreeMap::new();
+        while !self.dirty.is_empty() {
+            let dirty = std::mem::take(&mut self.dirty);
+            // An address given up may be the one a rejected Service asked for: try them again.
+            if self.compute_round(&dirty, now, &mut before) {
+                self.dirty.extend(self.rejected.keys().cloned());
+            }
+        }
+        before
+            .into_iter()
+            .filter(|(name, before)| self.states.get(name) != before.as_ref())
+            .map(|(name, before)| ServiceChange { name, before })
+            .collect()
+    }
+
+    /// Computes `dirty`; records the state each changed Service had first in `before`. Returns
+    /// whether an address was given up.
+    fn compute_round(
+        &mut self,
+        dirty: &BTreeSet<ObjectName>,
+        now: SystemTime,
+        before: &mut BTreeMap<ObjectName, Option<ServiceState>>,
+    ) -> bool {
+        let (addresses, mut errors) = self.allocate(dirty);
+        let mut released = false;
+        for name in dirty {
+            match errors.remove(name) {
+                Some(error) => self.rejected.insert(name.clone(), error),
+                None => self.rejected.remove(name),
             };
-            self.accepted
-                .insert(name.clone(), (svc.clone(), cluster_ip));
+            let chosen = match (self.services.get(name), addresses.get(name)) {
+                (Some(svc), Some(ip)) => Some((svc.clone(), *ip)),
+                // Rejected now but accepted before: the previous version stays in force.
+                (Some(_), None) => self
+                    .states
+                    .get(name)
+                    .map(|s| (s.service.clone(), s.cluster_ip)),
+                (None, _) => None,
+            };
+            let previous_ip = self.states.get(name).and_then(|s| s.cluster_ip);
+            let new_ip = chosen.as_ref().and_then(|(_, ip)| *ip);
+            if let Some(ip) = previous_ip
+                && Some(ip) != new_ip
+            {
+                self.owners.remove(&ip);
+                released = true;
+            }
+            let Some((svc, cluster_ip)) = chosen else {
+                if let Some(old) = self.states.remove(name) {
+                    before.entry(name.clone()).or_insert(Some(old));
+                }
+                continue;
+            };
+            // Without a creation time (a manifest), a Service is as old as its first state.
             let created = svc
                 .created
-                .unwrap_or(*self.first_seen.entry(name.clone()).or_insert(now));
-            let ports = resolve_ports(&svc, &index);
-            states.push(ServiceState {
+                .or(self.states.get(name).map(|s| s.created))
+                .unwrap_or(now);
+            let ports = resolve_ports(&svc, &self.endpoints);
+            let state = ServiceState {
                 service: svc,
                 cluster_ip,
                 ports,
                 created,
-            });
+            };
+            if self.states.get(name) != Some(&state) {
+                let old = self.states.insert(name.clone(), state);
+                before.entry(name.clone()).or_insert(old);
+            }
         }
-        (states, errors)
+        released
     }
 
-    /// Address of every Service that can be accepted (`None` inside: headless/ExternalName).
+    /// Address of every Service in `dirty` that can be accepted (`None` inside:
+    /// headless/ExternalName), and why the others cannot. New addresses are recorded in
+    /// `owners`; the caller gives up the ones Services leave.
     fn allocate(
-        &self,
-        services: &BTreeMap<ObjectName, &Service>,
-    ) -> (HashMap<ObjectName, Option<Ipv4Addr>>, Vec<ServiceError>) {
+        &mut self,
+        dirty: &BTreeSet<ObjectName>,
+    ) -> (
+        HashMap<ObjectName, Option<Ipv4Addr>>,
+        BTreeMap<ObjectName, FieldError>,
+    ) {
         let mut result = HashMap::new();
-        let mut errors = Vec::new();
-        let mut used: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        let mut errors = BTreeMap::new();
         let wants_ip = |s: &Service| {
             s.service_type != ServiceType::ExternalName
                 && s.cluster_ip != ClusterIpRequest::Headless
         };
-        // 1. Services keep the address they have, if their spec still allows it.
-        for (name, svc) in services {
+        let present = || {
+            dirty
+                .iter()
+                .filter_map(|name| Some((name, self.services.get(name)?)))
+        };
+        // 1. Services keep the address they have, if their spec still allows it. The address
+        //    stays reserved this round even if the spec moves away from it: a rejected update
+        //    falls back to the accepted version and its address.
+        for (name, svc) in present() {
             if !wants_ip(svc) {
                 result.insert(name.clone(), None);
                 continue;
             }
-            if let Some((_, Some(ip))) = self.accepted.get(name) {
-                // Reserved this round even if the spec moves away from it: a rejected update
-                // falls back to the accepted version and its address.
-                used.insert(*ip);
+            if let Some(ip) = self.states.get(name).and_then(|s| s.cluster_ip.as_ref()) {
                 let keeps = match svc.cluster_ip {
                     ClusterIpRequest::Allocate => true,
                     ClusterIpRequest::Fixed(want) => want == *ip,
@@ -144,42 +302,41 @@ impl ControlPlane {
             }
         }
         // 2. Addresses chosen by the user.
-        for (name, svc) in services {
+        for (name, svc) in present() {
             let ClusterIpRequest::Fixed(ip) = svc.cluster_ip else {
                 continue;
             };
             if result.contains_key(name) || !wants_ip(svc) {
                 continue;
             }
-            let error = if !self.usable(ip) {
-                Some(format!(
+            let usable = self.usable(ip);
+            let message = match self.owners.entry(ip) {
+                _ if !usable => format!(
                     "Invalid value: \"{ip}\": provided IP is not in the valid range. The range of valid IPs is {}",
                     self.cidr
-                ))
-            } else if !used.insert(ip) {
-                Some(format!(
-                    "Invalid value: \"{ip}\": provided IP is already allocated"
-                ))
-            } else {
-                None
-            };
-            match error {
-                Some(message) => errors.push(ServiceError {
-                    service: name.clone(),
-                    error: FieldError {
-                        field: "spec.clusterIP".into(),
-                        message,
-                    },
-                }),
-                None => {
-                    result.insert(name.clone(), Some(ip));
+                ),
+                Entry::Occupied(_) => {
+                    format!("Invalid value: \"{ip}\": provided IP is already allocated")
                 }
-            }
+                Entry::Vacant(free) => {
+                    free.insert(name.clone());
+                    result.insert(name.clone(), Some(ip));
+                    continue;
+                }
+            };
+            errors.insert(
+                name.clone(),
+                FieldError {
+                    field: "spec.clusterIP".into(),
+                    message,
+                },
+            );
         }
         // 3. Allocation: a slot derived from the name, so an agent restarted on the same
         //    manifests gives every Service the address it had.
         let size = 1u64 << (32 - self.cidr.prefix_len());
-        for (name, svc) in services {
+        let base = u32::from(self.cidr.network()) as u64;
+        for (name, svc) in present() {
             if result.contains_key(name)
                 || svc.cluster_ip != ClusterIpRequest::Allocate
                 || !wants_ip(svc)
@@ -187,22 +344,23 @@ impl ControlPlane {
                 continue;
             }
             let start = fnv1a(format!("{}/{}", name.namespace, name.name).as_bytes()) % size;
-            let base = u32::from(self.cidr.network()) as u64;
             let found = (0..size)
                 .map(|i| Ipv4Addr::from((base + (start + i) % size) as u32))
-                .find(|ip| self.usable(*ip) && !used.contains(ip));
+                .find(|ip| self.usable(*ip) && !self.owners.contains_key(ip));
             match found {
                 Some(ip) => {
-                    used.insert(ip);
+                    self.owners.insert(ip, name.clone());
                     result.insert(name.clone(), Some(ip));
                 }
-                None => errors.push(ServiceError {
-                    service: name.clone(),
-                    error: FieldError {
-                        field: "spec.clusterIP".into(),
-                        message: format!("Internal error: no address left in {}", self.cidr),
-                    },
-                }),
+                None => {
+                    errors.insert(
+                        name.clone(),
+                        FieldError {
+                            field: "spec.clusterIP".into(),
+                            message: format!("Internal error: no address left in {}", self.cidr),
+                        },
+                    );
+                }
             }
         }
         (result, errors)
@@ -214,6 +372,28 @@ impl ControlPlane {
             && (self.cidr.prefix_len() >= 31
                 || (ip != self.cidr.network() && ip != self.cidr.broadcast()))
     }
+
+    /// Every Service with its address and endpoints, by namespace and name.
+    pub fn states(&self) -> impl Iterator<Item = &ServiceState> {
+        self.states.values()
+    }
+
+    /// How many Services are accepted.
+    pub fn services_len(&self) -> usize {
+        self.states.len()
+    }
+
+    pub fn state(&self, name: &ObjectName) -> Option<&ServiceState> {
+        self.states.get(name)
+    }
+
+    /// Services whose latest version cannot be accepted, and why.
+    pub fn errors(&self) -> impl Iterator<Item = ServiceError> + '_ {
+        self.rejected.iter().map(|(name, error)| ServiceError {
+            service: name.clone(),
+            error: error.clone(),
+        })
+    }
 }
 
 fn fnv1a(data: &[u8]) -> u64 {
@@ -222,59 +402,124 @@ fn fnv1a(data: &[u8]) -> u64 {
     })
 }
 
-/// Pods by label and manual endpoints by Service, so that resolving every Service does not
-/// scan every object.
-struct Index<'a> {
-    pods_by_label: HashMap<(&'a str, &'a str, &'a str), Vec<&'a Pod>>,
-    manual_by_service: HashMap<&'a ObjectName, Vec<&'a ManualEndpoints>>,
+fn selector_label(svc: &Service) -> Option<LabelKey> {
+    let (k, v) = svc.selector.as_ref()?.iter().next()?;
+    Some((svc.id.namespace.clone(), k.clone(), v.clone()))
 }
 
-impl<'a> Index<'a> {
-    fn new(pods: &[&'a Pod], manual: &[&'a ManualEndpoints]) -> Self {
-        let mut pods_by_label: HashMap<_, Vec<&Pod>> = HashMap::new();
-        for pod in pods {
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn remove_from<K: Eq + std::hash::Hash, V: Eq + std::hash::Hash>(
+    index: &mut HashMap<K, HashSet<V>>,
+    key: &K,
+    value: &V,
+) {
+    if let Some(set) = index.get_mut(key) {
+        set.remove(value);
+        if set.is_empty() {
+            index.remove(key);
+        }
+    }
+}
+
+/// Pods and manual endpoints, indexed so that resolving a Service does not scan every object.
+#[derive(Default)]
+struct EndpointSources {
+    pods: HashMap<ObjectName, Pod>,
+    pods_by_label: HashMap<LabelKey, HashSet<ObjectName>>,
+    manual: HashMap<ObjectKey, ManualEndpoints>,
+    manual_by_service: HashMap<ObjectName, Vec<ObjectKey>>,
+}
+
+impl EndpointSources {
+    fn keys(&self) -> impl Iterator<Item = ObjectKey> + '_ {
+        self.pods
+            .keys()
+            .map(|name| ("Pod", name.clone()))
+            .chain(self.manual.keys().cloned())
+    }
+
+    /// Replaces a Pod; returns its old and new version, or `None` when nothing changed.
+    fn set_pod(
+        &mut self,
+        name: ObjectName,
+        pod: Option<Pod>,
+    ) -> Option<(Option<Pod>, Option<Pod>)> {
+        if self.pods.get(&name) == pod.as_ref() {
+            return None;
+        }
+        let old = self.pods.remove(&name);
+        for (k, v) in old.iter().flat_map(|p| &p.labels) {
+            let label = (name.namespace.clone(), k.clone(), v.clone());
+            remove_from(&mut self.pods_by_label, &label, &name);
+        }
+        if let Some(pod) = &pod {
             for (k, v) in &pod.labels {
-                pods_by_label
-                    .entry((pod.id.namespace.as_str(), k.as_str(), v.as_str()))
+                self.pods_by_label
+                    .entry((name.namespace.clone(), k.clone(), v.clone()))
                     .or_default()
-                    .push(*pod);
+                    .insert(name.clone());
             }
+            self.pods.insert(name, pod.clone());
         }
-        let mut manual_by_service: HashMap<_, Vec<&ManualEndpoints>> = HashMap::new();
-        for m in manual {
-            manual_by_service.entry(&m.service).or_default().push(*m);
+        Some((old, pod))
+    }
+
+    /// Replaces manual endpoints; returns the Services they were and are for.
+    fn set_manual(&mut self, key: ObjectKey, manual: Option<ManualEndpoints>) -> Vec<ObjectName> {
+        if self.manual.get(&key) == manual.as_ref() {
+            return Vec::new();
         }
-        Self {
-            pods_by_label,
-            manual_by_service,
+        let mut services = Vec::new();
+        if let Some(old) = self.manual.remove(&key) {
+            if let Some(keys) = self.manual_by_service.get_mut(&old.service) {
+                keys.retain(|k| *k != key);
+                if keys.is_empty() {
+                    self.manual_by_service.remove(&old.service);
+                }
+            }
+            services.push(old.service);
         }
+        if let Some(m) = manual {
+            self.manual_by_service
+                .entry(m.service.clone())
+                .or_default()
+                .push(key.clone());
+            services.push(m.service.clone());
+            self.manual.insert(key, m);
+        }
+        services
     }
 
     /// Pods of `namespace` whose labels contain every pair of `selector`.
     fn selected<'s>(
         &'s self,
-        namespace: &'s str,
+        namespace: &str,
         selector: &'s BTreeMap<String, String>,
-    ) -> impl Iterator<Item = &'a Pod> + 's {
-        let candidates = selector
-            .iter()
-            .next()
-            .and_then(|(k, v)| self.pods_by_label.get(&(namespace, k.as_str(), v.as_str())));
+    ) -> impl Iterator<Item = &'s Pod> + 's {
+        let candidates = selector.iter().next().and_then(|(k, v)| {
+            self.pods_by_label
+                .get(&(namespace.to_string(), k.clone(), v.clone()))
+        });
         candidates
             .into_iter()
             .flatten()
-            .copied()
-            .filter(move |pod| selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v)))
+            .filter_map(|name| self.pods.get(name))
+            .filter(move |pod| selects(selector, &pod.labels))
     }
 
-    fn manual(&self, service: &ObjectName) -> &[&'a ManualEndpoints] {
+    fn manual_for(&self, service: &ObjectName) -> impl Iterator<Item = &ManualEndpoints> {
         self.manual_by_service
             .get(service)
-            .map_or(&[], Vec::as_slice)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.manual.get(key))
     }
 }
 
-fn resolve_ports(svc: &Service, index: &Index) -> Vec<ResolvedPort> {
+fn resolve_ports(svc: &Service, sources: &EndpointSources) -> Vec<ResolvedPort> {
     if svc.service_type == ServiceType::ExternalName {
         return Vec::new();
     }
@@ -292,7 +537,7 @@ fn resolve_ports(svc: &Service, index: &Index) -> Vec<ResolvedPort> {
             };
             match &svc.selector {
                 Some(selector) => {
-                    for pod in index.selected(&svc.id.namespace, selector) {
+                    for pod in sources.selected(&svc.id.namespace, selector) {
                         let Some(ip) = pod.ip else { continue };
                         let target = match &port.target_port {
                             TargetPort::Number(n) => Some(*n),
@@ -308,7 +553,7 @@ fn resolve_ports(svc: &Service, index: &Index) -> Vec<ResolvedPort> {
                     }
                 }
                 None => {
-                    for m in index.manual(&svc.id) {
+                    for m in sources.manual_for(&svc.id) {
                         for group in &m.groups {
                             let Some(ep_port) = group
                                 .ports
@@ -335,6 +580,20 @@ fn resolve_ports(svc: &Service, index: &Index) -> Vec<ResolvedPort> {
         .collect()
 }
 
+/// Every Service's state and every error once `objects` are the whole set (for tests).
+#[cfg(test)]
+impl ControlPlane {
+    pub fn compute_all(
+        &mut self,
+        objects: &[Object],
+        now: SystemTime,
+    ) -> (Vec<ServiceState>, Vec<ServiceError>) {
+        self.replace_all(objects.iter().cloned());
+        self.compute(now);
+        (self.states().cloned().collect(), self.errors().collect())
+    }
+}
+
 /// Service states of a YAML manifest, as a fresh control plane over 198.19.0.0/16 computes
 /// them at the Unix epoch (for tests of the stages that follow).
 #[cfg(test)]
@@ -346,7 +605,7 @@ pub fn states_from_yaml(yaml: &str) -> Vec<ServiceState> {
             .map(|r| r.expect("test object is valid"))
             .collect();
     let (states, errors) = ControlPlane::new("198.19.0.0/16".parse().expect("cidr"))
-        .compute(&objects, SystemTime::UNIX_EPOCH);
+        .compute_all(&objects, SystemTime::UNIX_EPOCH);
     assert!(errors.is_empty(), "{errors:?}");
     states
 }
@@ -385,13 +644,13 @@ mod tests {
     fn allocation_is_stable_unique_and_inside_the_cidr() {
         let yaml: String = (0..50).map(|i| svc(&format!("s{i}"), "")).collect();
         let objs = objects(&yaml);
-        let (a, errors) = cp().compute(&objs, SystemTime::UNIX_EPOCH);
+        let (a, errors) = cp().compute_all(&objs, SystemTime::UNIX_EPOCH);
         assert!(errors.is_empty());
         let ips: BTreeSet<_> = a.iter().map(|s| s.cluster_ip.unwrap()).collect();
         assert_eq!(ips.len(), 50);
         assert!(ips.iter().all(|ip| cp().usable(*ip)));
         // A fresh control plane (agent restart) hands out the same addresses.
-        let (b, _) = cp().compute(&objs, SystemTime::UNIX_EPOCH);
+        let (b, _) = cp().compute_all(&objs, SystemTime::UNIX_EPOCH);
         assert_eq!(a, b);
     }
 
@@ -400,7 +659,7 @@ mod tests {
         let yaml = svc("a", "  clusterIP: 198.19.0.10\n")
             + &svc("b", "  clusterIP: 198.19.0.10\n")
             + &svc("c", "  clusterIP: 10.0.0.1\n");
-        let (states, errors) = cp().compute(&objects(&yaml), SystemTime::UNIX_EPOCH);
+        let (states, errors) = cp().compute_all(&objects(&yaml), SystemTime::UNIX_EPOCH);
         assert_eq!(states.len(), 1);
         assert_eq!(states[0].cluster_ip, Some("198.19.0.10".parse().unwrap()));
         assert_eq!(errors.len(), 2);
@@ -413,10 +672,10 @@ mod tests {
     #[test]
     fn a_running_service_keeps_its_address_against_a_newcomer() {
         let mut cp = cp();
-        let (first, _) = cp.compute(&objects(&svc("old", "")), SystemTime::UNIX_EPOCH);
+        let (first, _) = cp.compute_all(&objects(&svc("old", "")), SystemTime::UNIX_EPOCH);
         let ip = first[0].cluster_ip.unwrap();
         let yaml = svc("old", "") + &svc("new", &format!("  clusterIP: {ip}\n"));
-        let (states, errors) = cp.compute(&objects(&yaml), SystemTime::UNIX_EPOCH);
+        let (states, errors) = cp.compute_all(&objects(&yaml), SystemTime::UNIX_EPOCH);
         assert_eq!(
             states
                 .iter()
@@ -431,11 +690,11 @@ mod tests {
     #[test]
     fn rejected_update_keeps_the_accepted_version() {
         let mut cp = cp();
-        cp.compute(
+        cp.compute_all(
             &objects(&svc("a", "  clusterIP: 198.19.0.10\n")),
             SystemTime::UNIX_EPOCH,
         );
-        let (states, errors) = cp.compute(
+        let (states, errors) = cp.compute_all(
             &objects(&svc("a", "  clusterIP: 10.1.1.1\n")),
             SystemTime::UNIX_EPOCH,
         );
@@ -447,7 +706,7 @@ mod tests {
     fn headless_and_external_name_get_no_address() {
         let yaml = svc("h", "  clusterIP: None\n")
             + "apiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec: {type: ExternalName, externalName: db.example.com}\n";
-        let (states, errors) = cp().compute(&objects(&yaml), SystemTime::UNIX_EPOCH);
+        let (states, errors) = cp().compute_all(&objects(&yaml), SystemTime::UNIX_EPOCH);
         assert!(errors.is_empty());
         assert!(states.iter().all(|s| s.cluster_ip.is_none()));
     }
@@ -466,7 +725,7 @@ mod tests {
         yaml += "apiVersion: v1\nkind: Pod\nmetadata: {name: p4, namespace: elsewhere, labels: {app: web}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 198.18.1.5}\n---\n";
         yaml += "apiVersion: v1\nkind: Service\nmetadata: {name: named}\nspec:\n  selector: {app: web}\n  ports: [{port: 80, targetPort: web}]\n---\n";
         yaml += "apiVersion: v1\nkind: Pod\nmetadata: {name: p5, labels: {app: web}}\nspec:\n  containers:\n  - name: c\n    ports: [{name: web, containerPort: 7070}]\nstatus: {podIP: 198.18.1.6}\n";
-        let (states, _) = cp().compute(&objects(&yaml), SystemTime::UNIX_EPOCH);
+        let (states, _) = cp().compute_all(&objects(&yaml), SystemTime::UNIX_EPOCH);
         let web = states.iter().find(|s| s.service.id.name == "web").unwrap();
         let addrs = |v: &[SocketAddrV4]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
         assert_eq!(
@@ -489,7 +748,7 @@ mod tests {
         let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec:\n  ports: [{name: http, port: 80}, {name: dns, port: 53, protocol: UDP}]\n---\n\
 apiVersion: v1\nkind: Endpoints\nmetadata: {name: ext}\nsubsets:\n- addresses: [{ip: 198.18.9.1}]\n  ports: [{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]\n---\n\
 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: ext-1, labels: {kubernetes.io/service-name: ext}}\naddressType: IPv4\nendpoints: [{addresses: [198.18.9.2]}]\nports: [{name: http, port: 8081}]\n";
-        let (states, _) = cp().compute(&objects(yaml), SystemTime::UNIX_EPOCH);
+        let (states, _) = cp().compute_all(&objects(yaml), SystemTime::UNIX_EPOCH);
         let p = &states[0].ports;
         assert_eq!(
             p[0].ready.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
@@ -499,5 +758,114 @@ apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: ext-1, la
             p[1].ready.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             ["198.18.9.1:5353"]
         );
+    }
+
+    /// A random object of a small universe, so that changes keep hitting the same names,
+    /// labels and addresses.
+    fn random_object(next: &mut impl FnMut() -> u64) -> Object {
+        let n = next();
+        let yaml = match n % 4 {
+            0 => {
+                let cluster_ip = match next() % 4 {
+                    0 => "  clusterIP: None\n".to_string(),
+                    1 => format!("  clusterIP: 198.19.0.{}\n", 10 + next() % 2),
+                    _ => String::new(),
+                };
+                let selector = match next() % 4 {
+                    0 => String::new(),
+                    1 => format!(
+                        "  selector: {{app: a{}, tier: t{}}}\n",
+                        next() % 3,
+                        next() % 2
+                    ),
+                    _ => format!("  selector: {{app: a{}}}\n", next() % 3),
+                };
+                format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: s{}}}\nspec:\n{cluster_ip}{selector}  ports: [{{name: http, port: {}, targetPort: {}}}]\n",
+                    next() % 8,
+                    80 + next() % 2,
+                    if next().is_multiple_of(2) {
+                        "web".to_string()
+                    } else {
+                        "8080".to_string()
+                    },
+                )
+            }
+            1 | 2 => format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{}, labels: {{app: a{}, tier: t{}}}}}\nspec: {{containers: [{{name: c, ports: [{{name: web, containerPort: {}}}]}}]}}\nstatus: {{podIP: 198.18.1.{}, conditions: [{{type: Ready, status: \"{}\"}}]}}\n",
+                next() % 10,
+                next() % 3,
+                next() % 2,
+                9000 + next() % 2,
+                1 + next() % 12,
+                if next().is_multiple_of(3) {
+                    "False"
+                } else {
+                    "True"
+                },
+            ),
+            _ => format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: e{}, labels: {{kubernetes.io/service-name: s{}}}}}\naddressType: IPv4\nendpoints: [{{addresses: [198.18.2.{}]}}]\nports: [{{name: http, port: 8080}}]\n",
+                next() % 4,
+                next() % 8,
+                1 + next() % 5,
+            ),
+        };
+        objects(&yaml).remove(0)
+    }
+
+    /// Incremental computation gives what computing every Service again gives, after every
+    /// step of a random sequence of upserts and deletes; the changes it reports are all the
+    /// changes; the desired dataplane kept from them is the one built from scratch.
+    #[test]
+    fn incremental_equals_computing_everything_again() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (mut incremental, mut everything) = (cp(), cp());
+        let mut reported: BTreeMap<ObjectName, ServiceState> = BTreeMap::new();
+        let mut desired = crate::desired::DesiredDataplane::default();
+        for step in 0..3000 {
+            for _ in 0..1 + next() % 3 {
+                let object = random_object(&mut next);
+                let change = if next().is_multiple_of(4) {
+                    Change::Delete(object.key())
+                } else {
+                    Change::Upsert(object)
+                };
+                incremental.apply(change.clone());
+                everything.apply(change);
+            }
+            let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(step);
+            let changes = incremental.compute(now);
+            everything.dirty.extend(everything.services.keys().cloned());
+            everything.dirty.extend(everything.states.keys().cloned());
+            everything.compute(now);
+            assert_eq!(incremental.states, everything.states, "step {step}");
+            assert_eq!(incremental.rejected, everything.rejected, "step {step}");
+            for change in &changes {
+                assert_eq!(reported.get(&change.name), change.before.as_ref());
+                match incremental.state(&change.name) {
+                    Some(s) => reported.insert(change.name.clone(), s.clone()),
+                    None => reported.remove(&change.name),
+                };
+            }
+            assert_eq!(
+                reported, incremental.states,
+                "step {step}: a change went unreported"
+            );
+            desired.update(&incremental, &changes);
+            assert_eq!(
+                desired,
+                crate::desired::DesiredDataplane::from_states(incremental.states()),
+                "step {step}"
+            );
+        }
+        // The universe was exercised: endpoints, rejections and removals all happened.
+        assert!(incremental.states().any(|s| !s.ports[0].ready.is_empty()));
     }
 }

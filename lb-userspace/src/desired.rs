@@ -1,10 +1,13 @@
 //! Service states -> the dataplane wanted: every frontend with its ready backends. Pure.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use crate::{controlplane::ServiceState, model::Protocol};
+use crate::{
+    controlplane::{ControlPlane, ServiceChange, ServiceState},
+    model::Protocol,
+};
 
 /// An address, port and protocol that a Service answers on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -26,11 +29,45 @@ pub struct DesiredDataplane {
     pub frontends: BTreeMap<Frontend, Vec<SocketAddrV4>>,
 }
 
-pub fn desired(services: &[ServiceState]) -> DesiredDataplane {
-    let mut frontends = BTreeMap::new();
-    for state in services {
-        let Some(ip) = state.cluster_ip else { continue };
-        for p in &state.ports {
+impl DesiredDataplane {
+    /// Every Service's frontends.
+    pub fn from_states<'a>(states: impl IntoIterator<Item = &'a ServiceState>) -> Self {
+        let mut desired = Self::default();
+        for state in states {
+            desired.frontends.extend(frontends_of(state));
+        }
+        desired
+    }
+
+    /// Replaces the frontends of the Services in `changes` with the ones they have now in
+    /// `control`; returns every frontend added, changed or removed.
+    pub fn update(
+        &mut self,
+        control: &ControlPlane,
+        changes: &[ServiceChange],
+    ) -> BTreeSet<Frontend> {
+        let mut touched = BTreeSet::new();
+        // All removals first: an address can pass from one Service to another in one change.
+        for before in changes.iter().filter_map(|c| c.before.as_ref()) {
+            for (frontend, _) in frontends_of(before) {
+                self.frontends.remove(&frontend);
+                touched.insert(frontend);
+            }
+        }
+        for state in changes.iter().filter_map(|c| control.state(&c.name)) {
+            for (frontend, backends) in frontends_of(state) {
+                touched.insert(frontend);
+                self.frontends.insert(frontend, backends);
+            }
+        }
+        touched
+    }
+}
+
+/// A Service's frontends, each with its ready backends in order.
+fn frontends_of(state: &ServiceState) -> impl Iterator<Item = (Frontend, Vec<SocketAddrV4>)> {
+    state.cluster_ip.into_iter().flat_map(|ip| {
+        state.ports.iter().map(move |p| {
             let frontend = Frontend {
                 ip,
                 port: p.port.port,
@@ -39,10 +76,9 @@ pub fn desired(services: &[ServiceState]) -> DesiredDataplane {
             let mut backends = p.ready.clone();
             backends.sort();
             backends.dedup();
-            frontends.insert(frontend, backends);
-        }
-    }
-    DesiredDataplane { frontends }
+            (frontend, backends)
+        })
+    })
 }
 
 #[cfg(test)]
@@ -56,7 +92,7 @@ mod tests {
 apiVersion: v1\nkind: Service\nmetadata: {name: headless}\nspec: {clusterIP: None, selector: {app: dns}, ports: [{port: 53}]}\n---\n\
 apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {app: dns}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 198.18.1.9}\n";
         let states = states_from_yaml(yaml);
-        let d = desired(&states);
+        let d = DesiredDataplane::from_states(&states);
         assert_eq!(d.frontends.len(), 2, "headless has no frontend");
         let ip: Ipv4Addr = "198.19.0.53".parse().unwrap();
         for protocol in [Protocol::Tcp, Protocol::Udp] {

@@ -46,6 +46,16 @@ pub enum CapacityError {
     Slots { frontend: desired::Frontend },
 }
 
+impl CapacityError {
+    pub fn frontend(&self) -> desired::Frontend {
+        match self {
+            Self::Frontends { frontend }
+            | Self::Backends { frontend }
+            | Self::Slots { frontend } => *frontend,
+        }
+    }
+}
+
 /// The operations to write, and the frontends left out for lack of room.
 #[derive(Debug, Default)]
 pub struct Plan {
@@ -72,36 +82,51 @@ fn backend(addr: SocketAddrV4, service_id: u32) -> Backend {
     }
 }
 
-/// Hands out the lowest ids not in use, never one still present in the actual maps.
-struct IdAllocator {
-    used: BTreeSet<u32>,
+/// Hands out ids that neither the maps nor this plan use: upwards from just above the highest
+/// one in use (free without looking), wrapping around to the holes below when the top is
+/// reached. An id still in the maps is never handed out, even if this plan removes it.
+struct IdAllocator<'a> {
+    in_use: Box<dyn Fn(u32) -> bool + 'a>,
+    taken: HashSet<u32>,
     next: u32,
+    first: u32,
     limit: u32,
 }
 
-impl IdAllocator {
-    fn new(used: impl IntoIterator<Item = u32>, first: u32, limit: u32) -> Self {
+impl<'a> IdAllocator<'a> {
+    fn new(
+        in_use: impl Fn(u32) -> bool + 'a,
+        highest_in_use: Option<u32>,
+        first: u32,
+        limit: u32,
+    ) -> Self {
+        let next = highest_in_use
+            .and_then(|h| h.checked_add(1))
+            .filter(|n| *n < limit)
+            .unwrap_or(first);
         Self {
-            used: used.into_iter().collect(),
-            next: first,
+            in_use: Box::new(in_use),
+            taken: HashSet::new(),
+            next,
+            first,
             limit,
         }
     }
 
     fn take(&mut self) -> Option<u32> {
-        while self.next < self.limit {
+        for _ in self.first..self.limit {
             let id = self.next;
-            self.next += 1;
-            if self.used.insert(id) {
+            self.next = if id + 1 >= self.limit {
+                self.first
+            } else {
+                id + 1
+            };
+            if !(self.in_use)(id) && self.taken.insert(id) {
                 return Some(id);
             }
         }
         None
     }
-}
-
-pub fn diff(desired: &DesiredDataplane, actual: &ActualDataplane) -> Plan {
-    diff_with_capacity(desired, actual, Capacity::MAPS)
 }
 
 /// Map sizes the plan must fit in.
@@ -120,62 +145,196 @@ impl Capacity {
     };
 }
 
+/// Which frontends a plan looks at.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope<'a> {
+    /// Every frontend, and every backend no frontend uses (a full resync).
+    All,
+    /// Only these (after a change touched them).
+    Frontends(&'a BTreeSet<desired::Frontend>),
+}
+
+/// Every frontend of the maps made equal to `desired`.
+pub fn diff(desired: &DesiredDataplane, actual: &ActualDataplane) -> Plan {
+    plan(desired, actual, Scope::All, Capacity::MAPS)
+}
+
+/// Only `frontends` made equal to `desired`: what a change touched.
+pub fn diff_frontends(
+    desired: &DesiredDataplane,
+    actual: &ActualDataplane,
+    frontends: &BTreeSet<desired::Frontend>,
+) -> Plan {
+    plan(desired, actual, Scope::Frontends(frontends), Capacity::MAPS)
+}
+
 pub fn diff_with_capacity(
     desired: &DesiredDataplane,
     actual: &ActualDataplane,
     capacity: Capacity,
 ) -> Plan {
-    let mut by_service: HashMap<u32, Vec<(u32, Backend)>> = HashMap::new();
-    for (id, b) in &actual.backends {
-        by_service.entry(b.service_id).or_default().push((*id, *b));
+    plan(desired, actual, Scope::All, capacity)
+}
+
+pub fn plan(
+    desired: &DesiredDataplane,
+    actual: &ActualDataplane,
+    scope: Scope,
+    capacity: Capacity,
+) -> Plan {
+    let mut planner = Planner::new(actual, capacity);
+    match scope {
+        Scope::All => {
+            planner.place(desired.frontends.iter());
+            let wanted: HashSet<FrontendKey> = desired.frontends.keys().map(frontend_key).collect();
+            let mut removed: Vec<_> = actual
+                .frontends
+                .iter()
+                .filter(|(key, _)| !wanted.contains(key))
+                .collect();
+            removed.sort_by_key(|(_, f)| f.service_id);
+            planner.remove(removed);
+            planner.clear_unreferenced();
+        }
+        Scope::Frontends(frontends) => {
+            planner.place(
+                frontends
+                    .iter()
+                    .filter_map(|f| desired.frontends.get_key_value(f)),
+            );
+            planner.remove(
+                frontends
+                    .iter()
+                    .filter(|f| !desired.frontends.contains_key(f))
+                    .filter_map(|f| actual.frontends.get_key_value(&frontend_key(f))),
+            );
+        }
     }
-    // Removals are written last, so the maps must hold old and new entries at once: every
-    // budget counts from what is there now. Backend ids come from the ids no present backend
-    // uses; running out of them means the backend map is full.
-    let mut frontend_room = capacity.frontends.saturating_sub(actual.frontends.len());
-    let mut slot_room = capacity.slots.saturating_sub(actual.slots.len());
-    let mut service_ids =
-        IdAllocator::new(actual.frontends.values().map(|f| f.service_id), 1, u32::MAX);
-    let mut backend_ids = IdAllocator::new(actual.backends.keys().copied(), 0, capacity.backends);
+    planner.finish()
+}
 
-    let mut plan = Plan::default();
-    let (mut put_backends, mut put_slots, mut put_frontends) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut del_frontends, mut del_slots, mut clear_backends) =
-        (Vec::new(), Vec::new(), Vec::new());
+/// Builds a plan frontend by frontend within the room the maps have.
+struct Planner<'a> {
+    actual: &'a ActualDataplane,
+    /// Removals are written last, so the maps must hold old and new entries at once: every
+    /// budget counts from what is there now.
+    frontend_room: usize,
+    slot_room: usize,
+    service_ids: Option<IdAllocator<'a>>,
+    /// Running out of backend ids means the backend map is full.
+    backend_ids: IdAllocator<'a>,
+    /// Backends the planned maps still use, and backends already cleared.
+    referenced: HashSet<u32>,
+    cleared: HashSet<u32>,
+    skipped: Vec<CapacityError>,
+    put_backends: Vec<MapOp>,
+    put_slots: Vec<MapOp>,
+    put_frontends: Vec<MapOp>,
+    del_frontends: Vec<MapOp>,
+    del_slots: Vec<MapOp>,
+    clear_backends: Vec<MapOp>,
+}
 
-    // Frontends that exist first: a full map must not stop them from following their endpoints.
-    let mut order: Vec<(&desired::Frontend, &Vec<SocketAddrV4>)> =
-        desired.frontends.iter().collect();
-    order.sort_by_key(|(f, _)| !actual.frontends.contains_key(&frontend_key(f)));
+impl<'a> Planner<'a> {
+    fn new(actual: &'a ActualDataplane, capacity: Capacity) -> Self {
+        Self {
+            actual,
+            frontend_room: capacity.frontends.saturating_sub(actual.frontends.len()),
+            slot_room: capacity.slots.saturating_sub(actual.slots.len()),
+            service_ids: None,
+            backend_ids: IdAllocator::new(
+                |id| actual.backends.contains_key(&id),
+                actual.backends.last_key_value().map(|(id, _)| *id),
+                0,
+                capacity.backends,
+            ),
+            referenced: HashSet::new(),
+            cleared: HashSet::new(),
+            skipped: Vec::new(),
+            put_backends: Vec::new(),
+            put_slots: Vec::new(),
+            put_frontends: Vec::new(),
+            del_frontends: Vec::new(),
+            del_slots: Vec::new(),
+            clear_backends: Vec::new(),
+        }
+    }
 
-    for (f, addrs) in order {
+    /// Backend ids in a frontend's slots (its backends, as far as the maps say).
+    fn slot_backends(&self, service_id: u32, count: u32) -> Vec<u32> {
+        let mut ids: Vec<u32> = (0..count)
+            .filter_map(|slot| {
+                self.actual
+                    .slots
+                    .get(&SlotKey { service_id, slot })
+                    .copied()
+            })
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    fn new_service_id(&mut self) -> Option<u32> {
+        let actual = self.actual;
+        self.service_ids
+            .get_or_insert_with(|| {
+                // Only a new frontend needs this scan.
+                let used: HashSet<u32> = actual.frontends.values().map(|f| f.service_id).collect();
+                let highest = used.iter().max().copied();
+                IdAllocator::new(move |id| used.contains(&id), highest, 1, u32::MAX)
+            })
+            .take()
+    }
+
+    fn clear(&mut self, id: u32) {
+        if self.cleared.insert(id) {
+            self.clear_backends.push(MapOp::ClearBackend(id));
+        }
+    }
+
+    /// Programs these frontends, existing ones first: a full map must not stop them from
+    /// following their endpoints.
+    fn place<'d>(
+        &mut self,
+        wanted: impl Iterator<Item = (&'d desired::Frontend, &'d Vec<SocketAddrV4>)>,
+    ) {
+        let mut order: Vec<_> = wanted.collect();
+        order.sort_by_key(|(f, _)| !self.actual.frontends.contains_key(&frontend_key(f)));
+        for (f, addrs) in order {
+            self.place_one(f, addrs);
+        }
+    }
+
+    fn place_one(&mut self, f: &desired::Frontend, addrs: &[SocketAddrV4]) {
         let key = frontend_key(f);
-        let old = actual.frontends.get(&key);
+        let old = self.actual.frontends.get(&key);
+        let old_count = old.map_or(0, |o| o.backend_count);
+        let old_ids = old.map_or(Vec::new(), |o| self.slot_backends(o.service_id, old_count));
+        let skip = |planner: &mut Self, error: CapacityError| {
+            planner.referenced.extend(&old_ids);
+            planner.skipped.push(error);
+        };
         let service_id = match old {
             Some(fe) => fe.service_id,
-            None if frontend_room > 0 => match service_ids.take() {
+            None => match (self.frontend_room > 0)
+                .then(|| self.new_service_id())
+                .flatten()
+            {
                 Some(id) => id,
-                None => {
-                    plan.skipped.push(CapacityError::Frontends { frontend: *f });
-                    continue;
-                }
+                None => return skip(self, CapacityError::Frontends { frontend: *f }),
             },
-            None => {
-                plan.skipped.push(CapacityError::Frontends { frontend: *f });
-                continue;
-            }
         };
-        let old_count = old.map_or(0, |o| o.backend_count) as usize;
-        let new_slots = addrs.len().saturating_sub(old_count);
-        if new_slots > slot_room {
-            plan.skipped.push(CapacityError::Slots { frontend: *f });
-            continue;
+        let new_slots = addrs.len().saturating_sub(old_count as usize);
+        if new_slots > self.slot_room {
+            return skip(self, CapacityError::Slots { frontend: *f });
         }
-        let existing: HashMap<(lb_common::Addr, u16), u32> = by_service
-            .get(&service_id)
-            .into_iter()
-            .flatten()
-            .map(|(id, b)| ((b.addr, b.port), *id))
+        let existing: HashMap<(lb_common::Addr, u16), u32> = old_ids
+            .iter()
+            .filter_map(|id| {
+                let b = self.actual.backends.get(id)?;
+                (b.service_id == service_id).then_some(((b.addr, b.port), *id))
+            })
             .collect();
         let mut ids = Vec::with_capacity(addrs.len());
         let mut new_backends = Vec::new();
@@ -183,7 +342,7 @@ pub fn diff_with_capacity(
             let b = backend(*addr, service_id);
             match existing.get(&(b.addr, b.port)) {
                 Some(id) => ids.push(*id),
-                None => match backend_ids.take() {
+                None => match self.backend_ids.take() {
                     Some(id) => {
                         new_backends.push(MapOp::PutBackend(id, b));
                         ids.push(id);
@@ -193,22 +352,21 @@ pub fn diff_with_capacity(
             }
         }
         if ids.len() < addrs.len() {
-            plan.skipped.push(CapacityError::Backends { frontend: *f });
-            continue;
+            return skip(self, CapacityError::Backends { frontend: *f });
         }
         // This frontend fits: commit its operations.
         if old.is_none() {
-            frontend_room -= 1;
+            self.frontend_room -= 1;
         }
-        slot_room -= new_slots;
-        put_backends.extend(new_backends);
+        self.slot_room -= new_slots;
+        self.put_backends.extend(new_backends);
         for (slot, id) in ids.iter().enumerate() {
             let slot_key = SlotKey {
                 service_id,
                 slot: slot as u32,
             };
-            if actual.slots.get(&slot_key) != Some(id) {
-                put_slots.push(MapOp::PutSlot(slot_key, *id));
+            if self.actual.slots.get(&slot_key) != Some(id) {
+                self.put_slots.push(MapOp::PutSlot(slot_key, *id));
             }
         }
         let count = ids.len() as u32;
@@ -219,46 +377,62 @@ pub fn diff_with_capacity(
             _pad: 0,
         };
         if old != Some(&wanted) {
-            put_frontends.push(MapOp::PutFrontend(key, wanted));
+            self.put_frontends.push(MapOp::PutFrontend(key, wanted));
         }
-        for slot in count..old_count as u32 {
-            del_slots.push(MapOp::DeleteSlot(SlotKey { service_id, slot }));
+        for slot in count..old_count {
+            self.del_slots
+                .push(MapOp::DeleteSlot(SlotKey { service_id, slot }));
         }
-        let kept: BTreeSet<u32> = ids.into_iter().collect();
-        for (id, _) in by_service.get(&service_id).into_iter().flatten() {
-            if !kept.contains(id) {
-                clear_backends.push(MapOp::ClearBackend(*id));
+        self.referenced.extend(&ids);
+        for id in old_ids {
+            if !ids.contains(&id) {
+                self.clear(id);
             }
         }
     }
 
-    let wanted_keys: HashSet<FrontendKey> = desired.frontends.keys().map(frontend_key).collect();
-    let mut removed: Vec<(&FrontendKey, &Frontend)> = actual
-        .frontends
-        .iter()
-        .filter(|(k, _)| !wanted_keys.contains(k))
-        .collect();
-    removed.sort_by_key(|(_, f)| f.service_id);
-    for (key, fe) in removed {
-        del_frontends.push(MapOp::DeleteFrontend(*key));
-        for slot in 0..fe.backend_count {
-            del_slots.push(MapOp::DeleteSlot(SlotKey {
-                service_id: fe.service_id,
-                slot,
-            }));
-        }
-        for (id, _) in by_service.get(&fe.service_id).into_iter().flatten() {
-            clear_backends.push(MapOp::ClearBackend(*id));
+    fn remove<'k>(&mut self, removed: impl IntoIterator<Item = (&'k FrontendKey, &'k Frontend)>) {
+        for (key, fe) in removed {
+            self.del_frontends.push(MapOp::DeleteFrontend(*key));
+            for slot in 0..fe.backend_count {
+                self.del_slots.push(MapOp::DeleteSlot(SlotKey {
+                    service_id: fe.service_id,
+                    slot,
+                }));
+            }
+            for id in self.slot_backends(fe.service_id, fe.backend_count) {
+                self.clear(id);
+            }
         }
     }
 
-    plan.ops = put_backends;
-    plan.ops.extend(put_slots);
-    plan.ops.extend(put_frontends);
-    plan.ops.extend(del_frontends);
-    plan.ops.extend(del_slots);
-    plan.ops.extend(clear_backends);
-    plan
+    /// Clears every backend that no frontend uses (left behind by a write that failed half
+    /// way, or by another writer).
+    fn clear_unreferenced(&mut self) {
+        let unreferenced: Vec<u32> = self
+            .actual
+            .backends
+            .keys()
+            .filter(|id| !self.referenced.contains(id))
+            .copied()
+            .collect();
+        for id in unreferenced {
+            self.clear(id);
+        }
+    }
+
+    fn finish(self) -> Plan {
+        let mut ops = self.put_backends;
+        ops.extend(self.put_slots);
+        ops.extend(self.put_frontends);
+        ops.extend(self.del_frontends);
+        ops.extend(self.del_slots);
+        ops.extend(self.clear_backends);
+        Plan {
+            ops,
+            skipped: self.skipped,
+        }
+    }
 }
 
 /// The actual state after `ops` were written.
@@ -505,5 +679,59 @@ mod tests {
             }]
         );
         assert!(plan.ops.is_empty());
+    }
+
+    /// Planning only the frontends a change touched keeps the maps what a full plan makes
+    /// them, consistent after every single write, over a random sequence of changes.
+    #[test]
+    fn touched_frontends_only_converge_like_a_full_plan() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut want = DesiredDataplane::default();
+        let mut actual = ActualDataplane::default();
+        for step in 0..2000 {
+            let mut touched = BTreeSet::new();
+            for _ in 0..1 + next() % 3 {
+                let f = fe(1 + (next() % 20) as u8, 80);
+                touched.insert(f);
+                if next().is_multiple_of(5) {
+                    want.frontends.remove(&f);
+                } else {
+                    let addrs: BTreeSet<SocketAddrV4> = (0..next() % 6)
+                        .map(|_| {
+                            let host = std::net::Ipv4Addr::new(198, 18, 1, (next() % 8) as u8);
+                            SocketAddrV4::new(host, 8080)
+                        })
+                        .collect();
+                    want.frontends.insert(f, addrs.into_iter().collect());
+                }
+            }
+            let plan = diff_frontends(&want, &actual, &touched);
+            assert!(plan.skipped.is_empty());
+            apply_checked(&mut actual, &plan.ops);
+            assert!(diff(&want, &actual).ops.is_empty(), "step {step}");
+        }
+    }
+
+    #[test]
+    fn full_plan_clears_backends_no_frontend_uses() {
+        let mut actual = ActualDataplane::default();
+        let d = desired(&[(fe(1, 80), backends(2))]);
+        let ops = diff(&d, &actual).ops;
+        apply_checked(&mut actual, &ops);
+        // Left behind by a write that stopped half way.
+        let orphan = backend(
+            SocketAddrV4::new(std::net::Ipv4Addr::new(198, 18, 9, 9), 1),
+            77,
+        );
+        actual.backends.insert(1000, orphan);
+        let touched = BTreeSet::from([fe(1, 80)]);
+        assert!(diff_frontends(&d, &actual, &touched).ops.is_empty());
+        assert_eq!(diff(&d, &actual).ops, vec![MapOp::ClearBackend(1000)]);
     }
 }

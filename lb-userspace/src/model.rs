@@ -161,7 +161,14 @@ pub enum Object {
     EndpointSlice(ManualEndpoints),
 }
 
+/// What identifies an object in a folder or a watch: its kind, namespace and name.
+pub type ObjectKey = (&'static str, ObjectName);
+
 impl Object {
+    pub fn key(&self) -> ObjectKey {
+        (self.kind(), self.id().clone())
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Object::Service(_) => "Service",

@@ -1,8 +1,9 @@
 //! The manifest folder of standalone mode: parse files into objects, keeping the last good
 //! version of whatever a broken file or object would otherwise take away.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, btree_map::Entry},
     fmt,
+    hash::{Hash, Hasher},
     path::{Path, PathBuf},
 };
 
@@ -10,7 +11,10 @@ use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
-use crate::model::{self, FieldError, Object};
+use crate::{
+    controlplane::Change,
+    model::{self, FieldError, Object, ObjectKey},
+};
 
 /// A problem with one file, document or object. The rest of the folder still applies.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -165,124 +169,227 @@ fn object_label(kind: &str, doc: &Value) -> Option<String> {
     Some(format!("{kind} {ns}/{name}"))
 }
 
-type ObjectKey = (&'static str, model::ObjectName);
-
-fn key(o: &Object) -> ObjectKey {
-    (o.kind(), o.id().clone())
+/// What the store remembers of one file.
+#[derive(Clone, Default)]
+struct FileEntry {
+    /// Hash of the text its objects were last taken from; `None` after it failed to read or
+    /// parse, so that it is parsed again next time.
+    text_hash: Option<u64>,
+    /// The objects it defines.
+    keys: BTreeSet<ObjectKey>,
+    /// The problems found in it then: still reported while the text stays the same.
+    errors: Vec<ManifestError>,
 }
 
-/// The objects of a manifest folder, file by file, as last loaded.
+/// A manifest folder as a stream of changes to the objects in force. The store keeps no
+/// objects, only which file defines which: the objects live in whoever takes the changes, and
+/// a change not sent keeps the previous version there. So a file that fails to parse keeps its
+/// previous objects; an invalid object keeps its previous version; an object defined twice
+/// keeps the first file's definition (in folder order).
 #[derive(Clone, Default)]
 pub struct ManifestStore {
-    files: BTreeMap<PathBuf, Vec<Object>>,
-    /// The text each file had when its objects were taken from it, and the problems found in
-    /// it then: an unchanged file is not parsed again, and its problems are still reported.
-    texts: BTreeMap<PathBuf, (String, Vec<ManifestError>)>,
-    /// Files the last update had to parse (0: everything came from the cache).
+    files: BTreeMap<PathBuf, FileEntry>,
+    /// Files defining each object, in folder order: the first one's definition is in force.
+    definers: HashMap<ObjectKey, Vec<PathBuf>>,
+    /// Files the last update had to parse (0: every file was as before).
     parsed: usize,
+    /// How the objects in force changed since `take_changes` was last called.
+    changes: Vec<Change>,
+}
+
+fn text_hash(text: &str) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
 }
 
 impl ManifestStore {
-    /// Applies the current content of every file (`None`: the file is gone) and returns the
-    /// problems found. A file that fails to parse keeps its previous objects; an invalid object
-    /// keeps its previous version; an object defined twice keeps the first file's definition.
+    /// Takes in the current content of every file (a file not listed is gone) and returns the
+    /// problems found in the folder.
     pub fn update(
         &mut self,
         files: BTreeMap<PathBuf, Result<String, String>>,
     ) -> Vec<ManifestError> {
         let mut errors = Vec::new();
-        let mut next: BTreeMap<PathBuf, Vec<Object>> = BTreeMap::new();
-        let mut texts = BTreeMap::new();
-        self.parsed = 0;
-        for (path, content) in files {
-            let previous = self.files.remove(&path).unwrap_or_default();
-            if let (Ok(text), Some((old_text, old_errors))) = (&content, self.texts.remove(&path))
-                && *text == old_text
-            {
-                errors.extend(old_errors.iter().cloned());
-                texts.insert(path.clone(), (old_text, old_errors));
-                next.insert(path, previous);
-                continue;
+        // Objects whose file in force lost them: another file's definition may take over.
+        let mut orphaned: BTreeSet<ObjectKey> = BTreeSet::new();
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|path| !files.contains_key(*path))
+            .cloned()
+            .collect();
+        for path in gone {
+            let entry = self.files.remove(&path).unwrap_or_default();
+            for key in entry.keys {
+                self.undefine(&path, key, &mut orphaned);
             }
-            self.parsed += 1;
-            let parsed = match &content {
-                Err(e) => Err(ManifestError {
-                    file: path.clone(),
-                    document: None,
-                    object: None,
-                    field: None,
-                    message: format!("cannot read: {e}"),
-                }),
-                Ok(text) => parse_file(&path, text),
-            };
-            let objects = match parsed {
-                Err(e) => {
-                    errors.push(e);
-                    previous
-                }
-                Ok(results) => {
-                    let errors_before = errors.len();
-                    let mut previous: HashMap<ObjectKey, Object> =
-                        previous.into_iter().map(|o| (key(&o), o)).collect();
-                    let mut objects = Vec::new();
-                    for r in results {
-                        match r {
-                            Ok(o) => objects.push(o),
-                            Err(e) => {
-                                if let Some(old) = e.object.as_ref().and_then(|label| {
-                                    let k = previous
-                                        .keys()
-                                        .find(|k| format!("{} {}", k.0, k.1) == *label)?
-                                        .clone();
-                                    previous.remove(&k)
-                                }) {
-                                    objects.push(old);
-                                }
-                                errors.push(e);
-                            }
-                        }
-                    }
-                    if let Ok(text) = content {
-                        texts.insert(path.clone(), (text, errors[errors_before..].to_vec()));
-                    }
-                    objects
-                }
-            };
-            next.insert(path, objects);
         }
-        // Kind/namespace/name must be unique across the folder.
-        let mut seen: HashMap<ObjectKey, PathBuf> = HashMap::new();
-        for (path, objects) in next.iter_mut() {
-            objects.retain(|o| match seen.get(&key(o)) {
-                Some(first) => {
-                    errors.push(ManifestError {
+        self.parsed = 0;
+        let mut fresh: Vec<(PathBuf, Object)> = Vec::new();
+        for (path, content) in &files {
+            let mut entry = self.files.remove(path).unwrap_or_default();
+            let hash = content.as_ref().ok().map(|text| text_hash(text));
+            if hash.is_some() && entry.text_hash == hash {
+                errors.extend(entry.errors.iter().cloned());
+            } else {
+                self.parsed += 1;
+                entry.text_hash = None;
+                match content {
+                    Err(e) => errors.push(ManifestError {
                         file: path.clone(),
                         document: None,
-                        object: Some(format!("{} {}", o.kind(), o.id())),
-                        field: Some("metadata.name".into()),
-                        message: format!("Duplicate value: already defined in {}", first.display()),
-                    });
-                    false
+                        object: None,
+                        field: None,
+                        message: format!("cannot read: {e}"),
+                    }),
+                    // A file that does not parse keeps its previous objects: nothing is sent.
+                    Ok(text) => match parse_file(path, text) {
+                        Err(e) => errors.push(e),
+                        Ok(results) => {
+                            let (objects, file_errors) = file_objects(path, results, &entry.keys);
+                            errors.extend(file_errors.iter().cloned());
+                            let keys: BTreeSet<ObjectKey> = objects.keys().cloned().collect();
+                            for key in entry.keys.difference(&keys) {
+                                self.undefine(path, key.clone(), &mut orphaned);
+                            }
+                            for (key, object) in objects {
+                                let definers = self.definers.entry(key).or_default();
+                                if let Err(at) = definers.binary_search(path) {
+                                    definers.insert(at, path.clone());
+                                }
+                                if let Some(object) = object {
+                                    fresh.push((path.clone(), object));
+                                }
+                            }
+                            entry = FileEntry {
+                                text_hash: hash,
+                                keys,
+                                errors: file_errors,
+                            };
+                        }
+                    },
                 }
-                None => {
-                    seen.insert(key(o), path.clone());
-                    true
-                }
-            });
+            }
+            self.files.insert(path.clone(), entry);
         }
-        self.files = next;
-        self.texts = texts;
+        for (path, object) in fresh {
+            let key = object.key();
+            orphaned.remove(&key);
+            if self.in_force(&key) == Some(&path) {
+                self.changes.push(Change::Upsert(object));
+            }
+        }
+        self.take_over(orphaned, &files);
+        // Kind/namespace/name must be unique across the folder.
+        for (key, paths) in &self.definers {
+            for path in &paths[1..] {
+                errors.push(ManifestError {
+                    file: path.clone(),
+                    document: None,
+                    object: Some(format!("{} {}", key.0, key.1)),
+                    field: Some("metadata.name".into()),
+                    message: format!("Duplicate value: already defined in {}", paths[0].display()),
+                });
+            }
+        }
         errors
+    }
+
+    /// `path` no longer defines `key`; if it was the definition in force, `key` is orphaned.
+    fn undefine(&mut self, path: &Path, key: ObjectKey, orphaned: &mut BTreeSet<ObjectKey>) {
+        let Some(definers) = self.definers.get_mut(&key) else {
+            return;
+        };
+        if definers.first().is_some_and(|first| first == path) {
+            orphaned.insert(key.clone());
+        }
+        definers.retain(|p| p != path);
+        if definers.is_empty() {
+            self.definers.remove(&key);
+        }
+    }
+
+    /// Each orphaned object is deleted, or taken from the next file that defines it (parsed
+    /// again for that: it was a duplicate until now, so nothing holds its version).
+    fn take_over(
+        &mut self,
+        orphaned: BTreeSet<ObjectKey>,
+        files: &BTreeMap<PathBuf, Result<String, String>>,
+    ) {
+        let mut by_file: BTreeMap<PathBuf, Vec<ObjectKey>> = BTreeMap::new();
+        for key in orphaned {
+            match self.in_force(&key) {
+                Some(path) => by_file.entry(path.clone()).or_default().push(key),
+                None => self.changes.push(Change::Delete(key)),
+            }
+        }
+        for (path, keys) in by_file {
+            let Some(Ok(text)) = files.get(&path) else {
+                continue;
+            };
+            let objects = parse_file(&path, text).unwrap_or_default();
+            for object in objects.into_iter().flatten() {
+                if keys.contains(&object.key()) {
+                    self.changes.push(Change::Upsert(object));
+                }
+            }
+        }
+    }
+
+    fn in_force(&self, key: &ObjectKey) -> Option<&PathBuf> {
+        self.definers.get(key)?.first()
+    }
+
+    /// How the objects in force changed since the last call.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
     }
 
     /// How many files the last update parsed; 0 when none had changed.
     pub fn parsed_last_update(&self) -> usize {
         self.parsed
     }
+}
 
-    pub fn objects(&self) -> impl Iterator<Item = &Object> {
-        self.files.values().flatten()
+/// The objects of a parsed file by key, and its problems. An invalid object that the file
+/// defined before stays defined without a new version (`None`): its previous version stays in
+/// force. An object defined twice in the file keeps its first definition.
+fn file_objects(
+    path: &Path,
+    results: Vec<Result<Object, ManifestError>>,
+    previous: &BTreeSet<ObjectKey>,
+) -> (BTreeMap<ObjectKey, Option<Object>>, Vec<ManifestError>) {
+    let mut objects = BTreeMap::new();
+    let mut errors = Vec::new();
+    for result in results {
+        match result {
+            Ok(object) => match objects.entry(object.key()) {
+                Entry::Occupied(first) => errors.push(ManifestError {
+                    file: path.to_path_buf(),
+                    document: None,
+                    object: Some(format!("{} {}", first.key().0, first.key().1)),
+                    field: Some("metadata.name".into()),
+                    message: "Duplicate value: already defined in this file".into(),
+                }),
+                Entry::Vacant(slot) => {
+                    slot.insert(Some(object));
+                }
+            },
+            Err(e) => {
+                let kept = e.object.as_ref().and_then(|label| {
+                    previous
+                        .iter()
+                        .find(|k| format!("{} {}", k.0, k.1) == *label)
+                });
+                if let Some(key) = kept {
+                    objects.entry(key.clone()).or_insert(None);
+                }
+                errors.push(e);
+            }
+        }
     }
+    (objects, errors)
 }
 
 /// Reads every manifest file directly in `dir`.
@@ -304,6 +411,41 @@ mod tests {
 
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports: [{port: 80}]\n";
     const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: p1, labels: {app: web}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 198.18.1.2}\n";
+
+    /// A store with the objects its changes leave in force, as the control plane holds them.
+    #[derive(Default)]
+    struct Folder {
+        store: ManifestStore,
+        objects: BTreeMap<ObjectKey, Object>,
+    }
+
+    impl Folder {
+        fn update(
+            &mut self,
+            files: BTreeMap<PathBuf, Result<String, String>>,
+        ) -> Vec<ManifestError> {
+            let errors = self.store.update(files);
+            for change in self.store.take_changes() {
+                match change {
+                    Change::Upsert(object) => {
+                        self.objects.insert(object.key(), object);
+                    }
+                    Change::Delete(key) => {
+                        self.objects.remove(&key);
+                    }
+                }
+            }
+            errors
+        }
+
+        fn objects(&self) -> impl Iterator<Item = &Object> {
+            self.objects.values()
+        }
+
+        fn parsed_last_update(&self) -> usize {
+            self.store.parsed_last_update()
+        }
+    }
 
     fn files(entries: &[(&str, &str)]) -> BTreeMap<PathBuf, Result<String, String>> {
         entries
@@ -337,7 +479,7 @@ mod tests {
 
     #[test]
     fn broken_file_keeps_previous_objects() {
-        let mut store = ManifestStore::default();
+        let mut store = Folder::default();
         assert!(
             store
                 .update(files(&[("a.yaml", SVC), ("b.yaml", POD)]))
@@ -355,7 +497,7 @@ mod tests {
 
     #[test]
     fn invalid_object_keeps_its_previous_version_only() {
-        let mut store = ManifestStore::default();
+        let mut store = Folder::default();
         let two = format!("{SVC}---\n{POD}");
         assert!(store.update(files(&[("a.yaml", &two)])).is_empty());
         let broken = two
@@ -375,7 +517,7 @@ mod tests {
 
     #[test]
     fn unchanged_files_are_not_parsed_again_but_keep_reporting_problems() {
-        let mut store = ManifestStore::default();
+        let mut store = Folder::default();
         let bad = SVC.replace("port: 80", "port: 0");
         let first = store.update(files(&[("a.yaml", POD), ("b.yaml", &bad)]));
         let second = store.update(files(&[("a.yaml", POD), ("b.yaml", &bad)]));
@@ -397,7 +539,7 @@ mod tests {
 
     #[test]
     fn deleted_file_removes_its_objects_and_duplicates_are_rejected() {
-        let mut store = ManifestStore::default();
+        let mut store = Folder::default();
         let errors = store.update(files(&[("a.yaml", SVC), ("b.yaml", SVC)]));
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].file, PathBuf::from("b.yaml"));
@@ -405,6 +547,55 @@ mod tests {
         assert_eq!(store.objects().count(), 1);
         store.update(files(&[]));
         assert_eq!(store.objects().count(), 0);
+    }
+
+    fn kinds_and_names(changes: &[Change]) -> Vec<String> {
+        changes
+            .iter()
+            .map(|c| match c {
+                Change::Upsert(o) => format!("upsert {} {}", o.kind(), o.id().name),
+                Change::Delete((kind, id)) => format!("delete {kind} {}", id.name),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn changes_carry_the_definitions_in_force() {
+        let mut store = ManifestStore::default();
+        store.update(files(&[("a.yaml", &format!("{SVC}---\n{POD}"))]));
+        assert_eq!(
+            kinds_and_names(&store.take_changes()),
+            ["upsert Pod p1", "upsert Service web"]
+        );
+        store.update(files(&[("a.yaml", &format!("{SVC}---\n{POD}"))]));
+        assert!(store.take_changes().is_empty(), "same text, no change");
+        let moved = POD.replace("198.18.1.2", "198.18.1.3");
+        let other_port = SVC.replace("port: 80", "port: 81");
+        store.update(files(&[
+            ("a.yaml", &format!("{SVC}---\n{moved}")),
+            ("b.yaml", &other_port),
+        ]));
+        // Every object of a file parsed again is sent (the taker ignores equal versions), but
+        // only in the version in force: b.yaml's web is a duplicate.
+        let changes = store.take_changes();
+        assert_eq!(
+            kinds_and_names(&changes),
+            ["upsert Pod p1", "upsert Service web"]
+        );
+        assert!(matches!(&changes[1], Change::Upsert(Object::Service(s)) if s.ports[0].port == 80));
+        // a.yaml drops its web: b.yaml's definition comes into force.
+        store.update(files(&[("a.yaml", &moved), ("b.yaml", &other_port)]));
+        let changes = store.take_changes();
+        assert_eq!(
+            kinds_and_names(&changes),
+            ["upsert Pod p1", "upsert Service web"]
+        );
+        assert!(matches!(&changes[1], Change::Upsert(Object::Service(s)) if s.ports[0].port == 81));
+        store.update(files(&[]));
+        assert_eq!(
+            kinds_and_names(&store.take_changes()),
+            ["delete Pod p1", "delete Service web"]
+        );
     }
 
     #[test]
@@ -463,7 +654,7 @@ mod tests {
             ),
         ];
         for (yaml, field) in cases {
-            let mut store = ManifestStore::default();
+            let mut store = Folder::default();
             assert!(
                 store
                     .update(files(&[("good.yaml", SVC), ("bad.yaml", "")]))
@@ -585,7 +776,7 @@ mod tests {
             } else {
                 "fuzz.yaml"
             };
-            let mut store = ManifestStore::default();
+            let mut store = Folder::default();
             let errors = store.update(files(&[("keep.yaml", other), (name, &text)]));
             for e in &errors {
                 assert_eq!(
