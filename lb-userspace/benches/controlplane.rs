@@ -16,9 +16,9 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use lb::{
-    controlplane::ControlPlane,
+    controlplane::{Change, ControlPlane},
     dataplane::Dataplane,
-    desired::desired,
+    desired::DesiredDataplane,
     diff::{self, ActualDataplane},
     model::{self, Object},
 };
@@ -90,12 +90,20 @@ struct Results {
     full_sync_breakdown_ms: BTreeMap<&'static str, f64>,
     map_operations: usize,
     one_change_ms: f64,
+    one_change_slowest_ms: f64,
     one_change_map_operations: usize,
     agent_rss_mib: f64,
     agent_sync_from_files_ms: Option<f64>,
     iptables_legacy_restore_ms: Option<f64>,
     iptables_nft_restore_ms: Option<f64>,
     nft_ms: Option<f64>,
+}
+
+/// BENCH_MODES (comma-separated, e.g. `lb`) limits the rule loaders measured beside lb.
+fn wanted(tool: &str) -> bool {
+    std::env::var("BENCH_MODES").map_or(true, |modes| {
+        modes.split(',').any(|m| tool.starts_with(m.trim()))
+    })
 }
 
 fn ms(d: Duration) -> f64 {
@@ -124,10 +132,14 @@ fn main() -> anyhow::Result<()> {
     }
     let t_model = started.elapsed();
     let mut control = ControlPlane::new("198.19.0.0/16".parse()?);
-    let (states, errors) = control.compute(&objects, SystemTime::now());
-    anyhow::ensure!(errors.is_empty(), "{errors:?}");
+    for object in objects {
+        control.apply(Change::Upsert(object));
+    }
+    let changed = control.compute(SystemTime::now());
+    anyhow::ensure!(control.errors().next().is_none());
     let t_compute = started.elapsed();
-    let want = desired(&states);
+    let mut want = DesiredDataplane::default();
+    want.update(&control, &changed);
     let t_desired = started.elapsed();
     let mut actual = ActualDataplane::default();
     let plan = diff::diff(&want, &actual);
@@ -143,16 +155,18 @@ fn main() -> anyhow::Result<()> {
     breakdown.insert("5 map writes", ms(full - t_diff));
     let map_operations = plan.ops.len();
 
-    // One endpoint change with everything present: median of 11.
+    // One endpoint change with everything present (a slice's endpoints shift by one: one
+    // endpoint leaves, one arrives), as a watch delivers it: median and slowest of 101.
     let mut changes = Vec::new();
     let mut change_ops = 0;
-    for round in 0..11u32 {
+    for round in 0..101u32 {
         let i = (round * 7919) % SERVICES;
         let started = Instant::now();
-        let changed = slice(i, 1 + round);
-        objects[(SERVICES + i) as usize] = Object::EndpointSlice(model::endpoint_slice(&changed)?);
-        let (states, _) = control.compute(&objects, SystemTime::now());
-        let plan = diff::diff(&desired(&states), &actual);
+        let slice = Object::EndpointSlice(model::endpoint_slice(&slice(i, 1 + round))?);
+        control.apply(Change::Upsert(slice));
+        let changed = control.compute(SystemTime::now());
+        let touched = want.update(&control, &changed);
+        let plan = diff::diff_frontends(&want, &actual, &touched);
         dp.write(&plan.ops)?;
         changes.push(started.elapsed());
         change_ops = plan.ops.len();
@@ -160,6 +174,12 @@ fn main() -> anyhow::Result<()> {
     }
     changes.sort();
     let one_change = changes[changes.len() / 2];
+    let one_change_slowest = changes[changes.len() - 1];
+    // The maps are what a full plan from scratch would make them.
+    anyhow::ensure!(
+        diff::diff(&want, &actual).ops.is_empty(),
+        "incremental changes left the maps different from the objects"
+    );
 
     // kube-proxy's rules for the same Services, loaded into a fresh node namespace each.
     let rules: Vec<ServiceRules> = (0..SERVICES)
@@ -173,6 +193,9 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let lb = Path::new(env!("CARGO_BIN_EXE_lb"));
     let restore = |tool: &str, text: &str| -> Option<f64> {
+        if !wanted(tool) {
+            return None;
+        }
         let bed = Testbed::new("lbbench", lb).ok()?;
         let file = bed.dir.join("rules");
         std::fs::write(&file, text).ok()?;
@@ -198,7 +221,7 @@ fn main() -> anyhow::Result<()> {
     let nft_ms = restore("nft", &nft_ruleset(&rules));
 
     // The real agent on the same Services as manifest files: its resident memory.
-    let (agent_rss_mib, agent_sync_from_files_ms) = agent_at_size(lb, &services, &slices)?;
+    let agent = agent_at_size(lb, &services, &slices)?;
 
     let results = Results {
         services: SERVICES,
@@ -207,9 +230,10 @@ fn main() -> anyhow::Result<()> {
         full_sync_breakdown_ms: breakdown,
         map_operations,
         one_change_ms: ms(one_change),
+        one_change_slowest_ms: ms(one_change_slowest),
         one_change_map_operations: change_ops,
-        agent_rss_mib,
-        agent_sync_from_files_ms,
+        agent_rss_mib: agent.rss_mib,
+        agent_sync_from_files_ms: agent.sync_from_files_ms,
         iptables_legacy_restore_ms,
         iptables_nft_restore_ms,
         nft_ms,
@@ -222,13 +246,18 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `lb agent` on the objects written as JSON manifests; returns its resident memory once
-/// it has programmed them all, and the sync time it logged.
+struct AgentAtSize {
+    rss_mib: f64,
+    sync_from_files_ms: Option<f64>,
+}
+
+/// Runs `lb agent` on the objects written as JSON manifests; returns its memory once it has
+/// programmed them all, and the sync time it logged.
 fn agent_at_size(
     lb: &Path,
     services: &[Service],
     slices: &[EndpointSlice],
-) -> anyhow::Result<(f64, Option<f64>)> {
+) -> anyhow::Result<AgentAtSize> {
     let mut bed = Testbed::new("lbbench", lb)?;
     let list = |kind: &str, items: Vec<serde_json::Value>| serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items, "metadata": {}, "_kind": kind});
     let svc_items = services
@@ -260,7 +289,13 @@ fn agent_at_size(
         let metrics = bed
             .exec_node(&["curl", "-sS", "http://127.0.0.1:10249/metrics"])
             .unwrap_or_default();
-        if metrics.contains(&format!("lb_services {SERVICES}")) {
+        // The Services are known once computed; a sync is counted once its maps are written.
+        let synced = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("lb_syncs_total "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .is_some_and(|n| n > 0);
+        if synced && metrics.contains(&format!("lb_services {SERVICES}")) {
             break;
         }
         anyhow::ensure!(
@@ -277,17 +312,18 @@ fn agent_at_size(
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0.0);
     let log = std::fs::read_to_string(bed.agent_log())?;
-    let sync_us = log
-        .lines()
-        .filter(|l| l.contains("maps updated"))
-        .filter_map(|l| {
-            l.split("took_us=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<f64>()
-                .ok()
-        })
-        .next_back();
-    Ok((rss_kib / 1024.0, sync_us.map(|us| us / 1e3)))
+    let last_sync = log.lines().rfind(|l| l.contains("maps updated"));
+    let field = |name: &str| -> Option<f64> {
+        last_sync?
+            .split(&format!("{name}="))
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Ok(AgentAtSize {
+        rss_mib: rss_kib / 1024.0,
+        sync_from_files_ms: field("took_us").map(|us| us / 1e3),
+    })
 }
