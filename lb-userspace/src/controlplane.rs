@@ -218,17 +218,15 @@ impl ControlPlane {
                 Some(error) => self.rejected.insert(name.clone(), error),
                 None => self.rejected.remove(name),
             };
+            let old = self.states.get(name);
             let chosen = match (self.services.get(name), addresses.get(name)) {
-                (Some(svc), Some(ip)) => Some((svc.clone(), *ip)),
+                (Some(svc), Some(ip)) => Some((svc, *ip)),
                 // Rejected now but accepted before: the previous version stays in force.
-                (Some(_), None) => self
-                    .states
-                    .get(name)
-                    .map(|s| (s.service.clone(), s.cluster_ip)),
+                (Some(_), None) => old.map(|s| (&s.service, s.cluster_ip)),
                 (None, _) => None,
             };
-            let previous_ip = self.states.get(name).and_then(|s| s.cluster_ip);
-            let new_ip = chosen.as_ref().and_then(|(_, ip)| *ip);
+            let previous_ip = old.and_then(|s| s.cluster_ip);
+            let new_ip = chosen.and_then(|(_, ip)| ip);
             if let Some(ip) = previous_ip
                 && Some(ip) != new_ip
             {
@@ -242,18 +240,21 @@ impl ControlPlane {
                 continue;
             };
             // Without a creation time (a manifest), a Service is as old as its first state.
-            let created = svc
-                .created
-                .or(self.states.get(name).map(|s| s.created))
-                .unwrap_or(now);
-            let ports = resolve_ports(&svc, &self.endpoints);
-            let state = ServiceState {
-                service: svc,
-                cluster_ip,
-                ports,
-                created,
-            };
-            if self.states.get(name) != Some(&state) {
+            let created = svc.created.or(old.map(|s| s.created)).unwrap_or(now);
+            let ports = resolve_ports(svc, &self.endpoints);
+            let unchanged = old.is_some_and(|old| {
+                old.cluster_ip == cluster_ip
+                    && old.created == created
+                    && old.ports == ports
+                    && old.service == *svc
+            });
+            if !unchanged {
+                let state = ServiceState {
+                    service: svc.clone(),
+                    cluster_ip,
+                    ports,
+                    created,
+                };
                 let old = self.states.insert(name.clone(), state);
                 before.entry(name.clone()).or_insert(old);
             }
@@ -264,11 +265,11 @@ impl ControlPlane {
     /// Address of every Service in `dirty` that can be accepted (`None` inside:
     /// headless/ExternalName), and why the others cannot. New addresses are recorded in
     /// `owners`; the caller gives up the ones Services leave.
-    fn allocate(
+    fn allocate<'d>(
         &mut self,
-        dirty: &BTreeSet<ObjectName>,
+        dirty: &'d BTreeSet<ObjectName>,
     ) -> (
-        HashMap<ObjectName, Option<Ipv4Addr>>,
+        HashMap<&'d ObjectName, Option<Ipv4Addr>>,
         BTreeMap<ObjectName, FieldError>,
     ) {
         let mut result = HashMap::new();
@@ -287,7 +288,7 @@ impl ControlPlane {
         //    falls back to the accepted version and its address.
         for (name, svc) in present() {
             if !wants_ip(svc) {
-                result.insert(name.clone(), None);
+                result.insert(name, None);
                 continue;
             }
             if let Some(ip) = self.states.get(name).and_then(|s| s.cluster_ip.as_ref()) {
@@ -297,7 +298,7 @@ impl ControlPlane {
                     ClusterIpRequest::Headless => false,
                 };
                 if keeps {
-                    result.insert(name.clone(), Some(*ip));
+                    result.insert(name, Some(*ip));
                 }
             }
         }
@@ -320,7 +321,7 @@ impl ControlPlane {
                 }
                 Entry::Vacant(free) => {
                     free.insert(name.clone());
-                    result.insert(name.clone(), Some(ip));
+                    result.insert(name, Some(ip));
                     continue;
                 }
             };
@@ -350,7 +351,7 @@ impl ControlPlane {
             match found {
                 Some(ip) => {
                     self.owners.insert(ip, name.clone());
-                    result.insert(name.clone(), Some(ip));
+                    result.insert(name, Some(ip));
                 }
                 None => {
                     errors.insert(
