@@ -175,7 +175,7 @@ shared and noisy): compare figures measured side by side in one run, not across 
         scales.dedup();
         for workload in ["new connections", "kept-alive"] {
             let _ = writeln!(md, "\n### {workload}\n");
-            md.push_str("| Services | mode | requests/s | % of direct | p50 (µs) | p99 (µs) |\n|---:|---|---:|---:|---:|---:|\n");
+            md.push_str("| Services | mode | requests/s | % of direct | p50 (µs) | p99 (µs) | every run (req/s) |\n|---:|---|---:|---:|---:|---:|---|\n");
             let get = |n: u64, mode: &str| {
                 rows.iter().find(|r| {
                     r["services"].as_u64() == Some(n)
@@ -198,10 +198,19 @@ shared and noisy): compare figures measured side by side in one run, not across 
                         };
                         let _ = writeln!(
                             md,
-                            "| {n} | {mode} | {:.0} | {pct} | {:.0} | {:.0} |",
+                            "| {n} | {mode} | {:.0} | {pct} | {:.0} | {:.0} | {} |",
                             rps.unwrap_or(0.0),
                             r["p50_us"].as_f64().unwrap_or(0.0),
-                            r["p99_us"].as_f64().unwrap_or(0.0)
+                            r["p99_us"].as_f64().unwrap_or(0.0),
+                            r["runs_requests_per_second"]
+                                .as_array()
+                                .map(|runs| runs
+                                    .iter()
+                                    .filter_map(|v| v.as_f64())
+                                    .map(|v| format!("{v:.0}"))
+                                    .collect::<Vec<_>>()
+                                    .join(", "))
+                                .unwrap_or_default()
                         );
                     }
                 }
@@ -368,8 +377,9 @@ port); `direct` is the client talking to the server pod's address, no Service at
 `lb, agent stopped` is the same eBPF datapath with the agent not running (what the agent's
 own work costs the traffic).
 Load: wrk, 1 thread, 8 connections, 3 s, over new connections (the server closes each after
-one response) and over kept-alive connections; the median of 3 runs. wrk is kept on CPU 0
-and the server's threads on CPU 1 of this 2-core machine. Source:
+one response) and over kept-alive connections, the two taking turns; each figure is the
+median of 3 runs (every run is listed). wrk is kept on CPU 0 and the server's threads on
+CPU 1 of this 2-core machine. Source:
 `lb-userspace/benches/kube_proxy.rs`.
 
 Read the new-connection rates: they repeat within a few per cent from run to run, and they
