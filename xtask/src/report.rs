@@ -382,11 +382,14 @@ median of 3 runs (every run is listed). wrk is kept on CPU 0 and the server's th
 CPU 1 of this 2-core machine. Source:
 `lb-userspace/benches/kube_proxy.rs`.
 
-Read the new-connection rates: they repeat within a few per cent from run to run, and they
-carry the per-connection cost of each datapath (the iptables modes walk their chains for
-every new connection). The kept-alive rates do not: on this shared 2-core machine they swing
-by a third or more between runs of the same mode, the direct path included, so their
-differences below are noise, not a ranking.
+How to read them: with the load generator and the server on separate cores, direct and lb
+repeat within a few per cent from run to run, for new connections and kept-alive alike
+(every run is listed: a run far below the others is a slow spell of this shared machine).
+New connections carry each datapath's per-connection cost. The netfilter modes (iptables
+and nftables) spread much more over new connections, with a p50 latency no worse than
+direct but far fewer requests per second: a few connections stall for a long time while the
+rest run fast. Why was not investigated here; their medians are what they are on this
+machine, and the spreads say how far to trust them.
 ";
 
 const CONTROL_PLANE_INTRO: &str = "
@@ -394,7 +397,10 @@ const CONTROL_PLANE_INTRO: &str = "
 
 From Service and EndpointSlice objects in memory (as a watch delivers them) to the BPF maps
 written, against loading kube-proxy's equivalent rules with iptables-restore / nft into a
-fresh network namespace. Source: `lb-userspace/benches/controlplane.rs`.
+fresh network namespace. One endpoint change goes the way the agent takes it: the control
+plane recomputes only the Service the changed EndpointSlice belongs to, and only that
+Service's frontend is compared with the maps; after the 101 changes the maps are checked
+equal to what a full plan from scratch makes. Source: `lb-userspace/benches/controlplane.rs`.
 
 ";
 
