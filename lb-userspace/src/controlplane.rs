@@ -820,13 +820,7 @@ apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: ext-1, la
     /// changes; the desired dataplane kept from them is the one built from scratch.
     #[test]
     fn incremental_equals_computing_everything_again() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::test_random(0x9e37_79b9_7f4a_7c15u64);
         let (mut incremental, mut everything) = (cp(), cp());
         let mut reported: BTreeMap<ObjectName, ServiceState> = BTreeMap::new();
         let mut desired = crate::desired::DesiredDataplane::default();

@@ -685,13 +685,7 @@ mod tests {
     /// them, consistent after every single write, over a random sequence of changes.
     #[test]
     fn touched_frontends_only_converge_like_a_full_plan() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::test_random(0x2545_f491_4f6c_dd1du64);
         let mut want = DesiredDataplane::default();
         let mut actual = ActualDataplane::default();
         for step in 0..2000 {

@@ -8,3 +8,15 @@ pub mod diff;
 pub mod model;
 pub mod sources;
 pub mod views;
+
+/// A small deterministic random sequence (xorshift64) for the randomized unit tests.
+#[cfg(test)]
+pub(crate) fn test_random(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed | 1;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}

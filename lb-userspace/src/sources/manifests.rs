@@ -744,13 +744,7 @@ mod tests {
             "---\n",
             "\t",
         ];
-        let mut state = seed | 1;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::test_random(seed);
         let other =
             "apiVersion: v1\nkind: Service\nmetadata: {name: keep}\nspec: {ports: [{port: 9}]}\n";
         let started = std::time::Instant::now();
