@@ -42,6 +42,9 @@ struct Measurement {
     p99_us: f64,
     /// Every run, slowest first; the figures above are the median run's.
     runs_requests_per_second: Vec<f64>,
+    /// SYNs the client had to send again over all runs: each is a connection that waited a
+    /// retransmission timeout (1 s) because its first SYN got no answer.
+    client_syn_retransmits: u64,
 }
 
 /// Runs of each workload per mode.
@@ -80,6 +83,16 @@ fn parse_wrk(out: &str) -> anyhow::Result<Wrk> {
         }),
         _ => anyhow::bail!("cannot read wrk output:\n{out}"),
     }
+}
+
+/// The client's SYN retransmissions so far (its namespace's counter).
+fn syn_retransmits(bed: &Testbed, client: &Pod) -> u64 {
+    bed.exec(client, &["nstat", "-az", "TcpExtTCPSynRetrans"])
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("TcpExtTCPSynRetrans"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn wrk(
@@ -177,13 +190,23 @@ fn main() -> anyhow::Result<()> {
             // The two workloads take turns, so that a slow spell of this shared machine
             // falls on both; each figure is the median run by requests per second.
             let workloads = [("new connections", true), ("kept-alive", false)];
+            // Each mode starts from an empty netfilter connection table: entries a previous
+            // mode left (TIME_WAIT lasts 120 s) must not decide this mode's packets.
+            if let Err(e) = bed.exec_node(&["conntrack", "-F"]) {
+                eprintln!("   conntrack -F: {e}");
+            }
             let mut runs: Vec<Vec<Wrk>> = vec![Vec::new(), Vec::new()];
+            let mut retransmits = [0u64; 2];
             for _ in 0..RUNS {
                 for (i, (_, new_connections)) in workloads.iter().enumerate() {
+                    let before = syn_retransmits(bed, &client);
                     runs[i].push(wrk(bed, &client, url, *new_connections, seconds)?);
+                    retransmits[i] += syn_retransmits(bed, &client) - before;
                 }
             }
-            for ((workload, _), mut runs) in workloads.into_iter().zip(runs) {
+            for (((workload, _), mut runs), retransmits) in
+                workloads.into_iter().zip(runs).zip(retransmits)
+            {
                 runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
                 let spread = runs
                     .iter()
@@ -191,7 +214,7 @@ fn main() -> anyhow::Result<()> {
                     .collect::<Vec<_>>();
                 let w = &runs[runs.len() / 2];
                 eprintln!(
-                    "   {mode:<18} {workload:<16} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us  (runs: {})",
+                    "   {mode:<18} {workload:<16} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us  (runs: {}; SYN retransmits: {retransmits})",
                     w.rps,
                     w.p50_us,
                     w.p99_us,
@@ -205,6 +228,7 @@ fn main() -> anyhow::Result<()> {
                     p50_us: w.p50_us,
                     p99_us: w.p99_us,
                     runs_requests_per_second: runs.iter().map(|w| w.rps).collect(),
+                    client_syn_retransmits: retransmits,
                 });
             }
             Ok(())

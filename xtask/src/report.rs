@@ -175,7 +175,7 @@ shared and noisy): compare figures measured side by side in one run, not across 
         scales.dedup();
         for workload in ["new connections", "kept-alive"] {
             let _ = writeln!(md, "\n### {workload}\n");
-            md.push_str("| Services | mode | requests/s | % of direct | p50 (µs) | p99 (µs) | every run (req/s) |\n|---:|---|---:|---:|---:|---:|---|\n");
+            md.push_str("| Services | mode | requests/s | % of direct | p50 (µs) | p99 (µs) | every run (req/s) | client SYN retransmits |\n|---:|---|---:|---:|---:|---:|---|---:|\n");
             let get = |n: u64, mode: &str| {
                 rows.iter().find(|r| {
                     r["services"].as_u64() == Some(n)
@@ -198,7 +198,7 @@ shared and noisy): compare figures measured side by side in one run, not across 
                         };
                         let _ = writeln!(
                             md,
-                            "| {n} | {mode} | {:.0} | {pct} | {:.0} | {:.0} | {} |",
+                            "| {n} | {mode} | {:.0} | {pct} | {:.0} | {:.0} | {} | {} |",
                             rps.unwrap_or(0.0),
                             r["p50_us"].as_f64().unwrap_or(0.0),
                             r["p99_us"].as_f64().unwrap_or(0.0),
@@ -210,7 +210,10 @@ shared and noisy): compare figures measured side by side in one run, not across 
                                     .map(|v| format!("{v:.0}"))
                                     .collect::<Vec<_>>()
                                     .join(", "))
-                                .unwrap_or_default()
+                                .unwrap_or_default(),
+                            r["client_syn_retransmits"]
+                                .as_u64()
+                                .map_or("-".into(), |n| n.to_string())
                         );
                     }
                 }
@@ -385,11 +388,14 @@ CPU 1 of this 2-core machine. Source:
 How to read them: with the load generator and the server on separate cores, direct and lb
 repeat within a few per cent from run to run, for new connections and kept-alive alike
 (every run is listed: a run far below the others is a slow spell of this shared machine).
-New connections carry each datapath's per-connection cost. The netfilter modes (iptables
-and nftables) spread much more over new connections, with a p50 latency no worse than
-direct but far fewer requests per second: a few connections stall for a long time while the
-rest run fast. Why was not investigated here; their medians are what they are on this
-machine, and the spreads say how far to trust them.
+New connections carry each datapath's per-connection cost, and one more thing for the
+netfilter modes (iptables and nftables): their client sends thousands of SYNs a second time
+(last column), each after a 1 s retransmission timeout, while their p50 latency is no worse
+than direct's. The one client makes 15,000-35,000 connections a second, so its ~28,000
+source ports come round again within about a second, while netfilter keeps a closed
+connection's entry (and its NAT binding) for 120 s in TIME_WAIT; direct and lb, which use
+no netfilter connection tracking, see no retransmission at all. Each mode starts from an
+empty netfilter connection table (`conntrack -F`).
 ";
 
 const CONTROL_PLANE_INTRO: &str = "

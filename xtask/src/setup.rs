@@ -4,9 +4,9 @@ use std::process::Command;
 use anyhow::Context as _;
 use xtask::cmd::{run, run_visible};
 
-/// Tools the tests, the demo and the benchmarks use (wrk, iptables, nftables and
+/// Tools the tests, the demo and the benchmarks use (wrk, iptables, nftables, conntrack and
 /// librsvg2-bin only for `cargo xtask bench --report`).
-const DEBIAN_PACKAGES: [&str; 12] = [
+const DEBIAN_PACKAGES: [&str; 13] = [
     "bpftool",
     "iproute2",
     "ethtool",
@@ -18,6 +18,7 @@ const DEBIAN_PACKAGES: [&str; 12] = [
     "wrk",
     "iptables",
     "nftables",
+    "conntrack",
     "librsvg2-bin",
 ];
 const BPF_LINKER_VERSION: &str = "0.10.4";
