@@ -190,8 +190,17 @@ fn main() -> anyhow::Result<()> {
             // The two workloads take turns, so that a slow spell of this shared machine
             // falls on both; each figure is the median run by requests per second.
             let workloads = [("new connections", true), ("kept-alive", false)];
-            // Each mode starts from an empty netfilter connection table: entries a previous
-            // mode left (TIME_WAIT lasts 120 s) must not decide this mode's packets.
+            // Each mode starts clean of the connections of the modes before it. The server
+            // keeps closed connections in TIME_WAIT for 60 s; a SYN that reuses one's address
+            // pair with timestamps from another path (direct: the client's clock offset for the
+            // server's address; a Service: for the ClusterIP) looks old, is answered with an
+            // ACK instead of a SYN-ACK, and only its retransmission 1 s later gets through.
+            // Netfilter's connection table likewise keeps a previous mode's entries 120 s.
+            for (pod, what) in [(&server, "server"), (&client, "client")] {
+                if let Err(e) = bed.exec(pod, &["ss", "-K", "state", "time-wait"]) {
+                    eprintln!("   {what}: ss -K state time-wait: {e}");
+                }
+            }
             if let Err(e) = bed.exec_node(&["conntrack", "-F"]) {
                 eprintln!("   conntrack -F: {e}");
             }
