@@ -3,7 +3,7 @@
 use std::{
     collections::BTreeSet,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -21,7 +21,7 @@ use crate::{
     dataplane::Dataplane,
     desired::{DesiredDataplane, Frontend},
     diff::{self, ActualDataplane},
-    sources::manifests::{ManifestStore, read_folder},
+    sources::manifests::ManifestStore,
 };
 
 /// Where `lb get` and the agent meet by default.
@@ -55,6 +55,35 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default()
+}
+
+/// A sync that parsed more text than this leaves enough garbage behind to be worth copying the
+/// store out of the parse thread's heap and handing that heap back (small edits are not).
+const BIG_PARSE_BYTES: usize = 1 << 20;
+
+/// What a sync reads of the manifest folder.
+enum Read {
+    /// Every file (at start, on resync, and when the watcher may have missed changes).
+    Folder,
+    /// The files the watcher reported.
+    Paths(BTreeSet<PathBuf>),
+}
+
+impl Read {
+    /// Adds what one watcher report asks for (no paths: the whole folder).
+    fn add(&mut self, folder: &Path, paths: Vec<PathBuf>) {
+        match self {
+            Read::Paths(known) if !paths.is_empty() => {
+                // Named as the folder scan names them, whatever form the watcher uses.
+                known.extend(
+                    paths
+                        .iter()
+                        .filter_map(|p| Some(folder.join(p.file_name()?))),
+                );
+            }
+            _ => *self = Read::Folder,
+        }
+    }
 }
 
 /// Full resync from the maps themselves, in case anything else touched them.
@@ -106,13 +135,19 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let server_state = shared.clone();
     let mut server = tokio::spawn(async move { api::serve(admin, server_state).await });
 
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    // Paths that changed; an empty list asks for a scan of the whole folder.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<PathBuf>>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Reading the files (our own sync) raises access events: only changes count, or
-        // every sync would trigger the next one.
-        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
-            let _ = tx.send(());
-        }
+        let paths = match event {
+            // Reading the files (our own sync) raises access events: only changes count, or
+            // every sync would trigger the next one.
+            Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => return,
+            // The watcher may have missed changes.
+            Ok(e) if e.need_rescan() => Vec::new(),
+            Ok(e) => e.paths,
+            Err(_) => Vec::new(),
+        };
+        let _ = tx.send(paths);
     })?;
     watcher.watch(&config.manifests, notify::RecursiveMode::NonRecursive)?;
 
@@ -129,7 +164,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         config,
     };
     agent.scan_links();
-    agent.sync(true);
+    agent.sync(Read::Folder, true);
     info!(admin = %admin, manifests = %agent.config.manifests.display(), "agent running");
 
     let mut links = tokio::time::interval(LINK_SCAN_EVERY);
@@ -139,10 +174,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
-            Some(()) = rx.recv() => {
+            Some(paths) = rx.recv() => {
                 tokio::time::sleep(DEBOUNCE).await;
-                while rx.try_recv().is_ok() {}
-                agent.sync(false);
+                let mut read = Read::Paths(BTreeSet::new());
+                for paths in std::iter::once(paths).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                    read.add(&agent.config.manifests, paths);
+                }
+                agent.sync(read, false);
             }
             _ = links.tick() => {
                 agent.scan_links();
@@ -192,12 +230,12 @@ impl Agent {
             Ok(actual) => self.actual = actual,
             Err(e) => error!("reading maps for resync: {e}"),
         }
-        self.sync(true);
+        self.sync(Read::Folder, true);
     }
 
     /// Brings the maps up to date with the manifest folder. Only the frontends that changed
     /// (and those a full map kept out before) are compared with the maps, unless `full`.
-    fn sync(&mut self, full: bool) {
+    fn sync(&mut self, read: Read, full: bool) {
         let started = Instant::now();
         let mut errors = Vec::new();
         // Parsing builds large short-lived trees. Done on a thread of its own, it allocates from
@@ -207,10 +245,16 @@ impl Agent {
         let store = &mut self.store;
         let parsed = std::thread::scope(|scope| {
             scope
-                .spawn(|| match read_folder(dir) {
-                    Ok(files) => store.update(files).iter().map(|e| e.to_string()).collect(),
-                    // The folder vanished or is unreadable: keep everything as it is.
-                    Err(e) => vec![format!("{}: {e}", dir.display())],
+                .spawn(|| {
+                    let problems = match read {
+                        Read::Folder => store.update_from_folder(dir),
+                        Read::Paths(paths) => Ok(store.update_paths(paths)),
+                    };
+                    match problems {
+                        Ok(problems) => problems.iter().map(|e| e.to_string()).collect(),
+                        // The folder vanished or is unreadable: keep everything as it is.
+                        Err(e) => vec![format!("{}: {e}", dir.display())],
+                    }
                 })
                 .join()
         });
@@ -220,8 +264,8 @@ impl Agent {
                 errors.push("parsing the manifests panicked; objects kept as they were".into())
             }
         }
-        let parsed_files = self.store.parsed_last_update();
-        if parsed_files > 0 {
+        let big_parse = self.store.parsed_bytes_last_update() > BIG_PARSE_BYTES;
+        if big_parse {
             self.store = self.store.clone();
         }
         let mut control = self.shared.control_mut();
@@ -261,7 +305,7 @@ impl Agent {
         }
         self.syncs += 1;
         let took_us = started.elapsed().as_micros() as u64;
-        if parsed_files > 0 {
+        if big_parse {
             // Parsing and copying freed a lot: hand it back to the system rather than keeping
             // the peak resident (glibc keeps freed heap otherwise).
             // SAFETY: malloc_trim only releases free memory.

@@ -268,6 +268,12 @@ shared and noisy): compare figures measured side by side in one run, not across 
             "| lb agent: full sync from JSON manifest files (read, parse, program) | {} |",
             fmt(f("agent_sync_from_files_ms"))
         );
+        if let Some(ms) = f("agent_one_change_file_per_object_ms") {
+            let _ = writeln!(
+                md,
+                "| lb agent: one endpoint change in a folder of 20,000 files, one per object (scan, read, parse, program) | {ms:.1} |"
+            );
+        }
         let _ = writeln!(
             md,
             "| kube-proxy rules: iptables-legacy-restore | {} |",
@@ -385,17 +391,15 @@ median of 3 runs (every run is listed). wrk is kept on CPU 0 and the server's th
 CPU 1 of this 2-core machine. Source:
 `lb-userspace/benches/kube_proxy.rs`.
 
-How to read them: with the load generator and the server on separate cores, direct and lb
-repeat within a few per cent from run to run, for new connections and kept-alive alike
-(every run is listed: a run far below the others is a slow spell of this shared machine).
-New connections carry each datapath's per-connection cost, and one more thing for the
-netfilter modes (iptables and nftables): their client sends thousands of SYNs a second time
-(last column), each after a 1 s retransmission timeout, while their p50 latency is no worse
-than direct's. The one client makes 15,000-35,000 connections a second, so its ~28,000
-source ports come round again within about a second, while netfilter keeps a closed
-connection's entry (and its NAT binding) for 120 s in TIME_WAIT; direct and lb, which use
-no netfilter connection tracking, see no retransmission at all. Each mode starts from an
-empty netfilter connection table (`conntrack -F`).
+How to read them: with the load generator and the server on separate cores, every mode
+repeats within a few per cent from run to run (every run is listed; a run far below the
+others is a slow spell of this shared machine). Each mode starts clean of the connections of
+the modes before it: the server's and client's TIME_WAIT sockets are killed (`ss -K`) and
+netfilter's connection table is emptied (`conntrack -F`). Without that, a SYN that reuses the
+address pair of a connection another mode left in TIME_WAIT carries a timestamp from another
+clock offset (the client keeps one per destination: the pod address, the ClusterIP), looks
+old to the server, and gets through only when it is sent again 1 s later: the last column
+counts such SYNs.
 ";
 
 const CONTROL_PLANE_INTRO: &str = "

@@ -1,7 +1,7 @@
 //! The manifest folder of standalone mode: parse files into objects, keeping the last good
 //! version of whatever a broken file or object would otherwise take away.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, btree_map::Entry},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, btree_map::Entry},
     fmt,
     hash::{Hash, Hasher},
     path::{Path, PathBuf},
@@ -177,8 +177,51 @@ struct FileEntry {
     text_hash: Option<u64>,
     /// The objects it defines.
     keys: BTreeSet<ObjectKey>,
-    /// The problems found in it then: still reported while the text stays the same.
+    /// The problems found when it was last read (including that it could not be read or
+    /// parsed): reported while it stays as it is.
     errors: Vec<ManifestError>,
+    /// How the file looked when that text was read from the folder: while it looks the same,
+    /// it is not read again.
+    stamp: Option<FileStamp>,
+}
+
+/// Device, inode, size and change times of a file: a write changes at least one of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp([i64; 7]);
+
+impl FileStamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        Self([
+            meta.dev() as i64,
+            meta.ino() as i64,
+            meta.size() as i64,
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ctime(),
+            meta.ctime_nsec(),
+        ])
+    }
+}
+
+/// How long ago a file must have been modified for its stamp to be trusted.
+const STAMP_SETTLED: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A manifest file's content as read now.
+enum FileRead {
+    Text(String),
+    /// It could not be read (why).
+    Unreadable(String),
+}
+
+/// What is at a path of the folder now.
+enum Found {
+    /// No manifest file (anymore).
+    Absent,
+    /// The file looks as it did when its text was last taken in: not read again.
+    Unchanged,
+    /// Read, with the stamp to remember if its text is taken in (`None`: too fresh to trust).
+    Read(FileRead, Option<FileStamp>),
 }
 
 /// A manifest folder as a stream of changes to the objects in force. The store keeps no
@@ -191,8 +234,9 @@ pub struct ManifestStore {
     files: BTreeMap<PathBuf, FileEntry>,
     /// Files defining each object, in folder order: the first one's definition is in force.
     definers: HashMap<ObjectKey, Vec<PathBuf>>,
-    /// Files the last update had to parse (0: every file was as before).
+    /// Files the last update had to parse (0: every file was as before), and their bytes.
     parsed: usize,
+    parsed_bytes: usize,
     /// How the objects in force changed since `take_changes` was last called.
     changes: Vec<Change>,
 }
@@ -204,21 +248,113 @@ fn text_hash(text: &str) -> u64 {
 }
 
 impl ManifestStore {
+    /// Scans `dir`: every manifest file directly in it, reading only those that changed since
+    /// their text was last taken in; a file no longer there is gone. Returns the problems
+    /// found in the folder.
+    pub fn update_from_folder(&mut self, dir: &Path) -> std::io::Result<Vec<ManifestError>> {
+        let now = std::time::SystemTime::now();
+        let mut reads = BTreeMap::new();
+        let mut present = HashSet::new();
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            match self.look(&path, now) {
+                Found::Absent => continue,
+                Found::Unchanged => {}
+                Found::Read(read, stamp) => {
+                    reads.insert(path.clone(), (read, stamp));
+                }
+            }
+            present.insert(path);
+        }
+        let gone = self
+            .files
+            .keys()
+            .filter(|path| !present.contains(*path))
+            .cloned()
+            .collect();
+        Ok(self.take_in(reads, gone))
+    }
+
+    /// Looks at these paths of the folder only (what a watcher reported changed): each is
+    /// read if it changed, or gone if it is no longer a manifest file. Returns the problems
+    /// found in the folder.
+    pub fn update_paths(&mut self, paths: impl IntoIterator<Item = PathBuf>) -> Vec<ManifestError> {
+        let now = std::time::SystemTime::now();
+        let mut reads = BTreeMap::new();
+        let mut gone = Vec::new();
+        for path in paths {
+            match self.look(&path, now) {
+                Found::Absent if self.files.contains_key(&path) => gone.push(path),
+                Found::Absent | Found::Unchanged => {}
+                Found::Read(read, stamp) => {
+                    reads.insert(path, (read, stamp));
+                }
+            }
+        }
+        self.take_in(reads, gone)
+    }
+
     /// Takes in the current content of every file (a file not listed is gone) and returns the
     /// problems found in the folder.
     pub fn update(
         &mut self,
         files: BTreeMap<PathBuf, Result<String, String>>,
     ) -> Vec<ManifestError> {
-        let mut errors = Vec::new();
-        // Objects whose file in force lost them: another file's definition may take over.
-        let mut orphaned: BTreeSet<ObjectKey> = BTreeSet::new();
-        let gone: Vec<PathBuf> = self
+        let gone = self
             .files
             .keys()
             .filter(|path| !files.contains_key(*path))
             .cloned()
             .collect();
+        let reads = files
+            .into_iter()
+            .map(|(path, content)| {
+                let read = match content {
+                    Ok(text) => FileRead::Text(text),
+                    Err(e) => FileRead::Unreadable(e),
+                };
+                (path, (read, None))
+            })
+            .collect();
+        self.take_in(reads, gone)
+    }
+
+    fn look(&self, path: &Path, now: std::time::SystemTime) -> Found {
+        // Follows symlinks, as reading does.
+        let Ok(meta) = std::fs::metadata(path) else {
+            return Found::Absent;
+        };
+        if !meta.is_file() || !is_manifest(path) {
+            return Found::Absent;
+        }
+        // Stamped before reading: a write during the read changes the stamp again. File times
+        // tick in jiffies, so a second write of the same size within one tick of a read would
+        // keep the stamp: a file modified less than a second ago is not trusted to stay.
+        let stamp = FileStamp::of(&meta);
+        if self.files.get(path).and_then(|e| e.stamp) == Some(stamp) {
+            return Found::Unchanged;
+        }
+        let settled = meta
+            .modified()
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .is_some_and(|age| age >= STAMP_SETTLED);
+        let read = match std::fs::read_to_string(path) {
+            Ok(text) => FileRead::Text(text),
+            Err(e) => FileRead::Unreadable(e.to_string()),
+        };
+        Found::Read(read, settled.then_some(stamp))
+    }
+
+    /// Takes in new content of some files and the files gone; every other file stays as it
+    /// was. Returns the problems of the whole folder.
+    fn take_in(
+        &mut self,
+        reads: BTreeMap<PathBuf, (FileRead, Option<FileStamp>)>,
+        gone: Vec<PathBuf>,
+    ) -> Vec<ManifestError> {
+        // Objects whose file in force lost them: another file's definition may take over.
+        let mut orphaned: BTreeSet<ObjectKey> = BTreeSet::new();
         for path in gone {
             let entry = self.files.remove(&path).unwrap_or_default();
             for key in entry.keys {
@@ -226,51 +362,57 @@ impl ManifestStore {
             }
         }
         self.parsed = 0;
+        self.parsed_bytes = 0;
         let mut fresh: Vec<(PathBuf, Object)> = Vec::new();
-        for (path, content) in &files {
+        for (path, (read, stamp)) in &reads {
             let mut entry = self.files.remove(path).unwrap_or_default();
-            let hash = content.as_ref().ok().map(|text| text_hash(text));
-            if hash.is_some() && entry.text_hash == hash {
-                errors.extend(entry.errors.iter().cloned());
-            } else {
-                self.parsed += 1;
-                entry.text_hash = None;
-                match content {
-                    Err(e) => errors.push(ManifestError {
+            match read {
+                FileRead::Text(text) => {
+                    let hash = text_hash(text);
+                    if entry.text_hash != Some(hash) {
+                        self.parsed += 1;
+                        self.parsed_bytes += text.len();
+                        entry.text_hash = None;
+                        match parse_file(path, text) {
+                            // A file that does not parse keeps its previous objects: nothing
+                            // is sent.
+                            Err(e) => entry.errors = vec![e],
+                            Ok(results) => {
+                                let (objects, errors) = file_objects(path, results, &entry.keys);
+                                let keys: BTreeSet<ObjectKey> = objects.keys().cloned().collect();
+                                for key in entry.keys.difference(&keys) {
+                                    self.undefine(path, key.clone(), &mut orphaned);
+                                }
+                                for (key, object) in objects {
+                                    let definers = self.definers.entry(key).or_default();
+                                    if let Err(at) = definers.binary_search(path) {
+                                        definers.insert(at, path.clone());
+                                    }
+                                    if let Some(object) = object {
+                                        fresh.push((path.clone(), object));
+                                    }
+                                }
+                                entry.keys = keys;
+                                entry.errors = errors;
+                                entry.text_hash = Some(hash);
+                            }
+                        }
+                    }
+                }
+                FileRead::Unreadable(e) => {
+                    self.parsed += 1;
+                    entry.text_hash = None;
+                    entry.errors = vec![ManifestError {
                         file: path.clone(),
                         document: None,
                         object: None,
                         field: None,
                         message: format!("cannot read: {e}"),
-                    }),
-                    // A file that does not parse keeps its previous objects: nothing is sent.
-                    Ok(text) => match parse_file(path, text) {
-                        Err(e) => errors.push(e),
-                        Ok(results) => {
-                            let (objects, file_errors) = file_objects(path, results, &entry.keys);
-                            errors.extend(file_errors.iter().cloned());
-                            let keys: BTreeSet<ObjectKey> = objects.keys().cloned().collect();
-                            for key in entry.keys.difference(&keys) {
-                                self.undefine(path, key.clone(), &mut orphaned);
-                            }
-                            for (key, object) in objects {
-                                let definers = self.definers.entry(key).or_default();
-                                if let Err(at) = definers.binary_search(path) {
-                                    definers.insert(at, path.clone());
-                                }
-                                if let Some(object) = object {
-                                    fresh.push((path.clone(), object));
-                                }
-                            }
-                            entry = FileEntry {
-                                text_hash: hash,
-                                keys,
-                                errors: file_errors,
-                            };
-                        }
-                    },
+                    }];
                 }
             }
+            // Only a text taken in whole is trusted to stay: a broken file is read every time.
+            entry.stamp = entry.text_hash.and(*stamp);
             self.files.insert(path.clone(), entry);
         }
         for (path, object) in fresh {
@@ -280,7 +422,12 @@ impl ManifestStore {
                 self.changes.push(Change::Upsert(object));
             }
         }
-        self.take_over(orphaned, &files);
+        self.take_over(orphaned, &reads);
+        let mut errors: Vec<ManifestError> = self
+            .files
+            .values()
+            .flat_map(|entry| entry.errors.iter().cloned())
+            .collect();
         // Kind/namespace/name must be unique across the folder.
         for (key, paths) in &self.definers {
             for path in &paths[1..] {
@@ -315,7 +462,7 @@ impl ManifestStore {
     fn take_over(
         &mut self,
         orphaned: BTreeSet<ObjectKey>,
-        files: &BTreeMap<PathBuf, Result<String, String>>,
+        reads: &BTreeMap<PathBuf, (FileRead, Option<FileStamp>)>,
     ) {
         let mut by_file: BTreeMap<PathBuf, Vec<ObjectKey>> = BTreeMap::new();
         for key in orphaned {
@@ -325,10 +472,15 @@ impl ManifestStore {
             }
         }
         for (path, keys) in by_file {
-            let Some(Ok(text)) = files.get(&path) else {
-                continue;
+            let text = match reads.get(&path) {
+                Some((FileRead::Text(text), _)) => text.clone(),
+                Some((FileRead::Unreadable(_), _)) => continue,
+                None => match std::fs::read_to_string(&path) {
+                    Ok(text) => text,
+                    Err(_) => continue,
+                },
             };
-            let objects = parse_file(&path, text).unwrap_or_default();
+            let objects = parse_file(&path, &text).unwrap_or_default();
             for object in objects.into_iter().flatten() {
                 if keys.contains(&object.key()) {
                     self.changes.push(Change::Upsert(object));
@@ -349,6 +501,11 @@ impl ManifestStore {
     /// How many files the last update parsed; 0 when none had changed.
     pub fn parsed_last_update(&self) -> usize {
         self.parsed
+    }
+
+    /// How many bytes of text the last update parsed.
+    pub fn parsed_bytes_last_update(&self) -> usize {
+        self.parsed_bytes
     }
 }
 
@@ -390,19 +547,6 @@ fn file_objects(
         }
     }
     (objects, errors)
-}
-
-/// Reads every manifest file directly in `dir`.
-pub fn read_folder(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, Result<String, String>>> {
-    let mut files = BTreeMap::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_file() && is_manifest(&path) {
-            let content = std::fs::read_to_string(&path).map_err(|e| e.to_string());
-            files.insert(path, content);
-        }
-    }
-    Ok(files)
 }
 
 #[cfg(test)]
@@ -596,6 +740,64 @@ mod tests {
             kinds_and_names(&store.take_changes()),
             ["delete Pod p1", "delete Service web"]
         );
+    }
+
+    #[test]
+    fn folder_updates_follow_edits_and_removals() {
+        struct TempDir(PathBuf);
+        impl Drop for TempDir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let dir = TempDir(std::env::temp_dir().join(format!("lb-folder-{}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        std::fs::write(dir.0.join("a.yaml"), SVC).unwrap();
+        std::fs::write(dir.0.join("b.yaml"), POD).unwrap();
+        std::fs::write(dir.0.join("notes.txt"), "not a manifest").unwrap();
+        let mut store = ManifestStore::default();
+        let sorted = |changes: &[Change]| {
+            let mut names = kinds_and_names(changes);
+            names.sort();
+            names
+        };
+        assert!(store.update_from_folder(&dir.0).unwrap().is_empty());
+        assert_eq!(store.parsed_last_update(), 2);
+        assert_eq!(
+            sorted(&store.take_changes()),
+            ["upsert Pod p1", "upsert Service web"]
+        );
+        store.update_from_folder(&dir.0).unwrap();
+        assert_eq!(store.parsed_last_update(), 0);
+        assert!(store.take_changes().is_empty());
+        // Same size, written at once after the read: still seen.
+        std::fs::write(
+            dir.0.join("b.yaml"),
+            POD.replace("198.18.1.2", "198.18.1.3"),
+        )
+        .unwrap();
+        std::fs::remove_file(dir.0.join("a.yaml")).unwrap();
+        store.update_from_folder(&dir.0).unwrap();
+        assert_eq!(store.parsed_last_update(), 1);
+        assert_eq!(
+            sorted(&store.take_changes()),
+            ["delete Service web", "upsert Pod p1"]
+        );
+        assert!(store.update_from_folder(&dir.0.join("missing")).is_err());
+        // Only the paths a watcher reported: a new file, a broken one, one gone; the problems
+        // of the whole folder are still reported.
+        std::fs::write(dir.0.join("c.yaml"), SVC).unwrap();
+        std::fs::write(dir.0.join("d.yaml"), "kind: [unclosed").unwrap();
+        let problems = store.update_paths([dir.0.join("c.yaml"), dir.0.join("d.yaml")]);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(
+            kinds_and_names(&store.take_changes()),
+            ["upsert Service web"]
+        );
+        std::fs::remove_file(dir.0.join("b.yaml")).unwrap();
+        let problems = store.update_paths([dir.0.join("b.yaml"), dir.0.join("notes.txt")]);
+        assert_eq!(problems.len(), 1, "d.yaml is still broken");
+        assert_eq!(kinds_and_names(&store.take_changes()), ["delete Pod p1"]);
     }
 
     #[test]
