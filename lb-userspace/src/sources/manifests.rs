@@ -266,12 +266,7 @@ impl ManifestStore {
             }
             present.insert(path);
         }
-        let gone = self
-            .files
-            .keys()
-            .filter(|path| !present.contains(*path))
-            .cloned()
-            .collect();
+        let gone = self.known_files_except(|path| present.contains(path));
         Ok(self.take_in(reads, gone))
     }
 
@@ -300,12 +295,7 @@ impl ManifestStore {
         &mut self,
         files: BTreeMap<PathBuf, Result<String, String>>,
     ) -> Vec<ManifestError> {
-        let gone = self
-            .files
-            .keys()
-            .filter(|path| !files.contains_key(*path))
-            .cloned()
-            .collect();
+        let gone = self.known_files_except(|path| files.contains_key(path));
         let reads = files
             .into_iter()
             .map(|(path, content)| {
@@ -317,6 +307,10 @@ impl ManifestStore {
             })
             .collect();
         self.take_in(reads, gone)
+    }
+
+    fn known_files_except(&self, keep: impl Fn(&PathBuf) -> bool) -> Vec<PathBuf> {
+        self.files.keys().filter(|p| !keep(p)).cloned().collect()
     }
 
     fn look(&self, path: &Path, now: std::time::SystemTime) -> Found {
