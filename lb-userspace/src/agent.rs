@@ -86,7 +86,8 @@ impl Read {
     }
 }
 
-/// Full resync from the maps themselves, in case anything else touched them.
+/// Full resync: the whole folder scanned, the maps read back and compared whole, in case the
+/// watcher missed a change or anything else touched the maps.
 const RESYNC_EVERY: Duration = Duration::from_secs(30);
 /// Interfaces are looked for this often (pods' links appear at any time).
 const LINK_SCAN_EVERY: Duration = Duration::from_millis(500);
