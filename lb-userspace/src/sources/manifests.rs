@@ -736,16 +736,53 @@ mod tests {
         );
     }
 
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("lb-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A file last modified long enough ago is stamped and then not read again; a write that
+    /// keeps its size and even puts its modification time back still changes the stamp.
+    #[test]
+    fn settled_files_are_not_read_again_until_they_change() {
+        let dir = TempDir::new("stamps");
+        let path = dir.0.join("b.yaml");
+        let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        let write = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(long_ago).unwrap();
+        };
+        write(POD);
+        let mut store = ManifestStore::default();
+        store.update_from_folder(&dir.0).unwrap();
+        assert_eq!(store.parsed_bytes_last_update(), POD.len());
+        assert!(
+            store.files[&path].stamp.is_some(),
+            "settled file is stamped"
+        );
+        store.update_from_folder(&dir.0).unwrap();
+        assert_eq!(store.parsed_bytes_last_update(), 0);
+        store.take_changes();
+        write(&POD.replace("198.18.1.2", "198.18.1.3"));
+        store.update_from_folder(&dir.0).unwrap();
+        assert_eq!(kinds_and_names(&store.take_changes()), ["upsert Pod p1"]);
+    }
+
     #[test]
     fn folder_updates_follow_edits_and_removals() {
-        struct TempDir(PathBuf);
-        impl Drop for TempDir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-        let dir = TempDir(std::env::temp_dir().join(format!("lb-folder-{}", std::process::id())));
-        std::fs::create_dir_all(&dir.0).unwrap();
+        let dir = TempDir::new("folder");
         std::fs::write(dir.0.join("a.yaml"), SVC).unwrap();
         std::fs::write(dir.0.join("b.yaml"), POD).unwrap();
         std::fs::write(dir.0.join("notes.txt"), "not a manifest").unwrap();
