@@ -94,8 +94,8 @@ struct Results {
     one_change_map_operations: usize,
     agent_rss_mib: f64,
     agent_sync_from_files_ms: Option<f64>,
-    /// One endpoint changed in a folder of one file per object: the agent's sync, from the
-    /// folder scan to the maps written.
+    /// One endpoint changed in a folder of one file per object: the agent's sync, from reading
+    /// the reported file to the maps written.
     agent_one_change_file_per_object_ms: f64,
     iptables_legacy_restore_ms: Option<f64>,
     iptables_nft_restore_ms: Option<f64>,
@@ -356,8 +356,9 @@ fn agent_at_size(
 }
 
 /// Runs `lb agent` on a folder with one file per object (20,000 files), changes one endpoint
-/// in one file, and returns the time the agent logged for that sync (from the folder scan to
-/// the maps written; inotify and the 50 ms debounce come before it): median of 5 changes.
+/// in one file, and returns the time the agent logged for that sync (from reading the file the
+/// watcher reported to the maps written; inotify and the 50 ms debounce come before it):
+/// median of 5 changes.
 fn agent_one_change_file_per_object(
     lb: &Path,
     services: &[Service],

@@ -271,7 +271,7 @@ shared and noisy): compare figures measured side by side in one run, not across 
         if let Some(ms) = f("agent_one_change_file_per_object_ms") {
             let _ = writeln!(
                 md,
-                "| lb agent: one endpoint change in a folder of 20,000 files, one per object (scan, read, parse, program) | {ms:.1} |"
+                "| lb agent: one endpoint change in a folder of 20,000 files, one per object (read the file the watcher reported, parse, compute, program) | {ms:.1} |"
             );
         }
         let _ = writeln!(
