@@ -395,11 +395,11 @@ How to read them: with the load generator and the server on separate cores, ever
 repeats within a few per cent from run to run (every run is listed; a run far below the
 others is a slow spell of this shared machine). Each mode starts clean of the connections of
 the modes before it: the server's and client's TIME_WAIT sockets are killed (`ss -K`) and
-netfilter's connection table is emptied (`conntrack -F`). Without that, a SYN that reuses the
-address pair of a connection another mode left in TIME_WAIT carries a timestamp from another
-clock offset (the client keeps one per destination: the pod address, the ClusterIP), looks
-old to the server, and gets through only when it is sent again 1 s later: the last column
-counts such SYNs.
+netfilter's connection table is emptied (`conntrack -F`). Without that, thousands of SYNs
+that reused the address pair of a connection another mode had left in TIME_WAIT got through
+only when sent again 1 s later (most likely the server's timestamp check: the client's
+timestamp clock has a different offset per destination, the pod address or the ClusterIP),
+which made whichever mode came later look slow. The last column counts such SYNs.
 ";
 
 const CONTROL_PLANE_INTRO: &str = "
