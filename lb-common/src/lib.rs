@@ -7,29 +7,40 @@
 #![no_std]
 
 pub mod checksum;
+pub mod conntrack;
 pub mod stats;
 
 /// IPv4 frontend (service address, port, protocol) -> [`Frontend`]. IPv6 gets its own map
 /// (`LB_FRONTENDS6_*`) with the same value type: per-family keys keep the per-packet hash small.
-pub const FRONTENDS_MAP: &str = "LB_FRONTENDS4_V1";
-/// (service id, slot) -> backend id; slots 0..backend_count of one service.
+pub const FRONTENDS_MAP: &str = "LB_FRONTENDS4_V2";
+/// (service id, slot) -> backend id. Slots 0..backend_count hold the backends that take new
+/// flows; the next draining_count slots hold draining ones (kept so the agent can find them).
 pub const SLOTS_MAP: &str = "LB_SLOTS_V1";
 /// Backend id (array index) -> [`Backend`].
 pub const BACKENDS_MAP: &str = "LB_BACKENDS_V1";
 /// IPv4 flow 5-tuple as seen on the wire -> [`CtEntry`] (forward DNAT or reply reverse NAT).
 /// IPv6 gets its own map (`LB_CONNTRACK6_*`).
-pub const CONNTRACK_MAP: &str = "LB_CONNTRACK4_V1";
+pub const CONNTRACK_MAP: &str = "LB_CONNTRACK4_V2";
 /// Counter index ([`stats::Counter`]) -> per-CPU packet count.
-pub const STATS_MAP: &str = "LB_STATS_V1";
+pub const STATS_MAP: &str = "LB_STATS_V2";
+/// 0 -> [`Config`]: conntrack timeouts and the ICMP reply rate, written by the agent at load.
+pub const CONFIG_MAP: &str = "LB_CONFIG_V1";
+/// 0 -> per-CPU [`TokenBucket`] limiting the ICMP replies for Services without endpoints.
+pub const ICMP_BUCKET_MAP: &str = "LB_ICMP_BUCKET_V1";
 
 /// Every map the agent pins, in the order they are created.
-pub const ALL_MAPS: [&str; 5] = [
+pub const ALL_MAPS: [&str; 7] = [
     FRONTENDS_MAP,
     SLOTS_MAP,
     BACKENDS_MAP,
     CONNTRACK_MAP,
     STATS_MAP,
+    CONFIG_MAP,
+    ICMP_BUCKET_MAP,
 ];
+
+/// Maps of earlier layouts that an upgraded agent removes (their flows start over).
+pub const LEGACY_MAPS: [&str; 3] = ["LB_FRONTENDS4_V1", "LB_CONNTRACK4_V1", "LB_STATS_V1"];
 
 pub const MAX_FRONTENDS: u32 = 131_072;
 pub const MAX_SLOTS: u32 = 1_048_576;
@@ -83,10 +94,12 @@ pub struct FrontendKey {
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Frontend {
     pub service_id: u32,
-    /// Number of slots 0..backend_count in the slots map; 0 means "no endpoints".
+    /// Slots 0..backend_count take new flows; 0 means "no endpoint to send new flows to".
     pub backend_count: u32,
+    /// Slots backend_count..backend_count + draining_count: backends that take no new flow
+    /// but keep their established ones (not ready, or terminating).
+    pub draining_count: u32,
     pub flags: u32,
-    pub _pad: u32,
 }
 
 #[repr(C, align(4))]
@@ -97,7 +110,10 @@ pub struct SlotKey {
     pub slot: u32,
 }
 
+/// The backend takes new flows and keeps its tracked ones.
 pub const BACKEND_ACTIVE: u8 = 1;
+/// The backend takes no new flow but keeps its tracked ones (not ready, or terminating).
+pub const BACKEND_DRAINING: u8 = 2;
 
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -107,7 +123,8 @@ pub struct Backend {
     /// Network byte order.
     pub port: u16,
     pub family: u8,
-    /// [`BACKEND_ACTIVE`] while the backend is in its service's endpoint set; 0 for a free id.
+    /// [`BACKEND_ACTIVE`] or [`BACKEND_DRAINING`] while the backend is in its service's
+    /// endpoint set; 0 for a free id.
     pub state: u8,
     /// The service this backend belongs to; a conntrack entry is only valid for the same one.
     pub service_id: u32,
@@ -132,7 +149,7 @@ pub const CT_FORWARD: u8 = 1;
 /// The flow is a backend's reply: rewrite the source back to the service address.
 pub const CT_REPLY: u8 = 2;
 
-#[repr(C, align(4))]
+#[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct CtEntry {
@@ -142,9 +159,48 @@ pub struct CtEntry {
     pub nat_port: u16,
     /// [`CT_FORWARD`] or [`CT_REPLY`].
     pub kind: u8,
-    pub _pad: u8,
+    /// What the flow has shown: [`conntrack::SEEN_NON_SYN`], [`conntrack::CLOSING`] bits.
+    pub state: u8,
     pub backend_id: u32,
     pub service_id: u32,
+    /// When a packet of the flow (either direction) was last seen, CLOCK_MONOTONIC ns (as
+    /// bpf_ktime_get_coarse_ns), refreshed at most every [`conntrack::REFRESH_NS`].
+    pub last_seen_ns: u64,
+}
+
+/// Datapath settings the agent writes at load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Config {
+    /// Idle timeout of a TCP flow that has shown a packet without SYN.
+    pub tcp_established_ns: u64,
+    /// Idle timeout of a TCP flow that has shown SYNs only.
+    pub tcp_syn_ns: u64,
+    /// Idle timeout of a TCP flow after FIN or RST.
+    pub tcp_closing_ns: u64,
+    pub udp_ns: u64,
+    /// ICMP replies for Services without endpoints, per second and CPU (also the burst).
+    pub icmp_replies_per_sec: u64,
+}
+
+impl Config {
+    pub const DEFAULT: Config = Config {
+        tcp_established_ns: 6 * 3600 * 1_000_000_000,
+        tcp_syn_ns: 60 * 1_000_000_000,
+        tcp_closing_ns: 10 * 1_000_000_000,
+        udp_ns: 60 * 1_000_000_000,
+        icmp_replies_per_sec: 1000,
+    };
+}
+
+/// A per-CPU token bucket: `tokens` left at `updated_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct TokenBucket {
+    pub tokens: u64,
+    pub updated_ns: u64,
 }
 
 const _: () = {
@@ -153,7 +209,9 @@ const _: () = {
     assert!(core::mem::size_of::<SlotKey>() == 8);
     assert!(core::mem::size_of::<Backend>() == 24);
     assert!(core::mem::size_of::<CtKey>() == 16);
-    assert!(core::mem::size_of::<CtEntry>() == 16);
+    assert!(core::mem::size_of::<CtEntry>() == 24);
+    assert!(core::mem::size_of::<Config>() == 40);
+    assert!(core::mem::size_of::<TokenBucket>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -165,6 +223,8 @@ mod user_pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::TokenBucket {}
 }
 
 #[cfg(test)]

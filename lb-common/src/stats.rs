@@ -29,9 +29,11 @@ pub enum Counter {
     DropNoBackend = 11,
     /// Conntrack insert failed (e.g. map full): packet dropped.
     DropConntrackFull = 12,
+    /// Service without endpoints, over the ICMP reply rate: packet dropped unanswered.
+    DropIcmpRateLimited = 13,
 }
 
-pub const COUNTER_COUNT: u32 = 13;
+pub const COUNTER_COUNT: u32 = 14;
 
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "pass_not_ipv4",
@@ -47,4 +49,5 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "drop_rewrite_failed",
     "drop_no_backend",
     "drop_conntrack_full",
+    "drop_icmp_rate_limited",
 ];

@@ -4,13 +4,13 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, CtEntry, CtKey, Frontend, FrontendKey, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS,
-    MAX_SLOTS, SlotKey, stats::COUNTER_COUNT,
+    Backend, Config, CtEntry, CtKey, Frontend, FrontendKey, MAX_BACKENDS, MAX_CONNTRACK,
+    MAX_FRONTENDS, MAX_SLOTS, SlotKey, TokenBucket, stats::COUNTER_COUNT,
 };
 
-/// IPv4 (service address, port, protocol) -> service id and backend count.
+/// IPv4 (service address, port, protocol) -> service id and backend counts.
 #[btf_map]
-pub static LB_FRONTENDS4_V1: HashMap<FrontendKey, Frontend, { MAX_FRONTENDS as usize }> =
+pub static LB_FRONTENDS4_V2: HashMap<FrontendKey, Frontend, { MAX_FRONTENDS as usize }> =
     HashMap::new();
 
 /// (service id, slot) -> backend id.
@@ -21,18 +21,33 @@ pub static LB_SLOTS_V1: HashMap<SlotKey, u32, { MAX_SLOTS as usize }> = HashMap:
 #[btf_map]
 pub static LB_BACKENDS_V1: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 
-/// IPv4 flow as seen on the wire -> NAT to apply (forward DNAT or reply reverse NAT).
+/// IPv4 flow as seen on the wire -> NAT to apply (forward DNAT or reply reverse NAT), TCP
+/// state and last-seen time.
 #[btf_map]
-pub static LB_CONNTRACK4_V1: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> =
+pub static LB_CONNTRACK4_V2: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> =
     LruHashMap::new();
 
 /// Counter index -> per-CPU packet count.
 #[btf_map]
-pub static LB_STATS_V1: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+pub static LB_STATS_V2: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+
+/// 0 -> timeouts and rates, written by the agent at load.
+#[btf_map]
+pub static LB_CONFIG_V1: Array<Config, 1> = Array::new();
+
+/// 0 -> per-CPU token bucket of ICMP replies for Services without endpoints.
+#[btf_map]
+pub static LB_ICMP_BUCKET_V1: PerCpuArray<TokenBucket, 1> = PerCpuArray::new();
+
+/// The agent's settings (the defaults until it has written them).
+#[inline(always)]
+pub fn config() -> Config {
+    LB_CONFIG_V1.get(0).copied().unwrap_or(Config::DEFAULT)
+}
 
 #[inline(always)]
 pub fn count(counter: lb_common::stats::Counter) {
-    if let Some(c) = LB_STATS_V1.get_ptr_mut(counter as u32) {
+    if let Some(c) = LB_STATS_V2.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *c += 1 };
     }

@@ -9,6 +9,8 @@ pub const IPV4_LEN: usize = 20;
 pub const L4_OFF: usize = ETH_LEN + IPV4_LEN;
 /// Headers every translated packet has: Ethernet, IPv4 without options, a TCP header.
 pub const MAX_HEADERS: usize = L4_OFF + 20;
+/// Offset of the flags byte in the TCP header.
+const TCP_FLAGS_OFF: usize = 13;
 /// 0x0800 as it lies in the packet, read as a native u16.
 const ETH_P_IP_NET: u16 = u16::from_ne_bytes([0x08, 0x00]);
 /// More-fragments flag and fragment offset, as they lie in the packet.
@@ -53,6 +55,8 @@ pub struct Flow {
     pub sport: u16,
     pub dport: u16,
     pub protocol: u8,
+    /// TCP flags (FIN, SYN, RST, ACK, ...); 0 for UDP.
+    pub tcp_flags: u8,
 }
 
 impl Flow {
@@ -117,11 +121,17 @@ pub fn parse(data: usize, data_end: usize, packet_len: usize) -> Result<Flow, Ve
         return Err(Verdict::Pass(Counter::PassTruncated));
     }
     let ports = header::<Ports>(data, data_end, L4_OFF)?;
+    let tcp_flags = if protocol == PROTO_TCP {
+        unsafe { *header::<u8>(data, data_end, L4_OFF + TCP_FLAGS_OFF)? }
+    } else {
+        0
+    };
     Ok(Flow {
         saddr: unsafe { (*ip).saddr },
         daddr: unsafe { (*ip).daddr },
         sport: unsafe { (*ports).source },
         dport: unsafe { (*ports).dest },
         protocol,
+        tcp_flags,
     })
 }

@@ -1,14 +1,16 @@
 //! Stages 2-4, shared by every entry point: conntrack, service lookup, backend selection.
 //! They only read and update maps; rewriting the packet is the entry point's job.
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use lb_common::{
-    BACKEND_ACTIVE, Backend, CT_FORWARD, CT_REPLY, CtEntry, CtKey, FrontendKey, SCOPE_CLUSTER,
-    SlotKey, stats::Counter,
+    BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CT_FORWARD, CT_REPLY, Config, CtEntry, CtKey,
+    FrontendKey, PROTO_TCP, PROTO_UDP, SCOPE_CLUSTER, SlotKey,
+    conntrack::{TCP_ACK, TCP_SYN, expired, needs_write, next_state, reopens},
+    stats::Counter,
 };
 
 use crate::{
     Verdict,
-    maps::{LB_BACKENDS_V1, LB_CONNTRACK4_V1, LB_FRONTENDS4_V1, LB_SLOTS_V1},
+    maps::{LB_BACKENDS_V1, LB_CONNTRACK4_V2, LB_FRONTENDS4_V2, LB_SLOTS_V1, config},
     parse::Flow,
 };
 
@@ -43,12 +45,38 @@ fn ct_key(flow: &Flow) -> CtKey {
     }
 }
 
-/// The backend of a tracked flow, if it is still the same active backend of the same service.
+/// The key of the other direction's entry: a forward entry's reply key (backend to client),
+/// or a reply entry's forward key (client to Service).
+#[inline(always)]
+fn peer_key(key: &CtKey, entry: &CtEntry) -> CtKey {
+    if entry.kind == CT_FORWARD {
+        CtKey {
+            src: entry.nat_addr,
+            dst: key.src,
+            sport: entry.nat_port,
+            dport: key.sport,
+            protocol: key.protocol,
+            _pad: [0; 3],
+        }
+    } else {
+        CtKey {
+            src: key.dst,
+            dst: entry.nat_addr,
+            sport: key.dport,
+            dport: entry.nat_port,
+            protocol: key.protocol,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// The backend of a tracked flow, if it is still the same backend of the same service, taking
+/// new flows or draining (not ready or terminating: its established flows go on).
 #[inline(always)]
 fn still_valid(entry: &CtEntry) -> bool {
     match LB_BACKENDS_V1.get(entry.backend_id) {
         Some(b) => {
-            b.state == BACKEND_ACTIVE
+            (b.state == BACKEND_ACTIVE || b.state == BACKEND_DRAINING)
                 && b.service_id == entry.service_id
                 && b.port == entry.nat_port
                 && first4(&b.addr) == entry.nat_addr
@@ -57,25 +85,62 @@ fn still_valid(entry: &CtEntry) -> bool {
     }
 }
 
+/// Records the packet in its flow's entry and in the other direction's, so that both age,
+/// close and expire together; written only when the state changes or the time is due.
+#[inline(always)]
+fn touch(entry_ptr: *mut CtEntry, entry: &CtEntry, key: &CtKey, next: u8, now: u64) {
+    if !needs_write(entry, next, now) {
+        return;
+    }
+    // SAFETY: pointers into map values, valid for this program run; a racing writer on
+    // another CPU can only make the time or state a little older.
+    unsafe {
+        (*entry_ptr).state = next;
+        (*entry_ptr).last_seen_ns = now;
+        if let Some(peer) = LB_CONNTRACK4_V2.get_ptr_mut(peer_key(key, entry)) {
+            (*peer).state |= next;
+            (*peer).last_seen_ns = now;
+        }
+    }
+}
+
 #[inline(always)]
 pub fn decide(flow: &Flow) -> Result<Translation, Verdict> {
     let key = ct_key(flow);
-    // SAFETY: the entry is copied out at once; a concurrent update can only make it stale.
-    if let Some(entry) = unsafe { LB_CONNTRACK4_V1.get(&key) }.copied() {
-        if entry.kind == CT_REPLY {
-            return Ok(Translation::Snat {
-                addr: entry.nat_addr,
-                port: entry.nat_port,
-            });
+    let config = config();
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if let Some(entry_ptr) = LB_CONNTRACK4_V2.get_ptr_mut(key) {
+        // SAFETY: copied out at once; a concurrent update can only make it stale.
+        let entry = unsafe { *entry_ptr };
+        // An expired entry counts as absent: a forward one gets a new pick below, a reply
+        // one passes untranslated.
+        if !expired(&config, flow.protocol, &entry, now) {
+            let next = next_state(entry.state, flow.protocol, flow.tcp_flags);
+            if entry.kind == CT_REPLY {
+                touch(entry_ptr, &entry, &key, next, now);
+                return Ok(Translation::Snat {
+                    addr: entry.nat_addr,
+                    port: entry.nat_port,
+                });
+            }
+            if entry.kind == CT_FORWARD
+                && still_valid(&entry)
+                && !reopens(entry.state, flow.protocol, flow.tcp_flags)
+            {
+                touch(entry_ptr, &entry, &key, next, now);
+                return Ok(Translation::Dnat {
+                    addr: entry.nat_addr,
+                    port: entry.nat_port,
+                    counter: Counter::DnatEstablished,
+                });
+            }
         }
-        if entry.kind == CT_FORWARD && still_valid(&entry) {
-            return Ok(Translation::Dnat {
-                addr: entry.nat_addr,
-                port: entry.nat_port,
-                counter: Counter::DnatEstablished,
-            });
+        if entry.kind == CT_FORWARD {
+            // The flow starts over below (its backend left, it expired, or it reopened): its
+            // old reply entry goes, or it would translate the old backend's stray packets.
+            let _ = LB_CONNTRACK4_V2.remove(&peer_key(&key, &entry));
         }
-        // A backend that left its service never gets the flow again: choose anew below.
     }
 
     let frontend_key = FrontendKey {
@@ -85,16 +150,20 @@ pub fn decide(flow: &Flow) -> Result<Translation, Verdict> {
         scope: SCOPE_CLUSTER,
     };
     // SAFETY: copied out at once.
-    let frontend = match unsafe { LB_FRONTENDS4_V1.get(&frontend_key) } {
+    let frontend = match unsafe { LB_FRONTENDS4_V2.get(&frontend_key) } {
         Some(f) => *f,
-        None => return Err(Verdict::Pass(Counter::PassNoService)),
+        None => {
+            forget_replaced_reply(flow, &key);
+            return Err(Verdict::Pass(Counter::PassNoService));
+        }
     };
     if frontend.backend_count == 0 {
         return Ok(Translation::Unreachable);
     }
 
     let (backend_id, backend) = select(frontend.service_id, frontend.backend_count)?;
-    track(&key, frontend.service_id, backend_id, &backend)?;
+    let state = next_state(0, flow.protocol, flow.tcp_flags);
+    track(&key, frontend.service_id, backend_id, &backend, state, now)?;
     Ok(Translation::Dnat {
         addr: first4(&backend.addr),
         port: backend.port,
@@ -102,7 +171,33 @@ pub fn decide(flow: &Flow) -> Result<Translation, Verdict> {
     })
 }
 
-/// Uniform random choice among the service's slots.
+/// A client that opens a direct flow (a TCP SYN, or any UDP datagram) to a backend from the
+/// same port as an earlier flow through a Service reuses that flow's reply key: the old reply
+/// entry would rewrite the new flow's replies to the Service address. It goes.
+#[inline(always)]
+fn forget_replaced_reply(flow: &Flow, key: &CtKey) {
+    let opens = (flow.protocol == PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+        || flow.protocol == PROTO_UDP;
+    if !opens {
+        return;
+    }
+    let reverse = CtKey {
+        src: key.dst,
+        dst: key.src,
+        sport: key.dport,
+        dport: key.sport,
+        protocol: key.protocol,
+        _pad: [0; 3],
+    };
+    // SAFETY: copied out at once.
+    if let Some(entry) = unsafe { LB_CONNTRACK4_V2.get(&reverse) }
+        && entry.kind == CT_REPLY
+    {
+        let _ = LB_CONNTRACK4_V2.remove(&reverse);
+    }
+}
+
+/// Uniform random choice among the service's slots that take new flows.
 #[inline(always)]
 fn select(service_id: u32, backend_count: u32) -> Result<(u32, Backend), Verdict> {
     let slot = unsafe { bpf_get_prandom_u32() } % backend_count;
@@ -120,36 +215,52 @@ fn select(service_id: u32, backend_count: u32) -> Result<(u32, Backend), Verdict
 /// Records both directions of a new flow: the forward entry keyed by the packet as sent, and
 /// the reply entry keyed by the packet the backend will send back.
 #[inline(always)]
-fn track(key: &CtKey, service_id: u32, backend_id: u32, backend: &Backend) -> Result<(), Verdict> {
+fn track(
+    key: &CtKey,
+    service_id: u32,
+    backend_id: u32,
+    backend: &Backend,
+    state: u8,
+    now: u64,
+) -> Result<(), Verdict> {
     let backend_addr = first4(&backend.addr);
     let forward = CtEntry {
         nat_addr: backend_addr,
         nat_port: backend.port,
         kind: CT_FORWARD,
-        _pad: 0,
+        state,
         backend_id,
         service_id,
-    };
-    let reply_key = CtKey {
-        src: backend_addr,
-        dst: key.src,
-        sport: backend.port,
-        dport: key.sport,
-        protocol: key.protocol,
-        _pad: [0; 3],
+        last_seen_ns: now,
     };
     let reply = CtEntry {
         nat_addr: key.dst,
         nat_port: key.dport,
         kind: CT_REPLY,
-        _pad: 0,
-        backend_id,
-        service_id,
+        ..forward
     };
-    if LB_CONNTRACK4_V1.insert(&reply_key, &reply, 0).is_err()
-        || LB_CONNTRACK4_V1.insert(key, &forward, 0).is_err()
+    if LB_CONNTRACK4_V2
+        .insert(peer_key(key, &forward), &reply, 0)
+        .is_err()
+        || LB_CONNTRACK4_V2.insert(key, &forward, 0).is_err()
     {
         return Err(Verdict::Drop(Counter::DropConntrackFull));
     }
     Ok(())
+}
+
+/// Whether a reply for a Service without endpoints may be sent now (per-CPU token bucket).
+#[inline(always)]
+pub fn may_answer_unreachable(config: &Config) -> bool {
+    let Some(bucket) = crate::maps::LB_ICMP_BUCKET_V1.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU value, no other writer on this CPU while the program runs.
+    unsafe {
+        lb_common::conntrack::take_token(
+            &mut *bucket,
+            config.icmp_replies_per_sec,
+            bpf_ktime_get_coarse_ns(),
+        )
+    }
 }

@@ -9,9 +9,9 @@ use lb_common::{PROTO_UDP, checksum, stats::Counter};
 
 use crate::{
     Verdict,
-    maps::count,
+    maps::{config, count},
     parse::{ETH_LEN, Flow, IPV4_LEN, L4_OFF, MAX_HEADERS, bytes, parse},
-    pipeline::{Translation, decide},
+    pipeline::{Translation, decide, may_answer_unreachable},
 };
 
 const IP_SRC_OFF: usize = ETH_LEN + 12;
@@ -56,6 +56,9 @@ pub fn run(ctx: &TcContext) -> i32 {
             port,
         )
         .map(|()| (TC_ACT_OK as i32, Counter::ReverseNat)),
+        Ok(Translation::Unreachable) if !may_answer_unreachable(&config()) => {
+            Err(Verdict::Drop(Counter::DropIcmpRateLimited))
+        }
         Ok(Translation::Unreachable) => {
             port_unreachable(ctx).map(|()| (TC_ACT_REDIRECT as i32, Counter::IcmpNoEndpoints))
         }

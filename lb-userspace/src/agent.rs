@@ -10,7 +10,6 @@ use std::{
 
 use anyhow::Context as _;
 use ipnet::Ipv4Net;
-use lb_common::stats::COUNTER_NAMES;
 use notify::Watcher as _;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -18,7 +17,7 @@ use tracing::{error, info, warn};
 use crate::{
     api::{self, AdminState, SharedState, StatusView},
     controlplane::ControlPlane,
-    dataplane::Dataplane,
+    dataplane::{self, Dataplane},
     desired::{DesiredDataplane, Frontend},
     diff::{self, ActualDataplane},
     sources::manifests::ManifestStore,
@@ -40,6 +39,10 @@ pub struct AgentConfig {
     /// Interfaces facing pods, as a shell pattern; links that appear later are attached too.
     #[arg(long, default_value = "veth*")]
     pub pod_iface_glob: String,
+    /// The node's links to other nodes and the outside (a name or a shell pattern;
+    /// repeatable). Replies of flows this node translated come back on them.
+    #[arg(long = "external-iface", value_name = "IFACE")]
+    pub external_ifaces: Vec<String>,
     /// Range that ClusterIPs are allocated from and must lie in.
     #[arg(long, default_value = "10.96.0.0/12")]
     pub service_cidr: Ipv4Net,
@@ -49,6 +52,46 @@ pub struct AgentConfig {
     /// Address of the local admin endpoint that `lb get` reads.
     #[arg(long, default_value = DEFAULT_ADMIN)]
     pub admin: SocketAddr,
+    /// Idle timeout of an established TCP connection.
+    #[arg(long, default_value = "6h", value_parser = humantime::parse_duration)]
+    pub conntrack_tcp_timeout_established: Duration,
+    /// Idle timeout of a TCP connection that has not completed its handshake.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub conntrack_tcp_timeout_syn: Duration,
+    /// Idle timeout of a TCP connection after FIN or RST.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub conntrack_tcp_timeout_close: Duration,
+    /// Idle timeout of a UDP flow.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub conntrack_udp_timeout: Duration,
+    /// How often expired conntrack entries are deleted.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub conntrack_gc_interval: Duration,
+    /// ICMP replies per second and CPU for Services without endpoints; more are dropped.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=1_000_000_000))]
+    pub icmp_rate_limit: u64,
+}
+
+impl AgentConfig {
+    /// The datapath settings these flags give.
+    pub fn datapath_config(&self) -> lb_common::Config {
+        let ns = |d: Duration| d.as_nanos().min(u64::MAX as u128) as u64;
+        lb_common::Config {
+            tcp_established_ns: ns(self.conntrack_tcp_timeout_established),
+            tcp_syn_ns: ns(self.conntrack_tcp_timeout_syn),
+            tcp_closing_ns: ns(self.conntrack_tcp_timeout_close),
+            udp_ns: ns(self.conntrack_udp_timeout),
+            icmp_replies_per_sec: self.icmp_rate_limit,
+        }
+    }
+
+    /// Every interface pattern the TC program is attached to.
+    fn iface_patterns(&self) -> anyhow::Result<Vec<glob::Pattern>> {
+        std::iter::once(("--pod-iface-glob", &self.pod_iface_glob))
+            .chain(self.external_ifaces.iter().map(|i| ("--external-iface", i)))
+            .map(|(flag, p)| glob::Pattern::new(p).with_context(|| format!("{flag} {p:?}")))
+            .collect()
+    }
 }
 
 fn hostname() -> String {
@@ -96,7 +139,7 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 
 struct Agent {
     config: AgentConfig,
-    pattern: glob::Pattern,
+    patterns: Vec<glob::Pattern>,
     store: ManifestStore,
     desired: DesiredDataplane,
     /// Frontends a full map kept out: tried again at every sync.
@@ -115,15 +158,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // free and serves them from the heap, whose holes then stay resident.
     // SAFETY: mallopt only changes allocator tuning.
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024) };
-    let pattern = glob::Pattern::new(&config.pod_iface_glob)
-        .with_context(|| format!("--pod-iface-glob {:?}", config.pod_iface_glob))?;
+    let patterns = config.iface_patterns()?;
     if !config.manifests.is_dir() {
         anyhow::bail!(
             "--manifests {}: not a directory",
             config.manifests.display()
         );
     }
-    let dataplane = Dataplane::load_pinned(&config.bpffs)?;
+    let dataplane = Dataplane::load_pinned(&config.bpffs, config.datapath_config())?;
     let actual = dataplane.read_actual()?;
     info!(
         bpffs = %config.bpffs.display(),
@@ -131,7 +173,17 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         backends = actual.backends.len(),
         "datapath loaded; pinned maps reused"
     );
-    let shared: SharedState = Arc::new(AdminState::new(ControlPlane::new(config.service_cidr)));
+    let counters = match dataplane.stats_reader() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            warn!("datapath counters will not be shown: {e}");
+            None
+        }
+    };
+    let shared: SharedState = Arc::new(AdminState::new(
+        ControlPlane::new(config.service_cidr),
+        counters,
+    ));
     let admin = config.admin;
     let server_state = shared.clone();
     let mut server = tokio::spawn(async move { api::serve(admin, server_state).await });
@@ -155,7 +207,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut agent = Agent {
         desired: DesiredDataplane::default(),
         unprogrammed: BTreeSet::new(),
-        pattern,
+        patterns,
         store: ManifestStore::default(),
         dataplane,
         actual,
@@ -169,6 +221,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     info!(admin = %admin, manifests = %agent.config.manifests.display(), "agent running");
 
     let mut links = tokio::time::interval(LINK_SCAN_EVERY);
+    let mut conntrack_gc = tokio::time::interval(agent.config.conntrack_gc_interval);
     // The first full resync comes one period after start (the start-up sync just ran).
     let mut resync =
         tokio::time::interval_at(tokio::time::Instant::now() + RESYNC_EVERY, RESYNC_EVERY);
@@ -183,10 +236,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 }
                 agent.sync(read, false);
             }
-            _ = links.tick() => {
-                agent.scan_links();
-                agent.publish_counters();
-            }
+            _ = links.tick() => agent.scan_links(),
+            _ = conntrack_gc.tick() => agent.collect_conntrack_garbage(),
             _ = resync.tick() => agent.resync(),
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
@@ -198,26 +249,29 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 }
 
 impl Agent {
-    fn counters(&self) -> Vec<(String, u64)> {
-        self.dataplane
-            .stats()
-            .map(|c| COUNTER_NAMES.iter().map(|n| n.to_string()).zip(c).collect())
-            .unwrap_or_default()
-    }
-
-    fn publish_counters(&self) {
-        let counters = self.counters();
-        let attached = self.dataplane.attached().into_iter().collect();
-        let mut status = self.shared.status_mut();
-        status.counters = counters;
-        status.attached_interfaces = attached;
+    fn collect_conntrack_garbage(&mut self) {
+        match self
+            .dataplane
+            .collect_conntrack_garbage(dataplane::monotonic_ns())
+        {
+            Ok(gc) => {
+                let mut status = self.shared.status_mut();
+                status.conntrack_entries = gc.entries;
+                status.conntrack_gc_deleted += gc.deleted as u64;
+            }
+            Err(e) => warn!("conntrack garbage collection: {e}"),
+        }
     }
 
     fn scan_links(&mut self) {
-        match self.dataplane.attach_matching(&self.pattern) {
+        match self.dataplane.attach_matching(&self.patterns) {
             Ok(new) => {
-                for name in new {
+                for name in &new {
                     info!(interface = %name, "TC ingress attached");
+                }
+                if !new.is_empty() {
+                    self.shared.status_mut().attached_interfaces =
+                        self.dataplane.attached().into_iter().collect();
                 }
             }
             Err(e) => warn!("{e}"),
@@ -320,16 +374,18 @@ impl Agent {
                 "maps updated"
             );
         }
-        let counters = self.counters();
         let attached_interfaces = self.dataplane.attached().into_iter().collect();
-        *self.shared.status_mut() = StatusView {
+        let mut status = self.shared.status_mut();
+        *status = StatusView {
             node_name: self.config.node_name.clone(),
             attached_interfaces,
             errors,
-            counters,
+            counters: Vec::new(),
             last_sync_ops: ops.len(),
             frontends_not_programmed: plan.skipped.len(),
             syncs: self.syncs,
+            conntrack_entries: status.conntrack_entries,
+            conntrack_gc_deleted: status.conntrack_gc_deleted,
         };
     }
 }

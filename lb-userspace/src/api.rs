@@ -6,9 +6,11 @@ use std::{
 
 use crate::{
     controlplane::ControlPlane,
+    dataplane::StatsReader,
     views::{self, EndpointsView, ServiceView},
 };
 use axum::{Json, Router, extract::State, routing::get};
+use lb_common::stats::COUNTER_NAMES;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -28,6 +30,12 @@ pub struct StatusView {
     /// Frontends the last sync could not program because a map is full.
     pub frontends_not_programmed: usize,
     pub syncs: u64,
+    /// Conntrack entries after the last garbage collection (two per translated flow).
+    #[serde(default)]
+    pub conntrack_entries: usize,
+    /// Expired conntrack entries the garbage collector deleted.
+    #[serde(default)]
+    pub conntrack_gc_deleted: u64,
 }
 
 /// What the admin endpoint serves: the control plane itself (Services are rendered when asked,
@@ -35,14 +43,30 @@ pub struct StatusView {
 pub struct AdminState {
     control: RwLock<ControlPlane>,
     status: RwLock<StatusView>,
+    /// The datapath counters, read from the kernel at each request.
+    counters: Option<StatsReader>,
 }
 
 impl AdminState {
-    pub fn new(control: ControlPlane) -> Self {
+    pub fn new(control: ControlPlane, counters: Option<StatsReader>) -> Self {
         Self {
             control: RwLock::new(control),
             status: RwLock::new(StatusView::default()),
+            counters,
         }
+    }
+
+    /// The agent's status with the datapath counters as they are now.
+    pub fn current_status(&self) -> StatusView {
+        let mut status = self.status().clone();
+        if let Some(values) = self.counters.as_ref().and_then(|r| r.read().ok()) {
+            status.counters = COUNTER_NAMES
+                .iter()
+                .map(|n| n.to_string())
+                .zip(values)
+                .collect();
+        }
+        status
     }
 
     // A panic while holding a lock leaves data that is still whole (every update is a
@@ -90,7 +114,7 @@ struct VerdictLabel {
 /// Prometheus text exposition of the agent's state and the datapath counters.
 fn metrics(state: &AdminState) -> String {
     let services = state.control().services_len();
-    let status = state.status().clone();
+    let status = state.current_status();
     let mut registry = Registry::default();
     let packets = Family::<VerdictLabel, Counter>::default();
     for (name, value) in &status.counters {
@@ -108,7 +132,14 @@ fn metrics(state: &AdminState) -> String {
     let syncs = Counter::<u64>::default();
     syncs.inc_by(status.syncs);
     registry.register("lb_syncs", "Syncs of the maps with the manifests", syncs);
-    let gauges: [(&str, &str, usize); 5] = [
+    let gc_deleted = Counter::<u64>::default();
+    gc_deleted.inc_by(status.conntrack_gc_deleted);
+    registry.register(
+        "lb_conntrack_gc_deleted",
+        "Expired conntrack entries deleted by the garbage collector",
+        gc_deleted,
+    );
+    let gauges: [(&str, &str, usize); 6] = [
         ("lb_services", "Services known", services),
         (
             "lb_manifest_problems",
@@ -129,6 +160,11 @@ fn metrics(state: &AdminState) -> String {
             "lb_last_sync_map_operations",
             "Map writes of the last sync",
             status.last_sync_ops,
+        ),
+        (
+            "lb_conntrack_entries",
+            "Conntrack entries after the last garbage collection (two per flow)",
+            status.conntrack_entries,
         ),
     ];
     for (name, help, value) in gauges {
@@ -154,7 +190,7 @@ pub fn router(state: SharedState) -> Router {
         )
         .route(
             STATUS_PATH,
-            get(|State(s): State<SharedState>| async move { Json(s.status().clone()) }),
+            get(|State(s): State<SharedState>| async move { Json(s.current_status()) }),
         )
         .route(
             METRICS_PATH,

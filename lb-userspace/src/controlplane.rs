@@ -10,17 +10,45 @@ use ipnet::Ipv4Net;
 use serde::Serialize;
 
 use crate::model::{
-    ClusterIpRequest, FieldError, ManualEndpoints, Object, ObjectKey, ObjectName, Pod, Service,
-    ServicePort, ServiceType, TargetPort,
+    ClusterIpRequest, EndpointConditions, FieldError, ManualEndpoints, Object, ObjectKey,
+    ObjectName, Pod, Service, ServicePort, ServiceType, TargetPort,
 };
 
 /// One service port with the endpoints that serve it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ResolvedPort {
     pub port: ServicePort,
-    /// Ready endpoints: the only ones that get traffic.
+    /// Ready endpoints: they take new connections.
     pub ready: Vec<SocketAddrV4>,
+    /// Serving and terminating: they take new connections only when none is ready.
+    pub terminating: Vec<SocketAddrV4>,
+    /// Neither ready nor serving-and-terminating: no new connection, but established ones go on.
     pub not_ready: Vec<SocketAddrV4>,
+}
+
+impl ResolvedPort {
+    /// The endpoints that take new connections, as kube-proxy picks them: the ready ones, or
+    /// when there is none, the serving-and-terminating ones (KEP-1669).
+    pub fn serving(&self) -> &[SocketAddrV4] {
+        if self.ready.is_empty() {
+            &self.terminating
+        } else {
+            &self.ready
+        }
+    }
+
+    /// Every endpoint that keeps its established connections but takes no new one.
+    pub fn draining(&self) -> impl Iterator<Item = SocketAddrV4> + '_ {
+        let serving_ready = !self.ready.is_empty();
+        self.not_ready
+            .iter()
+            .chain(if serving_ready {
+                self.terminating.iter()
+            } else {
+                [].iter()
+            })
+            .copied()
+    }
 }
 
 /// A Service as the cluster would present it: with its address and its endpoints.
@@ -528,10 +556,14 @@ fn resolve_ports(svc: &Service, sources: &EndpointSources) -> Vec<ResolvedPort> 
         .iter()
         .map(|port| {
             let mut ready = BTreeSet::new();
+            let mut terminating = BTreeSet::new();
             let mut not_ready = BTreeSet::new();
-            let mut add = |addr: SocketAddrV4, is_ready: bool| {
-                if is_ready {
+            let mut add = |addr: SocketAddrV4, c: EndpointConditions| {
+                // publishNotReadyAddresses: the endpoint controller reports every one ready.
+                if c.ready || svc.publish_not_ready_addresses {
                     ready.insert(addr)
+                } else if c.serving && c.terminating {
+                    terminating.insert(addr)
                 } else {
                     not_ready.insert(addr)
                 };
@@ -549,7 +581,7 @@ fn resolve_ports(svc: &Service, sources: &EndpointSources) -> Vec<ResolvedPort> 
                                 .map(|np| np.port),
                         };
                         if let Some(target) = target {
-                            add(SocketAddrV4::new(ip, target), pod.ready);
+                            add(SocketAddrV4::new(ip, target), pod.conditions);
                         }
                     }
                 }
@@ -563,18 +595,24 @@ fn resolve_ports(svc: &Service, sources: &EndpointSources) -> Vec<ResolvedPort> 
                             else {
                                 continue;
                             };
-                            for (ip, is_ready) in &group.addresses {
-                                add(SocketAddrV4::new(*ip, ep_port.port), *is_ready);
+                            for (ip, conditions) in &group.addresses {
+                                add(SocketAddrV4::new(*ip, ep_port.port), *conditions);
                             }
                         }
                     }
                 }
             }
-            // An address both ready and not ready (two slices) counts as ready.
-            let not_ready = not_ready.difference(&ready).copied().collect();
+            // An address in two states (two slices) counts in the better one.
+            let terminating: BTreeSet<_> = terminating.difference(&ready).copied().collect();
+            let not_ready = not_ready
+                .iter()
+                .filter(|a| !ready.contains(a) && !terminating.contains(a))
+                .copied()
+                .collect();
             ResolvedPort {
                 port: port.clone(),
                 ready: ready.into_iter().collect(),
+                terminating: terminating.into_iter().collect(),
                 not_ready,
             }
         })
@@ -742,6 +780,51 @@ mod tests {
             addrs(&named.ports[0].ready),
             ["198.18.1.2:9090", "198.18.1.6:7070"]
         );
+    }
+
+    #[test]
+    fn terminating_endpoints_serve_only_when_none_is_ready() {
+        let deleting = "  deletionTimestamp: \"2026-01-01T00:00:00Z\"\n";
+        let pod_with = |name: &str, ip: &str, meta: &str, status: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{app: web}}\n{meta}spec: {{containers: [{{name: c}}]}}\nstatus:\n  podIP: {ip}\n{status}---\n"
+            )
+        };
+        let not_ready = "  conditions: [{type: Ready, status: \"False\"}]\n";
+        let mut yaml = svc("web", "");
+        yaml += &pod_with("ready", "198.18.1.1", "", "");
+        yaml += &pod_with("going", "198.18.1.2", deleting, "");
+        yaml += &pod_with("down", "198.18.1.3", "", not_ready);
+        yaml += &pod_with("gone", "198.18.1.4", deleting, not_ready);
+        let addrs = |v: &[SocketAddrV4]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        let (states, _) = cp().compute_all(&objects(&yaml), SystemTime::UNIX_EPOCH);
+        let p = &states[0].ports[0];
+        assert_eq!(addrs(p.serving()), ["198.18.1.1:8080"]);
+        assert_eq!(addrs(&p.terminating), ["198.18.1.2:8080"]);
+        assert_eq!(
+            addrs(&p.draining().collect::<Vec<_>>()),
+            ["198.18.1.3:8080", "198.18.1.4:8080", "198.18.1.2:8080"]
+        );
+
+        // Without a ready endpoint, the serving-and-terminating one takes new connections.
+        let yaml = yaml.replace(&pod_with("ready", "198.18.1.1", "", ""), "");
+        let (states, _) = cp().compute_all(&objects(&yaml), SystemTime::UNIX_EPOCH);
+        let p = &states[0].ports[0];
+        assert_eq!(addrs(p.serving()), ["198.18.1.2:8080"]);
+        assert_eq!(
+            addrs(&p.draining().collect::<Vec<_>>()),
+            ["198.18.1.3:8080", "198.18.1.4:8080"]
+        );
+
+        // publishNotReadyAddresses: every endpoint is ready.
+        let yaml = yaml.replace("spec:\n", "spec:\n  publishNotReadyAddresses: true\n");
+        let (states, _) = cp().compute_all(&objects(&yaml), SystemTime::UNIX_EPOCH);
+        let p = &states[0].ports[0];
+        assert_eq!(
+            addrs(p.serving()),
+            ["198.18.1.2:8080", "198.18.1.3:8080", "198.18.1.4:8080"]
+        );
+        assert_eq!(p.draining().count(), 0);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
     programs::{
         SchedClassifier, TcAttachType,
         links::{FdLink, LinkOrder},
@@ -15,8 +15,9 @@ use aya::{
     },
 };
 use lb_common::{
-    ALL_MAPS, BACKEND_ACTIVE, BACKENDS_MAP, Backend, CONNTRACK_MAP, CtEntry, CtKey, FRONTENDS_MAP,
-    Frontend, FrontendKey, SLOTS_MAP, STATS_MAP, SlotKey, stats::COUNTER_COUNT,
+    ALL_MAPS, BACKENDS_MAP, Backend, CONFIG_MAP, CONNTRACK_MAP, Config, CtEntry, CtKey,
+    FRONTENDS_MAP, Frontend, FrontendKey, LEGACY_MAPS, SLOTS_MAP, STATS_MAP, SlotKey, conntrack,
+    stats::COUNTER_COUNT,
 };
 
 use crate::diff::{ActualDataplane, MapOp};
@@ -57,6 +58,7 @@ type Result<T> = std::result::Result<T, DataplaneError>;
 
 pub struct Dataplane {
     ebpf: Ebpf,
+    config: Config,
     bpffs: Option<PathBuf>,
     /// Interfaces this process attached to: ifindex -> name.
     attached: HashMap<u32, String>,
@@ -68,10 +70,16 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError
 
 impl Dataplane {
     /// Loads the programs with maps pinned under `bpffs`, reusing maps already pinned there
-    /// (so flows tracked by a previous agent keep their backend).
-    pub fn load_pinned(bpffs: &Path) -> Result<Self> {
+    /// (so flows tracked by a previous agent keep their backend), and writes `config`.
+    pub fn load_pinned(bpffs: &Path, config: Config) -> Result<Self> {
         ensure_bpffs(bpffs)?;
         std::fs::create_dir_all(bpffs.join(LINKS_DIR))?;
+        for name in LEGACY_MAPS {
+            let path = bpffs.join(name);
+            if path.exists() {
+                std::fs::remove_file(path)?;
+            }
+        }
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|n| (*n, bpffs.join(n))).collect();
         for (name, path) in &paths {
@@ -80,24 +88,38 @@ impl Dataplane {
         let ebpf = loader.load(EBPF_OBJECT)?;
         let mut dp = Self {
             ebpf,
+            config,
             bpffs: Some(bpffs.to_path_buf()),
             attached: HashMap::new(),
         };
+        dp.set_config(config)?;
         dp.load_program(TC_INGRESS_PROGRAM)?;
         Ok(dp)
     }
 
-    /// Loads the programs with fresh, unpinned maps (tests and benchmarks).
+    /// Loads the programs with fresh, unpinned maps and the default settings (tests and
+    /// benchmarks).
     pub fn load_unpinned() -> Result<Self> {
         let ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
         let mut dp = Self {
             ebpf,
+            config: Config::DEFAULT,
             bpffs: None,
             attached: HashMap::new(),
         };
+        dp.set_config(Config::DEFAULT)?;
         dp.load_program(TC_INGRESS_PROGRAM)?;
         dp.load_program(TC_FLOOR_PROGRAM)?;
         Ok(dp)
+    }
+
+    /// Writes the datapath's settings (timeouts, rates); they apply from the next packet.
+    pub fn set_config(&mut self, config: Config) -> Result<()> {
+        let mut map: Array<_, Config> =
+            Array::try_from(self.map_mut(CONFIG_MAP)?).map_err(map_err(CONFIG_MAP))?;
+        map.set(0, config, 0).map_err(map_err(CONFIG_MAP))?;
+        self.config = config;
+        Ok(())
     }
 
     fn load_program(&mut self, name: &'static str) -> Result<()> {
@@ -145,7 +167,7 @@ impl Dataplane {
         }
         for (id, entry) in backends.iter().enumerate() {
             let b = entry.map_err(map_err(BACKENDS_MAP))?;
-            if b.state == BACKEND_ACTIVE {
+            if b.state != 0 {
                 actual.backends.insert(id as u32, b);
             }
         }
@@ -201,25 +223,62 @@ impl Dataplane {
         Ok(ct.keys().filter(|k| k.is_ok()).count())
     }
 
-    /// Per-counter packet totals, summed over CPUs.
-    pub fn stats(&self) -> Result<Vec<u64>> {
-        let stats: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.map(STATS_MAP)?).map_err(map_err(STATS_MAP))?;
-        (0..COUNTER_COUNT)
-            .map(|i| Ok(stats.get(&i, 0).map_err(map_err(STATS_MAP))?.iter().sum()))
-            .collect()
+    /// Every conntrack entry (tests and `lb` diagnostics).
+    pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+        let ct: BpfHashMap<_, CtKey, CtEntry> =
+            BpfHashMap::try_from(self.map(CONNTRACK_MAP)?).map_err(map_err(CONNTRACK_MAP))?;
+        Ok(ct.iter().filter_map(|e| e.ok()).collect())
     }
 
-    /// Attaches the TC ingress program to every interface whose name matches `pattern` and
-    /// that this process has not attached yet; forgets interfaces that are gone. Returns the
-    /// names newly attached.
-    pub fn attach_matching(&mut self, pattern: &glob::Pattern) -> Result<Vec<String>> {
+    /// Deletes the conntrack entries idle longer than their state allows at `now_ns`
+    /// (CLOCK_MONOTONIC, the datapath's clock). The datapath already ignores them; this gives
+    /// their room back before the LRU would.
+    pub fn collect_conntrack_garbage(&mut self, now_ns: u64) -> Result<ConntrackGc> {
+        let config = self.config;
+        let mut ct: BpfHashMap<_, CtKey, CtEntry> =
+            BpfHashMap::try_from(self.map_mut(CONNTRACK_MAP)?).map_err(map_err(CONNTRACK_MAP))?;
+        let entries: Vec<(CtKey, CtEntry)> = ct.iter().filter_map(|e| e.ok()).collect();
+        let mut deleted = 0;
+        for (key, entry) in &entries {
+            if conntrack::expired(&config, key.protocol, entry, now_ns)
+                && ignore_missing(ct.remove(key)).is_ok()
+            {
+                deleted += 1;
+            }
+        }
+        Ok(ConntrackGc {
+            entries: entries.len() - deleted,
+            deleted,
+        })
+    }
+
+    /// Per-counter packet totals, summed over CPUs.
+    pub fn stats(&self) -> Result<Vec<u64>> {
+        self.stats_reader()?.read()
+    }
+
+    /// A handle on the counters that reads them when asked, apart from the dataplane.
+    pub fn stats_reader(&self) -> Result<StatsReader> {
+        let aya::maps::Map::PerCpuArray(map) = self.map(STATS_MAP)? else {
+            return Err(DataplaneError::MissingMap(STATS_MAP));
+        };
+        let info = map.info().map_err(map_err(STATS_MAP))?;
+        let data = MapData::from_id(info.id()).map_err(map_err(STATS_MAP))?;
+        Ok(StatsReader(
+            PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(map_err(STATS_MAP))?,
+        ))
+    }
+
+    /// Attaches the TC ingress program to every interface whose name matches one of
+    /// `patterns` and that this process has not attached yet; forgets interfaces that are
+    /// gone. Returns the names newly attached.
+    pub fn attach_matching(&mut self, patterns: &[glob::Pattern]) -> Result<Vec<String>> {
         let links = interfaces();
         self.attached
             .retain(|ifindex, name| links.get(ifindex) == Some(name));
         let mut newly = Vec::new();
         for (ifindex, name) in &links {
-            if pattern.matches(name) && !self.attached.contains_key(ifindex) {
+            if patterns.iter().any(|p| p.matches(name)) && !self.attached.contains_key(ifindex) {
                 self.attach(*ifindex, name)?;
                 newly.push(name.clone());
             }
@@ -287,6 +346,34 @@ impl Dataplane {
     pub fn ebpf(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
+}
+
+/// What one conntrack garbage collection found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackGc {
+    /// Entries left.
+    pub entries: usize,
+    pub deleted: usize,
+}
+
+/// The datapath's packet counters, read from the kernel each time.
+pub struct StatsReader(PerCpuArray<MapData, u64>);
+
+impl StatsReader {
+    /// Per-counter packet totals, summed over CPUs.
+    pub fn read(&self) -> Result<Vec<u64>> {
+        (0..COUNTER_COUNT)
+            .map(|i| Ok(self.0.get(&i, 0).map_err(map_err(STATS_MAP))?.iter().sum()))
+            .collect()
+    }
+}
+
+/// The clock of the datapath's conntrack times (bpf_ktime_get_coarse_ns).
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: clock_gettime writes the timespec we own.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn ignore_missing(

@@ -1,4 +1,4 @@
-//! Service states -> the dataplane wanted: every frontend with its ready backends. Pure.
+//! Service states -> the dataplane wanted: every frontend with its backends. Pure.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
@@ -23,10 +23,31 @@ impl std::fmt::Display for Frontend {
     }
 }
 
-/// Every frontend with its backends, sorted (so slot order is stable).
+/// A frontend's backends, each list sorted and without duplicates (so slot order is stable).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Backends {
+    /// Take new flows.
+    pub serving: Vec<SocketAddrV4>,
+    /// Take no new flow; their tracked flows go on (not ready, or terminating).
+    pub draining: Vec<SocketAddrV4>,
+}
+
+impl Backends {
+    /// Backends that all take new flows.
+    pub fn serving(mut serving: Vec<SocketAddrV4>) -> Self {
+        serving.sort();
+        serving.dedup();
+        Self {
+            serving,
+            draining: Vec::new(),
+        }
+    }
+}
+
+/// Every frontend with its backends.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredDataplane {
-    pub frontends: BTreeMap<Frontend, Vec<SocketAddrV4>>,
+    pub frontends: BTreeMap<Frontend, Backends>,
 }
 
 impl DesiredDataplane {
@@ -64,8 +85,8 @@ impl DesiredDataplane {
     }
 }
 
-/// A Service's frontends, each with its ready backends in order.
-fn frontends_of(state: &ServiceState) -> impl Iterator<Item = (Frontend, Vec<SocketAddrV4>)> {
+/// A Service's frontends, each with its backends in order.
+fn frontends_of(state: &ServiceState) -> impl Iterator<Item = (Frontend, Backends)> {
     state.cluster_ip.into_iter().flat_map(|ip| {
         state.ports.iter().map(move |p| {
             let frontend = Frontend {
@@ -73,9 +94,14 @@ fn frontends_of(state: &ServiceState) -> impl Iterator<Item = (Frontend, Vec<Soc
                 port: p.port.port,
                 protocol: p.port.protocol,
             };
-            let mut backends = p.ready.clone();
-            backends.sort();
-            backends.dedup();
+            let mut backends = Backends::serving(p.serving().to_vec());
+            let mut draining: Vec<_> = p
+                .draining()
+                .filter(|a| !backends.serving.contains(a))
+                .collect();
+            draining.sort();
+            draining.dedup();
+            backends.draining = draining;
             (frontend, backends)
         })
     })
@@ -101,7 +127,10 @@ apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {app: dns}}\nspec: {conta
                 port: 53,
                 protocol,
             }];
-            assert_eq!(b, &vec!["198.18.1.9:53".parse::<SocketAddrV4>().unwrap()]);
+            assert_eq!(
+                b.serving,
+                vec!["198.18.1.9:53".parse::<SocketAddrV4>().unwrap()]
+            );
         }
     }
 }

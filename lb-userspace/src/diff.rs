@@ -9,18 +9,18 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_ACTIVE, Backend, FAMILY_IPV4, Frontend, FrontendKey, MAX_BACKENDS, MAX_FRONTENDS,
-    MAX_SLOTS, SCOPE_CLUSTER, SlotKey, ipv4_addr, net_port,
+    BACKEND_ACTIVE, BACKEND_DRAINING, Backend, FAMILY_IPV4, Frontend, FrontendKey, MAX_BACKENDS,
+    MAX_FRONTENDS, MAX_SLOTS, SCOPE_CLUSTER, SlotKey, ipv4_addr, net_port,
 };
 
-use crate::desired::{self, DesiredDataplane};
+use crate::desired::{self, Backends, DesiredDataplane};
 
 /// The content of the service maps, as read back or as last written.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ActualDataplane {
     pub frontends: HashMap<FrontendKey, Frontend>,
     pub slots: HashMap<SlotKey, u32>,
-    /// Active backends only.
+    /// Backends in use (active or draining); free ids are left out.
     pub backends: BTreeMap<u32, Backend>,
 }
 
@@ -72,14 +72,19 @@ pub fn frontend_key(f: &desired::Frontend) -> FrontendKey {
     }
 }
 
-fn backend(addr: SocketAddrV4, service_id: u32) -> Backend {
+fn backend(addr: SocketAddrV4, service_id: u32, state: u8) -> Backend {
     Backend {
         addr: ipv4_addr(addr.ip().octets()),
         port: net_port(addr.port()),
         family: FAMILY_IPV4,
-        state: BACKEND_ACTIVE,
+        state,
         service_id,
     }
+}
+
+/// Slots a frontend uses: those that take new flows, then the draining ones.
+fn slot_count(f: &Frontend) -> u32 {
+    f.backend_count.saturating_add(f.draining_count)
 }
 
 /// Hands out ids that neither the maps nor this plan use: upwards from just above the highest
@@ -195,6 +200,7 @@ pub fn plan(
             removed.sort_by_key(|(_, f)| f.service_id);
             planner.remove(removed);
             planner.clear_unreferenced();
+            planner.delete_orphan_slots();
         }
         Scope::Frontends(frontends) => {
             planner.place(
@@ -223,13 +229,19 @@ struct Planner<'a> {
     service_ids: Option<IdAllocator<'a>>,
     /// Running out of backend ids means the backend map is full.
     backend_ids: IdAllocator<'a>,
+    /// Slots in use once the plan is written: service id -> slot count.
+    slot_counts: HashMap<u32, u32>,
     /// Backends the planned maps still use, and backends already cleared.
     referenced: HashSet<u32>,
     cleared: HashSet<u32>,
     skipped: Vec<CapacityError>,
     put_backends: Vec<MapOp>,
+    /// Frontends offering fewer slots to new flows: shrunk before those slots change.
+    shrink_frontends: Vec<MapOp>,
     put_slots: Vec<MapOp>,
     put_frontends: Vec<MapOp>,
+    /// Backends that stop taking new flows: written once no slot offers them.
+    demote_backends: Vec<MapOp>,
     del_frontends: Vec<MapOp>,
     del_slots: Vec<MapOp>,
     clear_backends: Vec<MapOp>,
@@ -248,12 +260,15 @@ impl<'a> Planner<'a> {
                 0,
                 capacity.backends,
             ),
+            slot_counts: HashMap::new(),
             referenced: HashSet::new(),
             cleared: HashSet::new(),
             skipped: Vec::new(),
             put_backends: Vec::new(),
+            shrink_frontends: Vec::new(),
             put_slots: Vec::new(),
             put_frontends: Vec::new(),
+            demote_backends: Vec::new(),
             del_frontends: Vec::new(),
             del_slots: Vec::new(),
             clear_backends: Vec::new(),
@@ -295,24 +310,24 @@ impl<'a> Planner<'a> {
 
     /// Programs these frontends, existing ones first: a full map must not stop them from
     /// following their endpoints.
-    fn place<'d>(
-        &mut self,
-        wanted: impl Iterator<Item = (&'d desired::Frontend, &'d Vec<SocketAddrV4>)>,
-    ) {
+    fn place<'d>(&mut self, wanted: impl Iterator<Item = (&'d desired::Frontend, &'d Backends)>) {
         let mut order: Vec<_> = wanted.collect();
         order.sort_by_key(|(f, _)| !self.actual.frontends.contains_key(&frontend_key(f)));
-        for (f, addrs) in order {
-            self.place_one(f, addrs);
+        for (f, backends) in order {
+            self.place_one(f, backends);
         }
     }
 
-    fn place_one(&mut self, f: &desired::Frontend, addrs: &[SocketAddrV4]) {
+    fn place_one(&mut self, f: &desired::Frontend, backends: &Backends) {
         let key = frontend_key(f);
         let old = self.actual.frontends.get(&key);
-        let old_count = old.map_or(0, |o| o.backend_count);
+        let old_count = old.map_or(0, slot_count);
         let old_ids = old.map_or(Vec::new(), |o| self.slot_backends(o.service_id, old_count));
         let skip = |planner: &mut Self, error: CapacityError| {
             planner.referenced.extend(&old_ids);
+            if let Some(o) = old {
+                planner.slot_counts.insert(o.service_id, old_count);
+            }
             planner.skipped.push(error);
         };
         let service_id = match old {
@@ -325,33 +340,45 @@ impl<'a> Planner<'a> {
                 None => return skip(self, CapacityError::Frontends { frontend: *f }),
             },
         };
-        let new_slots = addrs.len().saturating_sub(old_count as usize);
+        let wanted: Vec<Backend> = (backends.serving.iter().map(|a| (a, BACKEND_ACTIVE)))
+            .chain(backends.draining.iter().map(|a| (a, BACKEND_DRAINING)))
+            .map(|(addr, state)| backend(*addr, service_id, state))
+            .collect();
+        let new_slots = wanted.len().saturating_sub(old_count as usize);
         if new_slots > self.slot_room {
             return skip(self, CapacityError::Slots { frontend: *f });
         }
-        let existing: HashMap<(lb_common::Addr, u16), u32> = old_ids
+        let existing: HashMap<(lb_common::Addr, u16), (u32, &Backend)> = old_ids
             .iter()
             .filter_map(|id| {
                 let b = self.actual.backends.get(id)?;
-                (b.service_id == service_id).then_some(((b.addr, b.port), *id))
+                (b.service_id == service_id).then_some(((b.addr, b.port), (*id, b)))
             })
             .collect();
-        let mut ids = Vec::with_capacity(addrs.len());
-        let mut new_backends = Vec::new();
-        for addr in addrs {
-            let b = backend(*addr, service_id);
+        let mut ids = Vec::with_capacity(wanted.len());
+        let (mut new_backends, mut demoted) = (Vec::new(), Vec::new());
+        for b in &wanted {
             match existing.get(&(b.addr, b.port)) {
-                Some(id) => ids.push(*id),
+                Some((id, old)) if old.state == b.state => ids.push(*id),
+                Some((id, old)) => {
+                    // Promoted before the slots offer it; demoted after they stop.
+                    if old.state == BACKEND_ACTIVE {
+                        demoted.push(MapOp::PutBackend(*id, *b));
+                    } else {
+                        new_backends.push(MapOp::PutBackend(*id, *b));
+                    }
+                    ids.push(*id);
+                }
                 None => match self.backend_ids.take() {
                     Some(id) => {
-                        new_backends.push(MapOp::PutBackend(id, b));
+                        new_backends.push(MapOp::PutBackend(id, *b));
                         ids.push(id);
                     }
                     None => break,
                 },
             }
         }
-        if ids.len() < addrs.len() {
+        if ids.len() < wanted.len() {
             return skip(self, CapacityError::Backends { frontend: *f });
         }
         // This frontend fits: commit its operations.
@@ -360,6 +387,8 @@ impl<'a> Planner<'a> {
         }
         self.slot_room -= new_slots;
         self.put_backends.extend(new_backends);
+        self.demote_backends.extend(demoted);
+        let slots_before = self.put_slots.len();
         for (slot, id) in ids.iter().enumerate() {
             let slot_key = SlotKey {
                 service_id,
@@ -372,10 +401,23 @@ impl<'a> Planner<'a> {
         let count = ids.len() as u32;
         let wanted = Frontend {
             service_id,
-            backend_count: count,
+            backend_count: backends.serving.len() as u32,
+            draining_count: backends.draining.len() as u32,
             flags: 0,
-            _pad: 0,
         };
+        if let Some(o) = old
+            && wanted.backend_count < o.backend_count
+            && self.put_slots.len() > slots_before
+        {
+            // Slots past the new count may now get draining backends: first stop offering
+            // them to new flows (as draining slots they hold the old backends meanwhile).
+            let shrunk = Frontend {
+                backend_count: wanted.backend_count,
+                draining_count: slot_count(o) - wanted.backend_count,
+                ..wanted
+            };
+            self.shrink_frontends.push(MapOp::PutFrontend(key, shrunk));
+        }
         if old != Some(&wanted) {
             self.put_frontends.push(MapOp::PutFrontend(key, wanted));
         }
@@ -383,6 +425,7 @@ impl<'a> Planner<'a> {
             self.del_slots
                 .push(MapOp::DeleteSlot(SlotKey { service_id, slot }));
         }
+        self.slot_counts.insert(service_id, count);
         self.referenced.extend(&ids);
         for id in old_ids {
             if !ids.contains(&id) {
@@ -394,13 +437,13 @@ impl<'a> Planner<'a> {
     fn remove<'k>(&mut self, removed: impl IntoIterator<Item = (&'k FrontendKey, &'k Frontend)>) {
         for (key, fe) in removed {
             self.del_frontends.push(MapOp::DeleteFrontend(*key));
-            for slot in 0..fe.backend_count {
+            for slot in 0..slot_count(fe) {
                 self.del_slots.push(MapOp::DeleteSlot(SlotKey {
                     service_id: fe.service_id,
                     slot,
                 }));
             }
-            for id in self.slot_backends(fe.service_id, fe.backend_count) {
+            for id in self.slot_backends(fe.service_id, slot_count(fe)) {
                 self.clear(id);
             }
         }
@@ -421,10 +464,40 @@ impl<'a> Planner<'a> {
         }
     }
 
+    /// Deletes every slot that no planned frontend uses: past a frontend's count, or of a
+    /// service id no frontend has (left by a write that failed half way, or another writer).
+    fn delete_orphan_slots(&mut self) {
+        let planned: HashSet<SlotKey> = self
+            .del_slots
+            .iter()
+            .filter_map(|op| match op {
+                MapOp::DeleteSlot(k) => Some(*k),
+                _ => None,
+            })
+            .collect();
+        let mut orphans: Vec<SlotKey> = self
+            .actual
+            .slots
+            .keys()
+            .filter(|k| {
+                self.slot_counts
+                    .get(&k.service_id)
+                    .is_none_or(|count| k.slot >= *count)
+                    && !planned.contains(k)
+            })
+            .copied()
+            .collect();
+        orphans.sort();
+        self.del_slots
+            .extend(orphans.into_iter().map(MapOp::DeleteSlot));
+    }
+
     fn finish(self) -> Plan {
         let mut ops = self.put_backends;
+        ops.extend(self.shrink_frontends);
         ops.extend(self.put_slots);
         ops.extend(self.put_frontends);
+        ops.extend(self.demote_backends);
         ops.extend(self.del_frontends);
         ops.extend(self.del_slots);
         ops.extend(self.clear_backends);
@@ -482,21 +555,28 @@ mod tests {
 
     fn desired(entries: &[(Fe, Vec<SocketAddrV4>)]) -> DesiredDataplane {
         DesiredDataplane {
-            frontends: entries.iter().cloned().collect(),
+            frontends: entries
+                .iter()
+                .map(|(f, b)| (*f, Backends::serving(b.clone())))
+                .collect(),
         }
     }
 
-    /// Every slot of every frontend points at an active backend of the same service.
+    /// Every slot of every frontend points at a backend of the same service: active for the
+    /// slots that take new flows, in use for the draining ones.
     fn consistent(a: &ActualDataplane) -> bool {
         a.frontends.values().all(|f| {
-            (0..f.backend_count).all(|slot| {
+            (0..slot_count(f)).all(|slot| {
                 a.slots
                     .get(&SlotKey {
                         service_id: f.service_id,
                         slot,
                     })
                     .and_then(|id| a.backends.get(id))
-                    .is_some_and(|b| b.service_id == f.service_id && b.state == BACKEND_ACTIVE)
+                    .is_some_and(|b| {
+                        b.service_id == f.service_id
+                            && (b.state == BACKEND_ACTIVE || slot >= f.backend_count)
+                    })
             })
         })
     }
@@ -702,7 +782,10 @@ mod tests {
                             SocketAddrV4::new(host, 8080)
                         })
                         .collect();
-                    want.frontends.insert(f, addrs.into_iter().collect());
+                    // Some of them draining, moving between the two at random.
+                    let (serving, draining) =
+                        addrs.into_iter().partition(|_| !next().is_multiple_of(3));
+                    want.frontends.insert(f, Backends { serving, draining });
                 }
             }
             let plan = diff_frontends(&want, &actual, &touched);
@@ -722,10 +805,90 @@ mod tests {
         let orphan = backend(
             SocketAddrV4::new(std::net::Ipv4Addr::new(198, 18, 9, 9), 1),
             77,
+            BACKEND_ACTIVE,
         );
         actual.backends.insert(1000, orphan);
         let touched = BTreeSet::from([fe(1, 80)]);
         assert!(diff_frontends(&d, &actual, &touched).ops.is_empty());
         assert_eq!(diff(&d, &actual).ops, vec![MapOp::ClearBackend(1000)]);
+    }
+
+    #[test]
+    fn full_plan_deletes_orphan_slots() {
+        let mut actual = ActualDataplane::default();
+        let d = desired(&[(fe(1, 80), backends(2))]);
+        let ops = diff(&d, &actual).ops;
+        apply_checked(&mut actual, &ops);
+        let service_id = actual.frontends.values().next().unwrap().service_id;
+        // Left behind: a slot past the frontend's count, and one of an unknown service.
+        let past = SlotKey {
+            service_id,
+            slot: 5,
+        };
+        let unknown = SlotKey {
+            service_id: 999,
+            slot: 0,
+        };
+        actual.slots.insert(past, 0);
+        actual.slots.insert(unknown, 0);
+        let ops = diff(&d, &actual).ops;
+        assert_eq!(
+            ops,
+            vec![MapOp::DeleteSlot(past), MapOp::DeleteSlot(unknown)]
+        );
+        apply_checked(&mut actual, &ops);
+        assert_eq!(actual.slots.len(), 2);
+    }
+
+    #[test]
+    fn draining_backends_keep_their_ids_and_leave_the_new_flow_slots() {
+        let mut actual = ActualDataplane::default();
+        let all = backends(3);
+        let d = desired(&[(fe(1, 80), all.clone())]);
+        let ops = diff(&d, &actual).ops;
+        apply_checked(&mut actual, &ops);
+        let ids_before: BTreeMap<_, _> = actual
+            .backends
+            .iter()
+            .map(|(id, b)| ((b.addr, b.port), *id))
+            .collect();
+        let mut d = d;
+        d.frontends.insert(
+            fe(1, 80),
+            Backends {
+                serving: vec![all[0], all[2]],
+                draining: vec![all[1]],
+            },
+        );
+        let ops = diff(&d, &actual).ops;
+        // The draining backend changes state only after the slots stop offering it.
+        let demote = ops
+            .iter()
+            .position(|op| matches!(op, MapOp::PutBackend(_, b) if b.state == BACKEND_DRAINING))
+            .expect("demotion");
+        let frontend = ops
+            .iter()
+            .position(|op| matches!(op, MapOp::PutFrontend(..)))
+            .expect("frontend");
+        assert!(demote > frontend, "{ops:?}");
+        apply_checked(&mut actual, &ops);
+        let f = actual.frontends.values().next().unwrap();
+        assert_eq!((f.backend_count, f.draining_count), (2, 1));
+        let ids_after: BTreeMap<_, _> = actual
+            .backends
+            .iter()
+            .map(|(id, b)| ((b.addr, b.port), *id))
+            .collect();
+        assert_eq!(ids_before, ids_after, "no backend changes id");
+        // Back to serving, then gone.
+        let back = desired(&[(fe(1, 80), all.clone())]);
+        let ops = diff(&back, &actual).ops;
+        apply_checked(&mut actual, &ops);
+        assert!(actual.backends.values().all(|b| b.state == BACKEND_ACTIVE));
+        let gone = desired(&[(fe(1, 80), vec![all[0]])]);
+        let ops = diff(&gone, &actual).ops;
+        apply_checked(&mut actual, &ops);
+        assert_eq!(actual.backends.len(), 1);
+        assert_eq!(actual.slots.len(), 1);
     }
 }

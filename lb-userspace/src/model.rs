@@ -108,6 +108,8 @@ pub struct Service {
     pub selector: Option<BTreeMap<String, String>>,
     pub ports: Vec<ServicePort>,
     pub session_affinity: SessionAffinity,
+    /// `spec.publishNotReadyAddresses`: every endpoint counts as ready.
+    pub publish_not_ready_addresses: bool,
     #[serde(skip)]
     pub created: Option<SystemTime>,
 }
@@ -119,13 +121,37 @@ pub struct NamedPort {
     pub port: u16,
 }
 
+/// An endpoint's conditions, as an EndpointSlice states them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct EndpointConditions {
+    /// Takes new connections.
+    pub ready: bool,
+    /// Able to serve, whether terminating or not (ready, but for terminating).
+    pub serving: bool,
+    /// Being deleted.
+    pub terminating: bool,
+}
+
+impl EndpointConditions {
+    pub const READY: Self = Self {
+        ready: true,
+        serving: true,
+        terminating: false,
+    };
+    pub const NOT_READY: Self = Self {
+        ready: false,
+        serving: false,
+        terminating: false,
+    };
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Pod {
     pub id: ObjectName,
     pub labels: BTreeMap<String, String>,
     pub ip: Option<Ipv4Addr>,
-    /// Ready unless a `Ready` condition says `False`, and not being deleted.
-    pub ready: bool,
+    /// Serving unless a `Ready` condition says `False`; terminating once being deleted.
+    pub conditions: EndpointConditions,
     pub named_ports: Vec<NamedPort>,
 }
 
@@ -141,8 +167,7 @@ pub struct EndpointPort {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct EndpointGroup {
     pub ports: Vec<EndpointPort>,
-    /// Address and whether it is ready.
-    pub addresses: Vec<(Ipv4Addr, bool)>,
+    pub addresses: Vec<(Ipv4Addr, EndpointConditions)>,
 }
 
 /// A hand-written Endpoints object or EndpointSlice for a Service without selector.
@@ -383,6 +408,7 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
         selector: spec.selector.clone().filter(|s| !s.is_empty()),
         ports,
         session_affinity,
+        publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
         created: created(&svc.metadata),
     })
 }
@@ -394,7 +420,7 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, FieldError> {
         None | Some("") => None,
         Some(ip) => Some(ipv4(ip, "status.podIP")?),
     };
-    let not_ready = status
+    let serving = !status
         .conditions
         .iter()
         .flatten()
@@ -424,7 +450,12 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, FieldError> {
         id,
         labels: pod.metadata.labels.clone().unwrap_or_default(),
         ip,
-        ready: !not_ready && !terminating,
+        // As the EndpointSlice controller states a Pod's conditions.
+        conditions: EndpointConditions {
+            ready: serving && !terminating,
+            serving,
+            terminating,
+        },
         named_ports,
     })
 }
@@ -443,14 +474,18 @@ pub fn endpoints(ep: &core::Endpoints) -> Result<ManualEndpoints, FieldError> {
             });
         }
         let mut addresses = Vec::new();
-        for (list, ready, field) in [
-            (&subset.addresses, true, "addresses"),
-            (&subset.not_ready_addresses, false, "notReadyAddresses"),
+        for (list, conditions, field) in [
+            (&subset.addresses, EndpointConditions::READY, "addresses"),
+            (
+                &subset.not_ready_addresses,
+                EndpointConditions::NOT_READY,
+                "notReadyAddresses",
+            ),
         ] {
             for (ai, a) in list.iter().flatten().enumerate() {
                 addresses.push((
                     ipv4(&a.ip, &format!("subsets[{si}].{field}[{ai}].ip"))?,
-                    ready,
+                    conditions,
                 ));
             }
         }
@@ -502,10 +537,20 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<ManualEndpoint
     }
     let mut addresses = Vec::new();
     for (ei, e) in slice.endpoints.iter().enumerate() {
-        // A nil ready condition means "unknown", which consumers take as ready.
-        let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+        // Nil conditions mean "unknown": consumers take ready as true, serving as ready,
+        // terminating as false.
+        let c = e.conditions.as_ref();
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let conditions = EndpointConditions {
+            ready,
+            serving: c.and_then(|c| c.serving).unwrap_or(ready),
+            terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+        };
         for (ai, a) in e.addresses.iter().enumerate() {
-            addresses.push((ipv4(a, &format!("endpoints[{ei}].addresses[{ai}]"))?, ready));
+            addresses.push((
+                ipv4(a, &format!("endpoints[{ei}].addresses[{ai}]"))?,
+                conditions,
+            ));
         }
     }
     Ok(ManualEndpoints {
@@ -610,7 +655,7 @@ mod tests {
         .unwrap();
         let p = pod(&p).unwrap();
         assert_eq!(p.ip, Some(Ipv4Addr::new(198, 18, 1, 2)));
-        assert!(!p.ready);
+        assert_eq!(p.conditions, EndpointConditions::NOT_READY);
         assert_eq!(
             p.named_ports,
             vec![NamedPort {
@@ -624,7 +669,25 @@ mod tests {
             "metadata: {name: p}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 198.18.1.3}\n",
         )
         .unwrap();
-        assert!(pod(&p).unwrap().ready, "no Ready condition means ready");
+        assert_eq!(
+            pod(&p).unwrap().conditions,
+            EndpointConditions::READY,
+            "no Ready condition means ready"
+        );
+
+        let p: core::Pod = serde_yaml::from_str(
+            "metadata: {name: p, deletionTimestamp: \"2026-01-01T00:00:00Z\"}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 198.18.1.3}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            pod(&p).unwrap().conditions,
+            EndpointConditions {
+                ready: false,
+                serving: true,
+                terminating: true
+            },
+            "a Pod being deleted is terminating, and serving while its Ready condition holds"
+        );
     }
 
     #[test]
@@ -638,13 +701,13 @@ mod tests {
         assert_eq!(
             e.groups[0].addresses,
             vec![
-                (Ipv4Addr::new(198, 18, 5, 1), true),
-                (Ipv4Addr::new(198, 18, 5, 2), false)
+                (Ipv4Addr::new(198, 18, 5, 1), EndpointConditions::READY),
+                (Ipv4Addr::new(198, 18, 5, 2), EndpointConditions::NOT_READY)
             ]
         );
 
         let s: discovery::EndpointSlice = serde_yaml::from_str(
-            "metadata: {name: ext-abc, labels: {kubernetes.io/service-name: ext}}\naddressType: IPv4\nendpoints:\n- addresses: [198.18.5.3]\n  conditions: {ready: false}\n- addresses: [198.18.5.4]\nports: [{port: 8080, name: http}]\n",
+            "metadata: {name: ext-abc, labels: {kubernetes.io/service-name: ext}}\naddressType: IPv4\nendpoints:\n- addresses: [198.18.5.3]\n  conditions: {ready: false}\n- addresses: [198.18.5.4]\n- addresses: [198.18.5.5]\n  conditions: {ready: false, serving: true, terminating: true}\nports: [{port: 8080, name: http}]\n",
         )
         .unwrap();
         let s = endpoint_slice(&s).unwrap();
@@ -652,8 +715,16 @@ mod tests {
         assert_eq!(
             s.groups[0].addresses,
             vec![
-                (Ipv4Addr::new(198, 18, 5, 3), false),
-                (Ipv4Addr::new(198, 18, 5, 4), true)
+                (Ipv4Addr::new(198, 18, 5, 3), EndpointConditions::NOT_READY),
+                (Ipv4Addr::new(198, 18, 5, 4), EndpointConditions::READY),
+                (
+                    Ipv4Addr::new(198, 18, 5, 5),
+                    EndpointConditions {
+                        ready: false,
+                        serving: true,
+                        terminating: true
+                    }
+                )
             ]
         );
         assert_eq!(s.groups[0].ports[0].port, 8080);

@@ -10,6 +10,7 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb::dataplane::TC_INGRESS_PROGRAM;
+use lb_common::conntrack;
 use support::{
     datapath::{TestDatapath, tcp_frontend, udp_frontend},
     packet::*,
@@ -43,11 +44,60 @@ struct Tuple {
     protocol: u8,
 }
 
-/// What the datapath must do, given the services and the flows it has seen.
+impl Tuple {
+    fn reversed(&self) -> Tuple {
+        Tuple {
+            src: self.dst,
+            dst: self.src,
+            protocol: self.protocol,
+        }
+    }
+}
+
+/// What the datapath must do, given the services and the flows it has seen: each conntrack
+/// entry's NAT address and the TCP state it recorded.
 struct Model {
     services: HashMap<((Ipv4Addr, u16), u8), Vec<SocketAddrV4>>,
-    forward: HashMap<Tuple, (Ipv4Addr, u16)>,
-    reply: HashMap<Tuple, (Ipv4Addr, u16)>,
+    forward: HashMap<Tuple, ((Ipv4Addr, u16), u8)>,
+    reply: HashMap<Tuple, ((Ipv4Addr, u16), u8)>,
+}
+
+impl Model {
+    /// A packet of a tracked flow: its entry's state moves on, and a change is copied to the
+    /// other direction's entry.
+    fn advance(&mut self, tuple: Tuple, forward: bool, flags: u8) {
+        let (map, peer_map) = if forward {
+            (&mut self.forward, &mut self.reply)
+        } else {
+            (&mut self.reply, &mut self.forward)
+        };
+        let (nat, state) = map[&tuple];
+        let next = conntrack::next_state(state, tuple.protocol, flags);
+        if next == state {
+            return;
+        }
+        map.insert(tuple, (nat, next));
+        let peer = if forward {
+            Tuple {
+                src: nat,
+                dst: tuple.src,
+                protocol: tuple.protocol,
+            }
+        } else {
+            Tuple {
+                src: tuple.dst,
+                dst: nat,
+                protocol: tuple.protocol,
+            }
+        };
+        if let Some((_, s)) = peer_map.get_mut(&peer) {
+            *s |= next;
+        }
+    }
+}
+
+fn tcp_flags(frame: &[u8], protocol: u8) -> u8 {
+    if protocol == TCP { frame[47] } else { 0 }
 }
 
 /// A frame the datapath may translate: well-formed IPv4 TCP/UDP, no options, not a fragment.
@@ -95,6 +145,17 @@ fn random_and_mutated_frames_keep_every_invariant() {
     let vip = |i: u8| Ipv4Addr::new(198, 19, 0, i);
     let backend = |i: u8, port: u16| SocketAddrV4::new(Ipv4Addr::new(198, 18, 2, i), port);
     let mut t = TestDatapath::new();
+    // No entry expires and no ICMP reply is rate-limited during the run: both are checked by
+    // the tables, not here.
+    let hours = 24 * 3_600_000_000_000;
+    t.dp.set_config(lb_common::Config {
+        tcp_established_ns: hours,
+        tcp_syn_ns: hours,
+        tcp_closing_ns: hours,
+        udp_ns: hours,
+        icmp_replies_per_sec: 1_000_000_000,
+    })
+    .unwrap();
     let services = vec![
         (
             tcp_frontend(vip(1), 80),
@@ -150,12 +211,27 @@ fn random_and_mutated_frames_keep_every_invariant() {
             passed += 1;
             continue;
         };
-        let service = model.services.get(&(tuple.dst, tuple.protocol));
-        if let Some(&backend_addr) = model.forward.get(&tuple) {
+        let service = model.services.get(&(tuple.dst, tuple.protocol)).cloned();
+        let flags = tcp_flags(&frame, tuple.protocol);
+        let reopened = model
+            .forward
+            .get(&tuple)
+            .is_some_and(|(_, state)| conntrack::reopens(*state, tuple.protocol, flags));
+        if reopened {
+            let (old_backend, _) = model.forward[&tuple];
+            model.reply.remove(&Tuple {
+                src: old_backend,
+                dst: tuple.src,
+                protocol: tuple.protocol,
+            });
+        }
+        if let Some(&(backend_addr, _)) = model.forward.get(&tuple).filter(|_| !reopened) {
             check_translated(&frame, output, 30, backend_addr, context);
+            model.advance(tuple, true, flags);
             translated += 1;
-        } else if let Some(&vip_addr) = model.reply.get(&tuple) {
+        } else if let Some(&(vip_addr, _)) = model.reply.get(&tuple).filter(|_| !reopened) {
             check_translated(&frame, output, 26, vip_addr, context);
+            model.advance(tuple, false, flags);
             translated += 1;
         } else if let Some(backends) = service {
             if backends.is_empty() {
@@ -184,17 +260,25 @@ fn random_and_mutated_frames_keep_every_invariant() {
                 context()
             );
             check_translated(&frame, output, 30, chosen, context);
-            model.forward.insert(tuple, chosen);
+            let state = conntrack::next_state(0, tuple.protocol, flags);
+            model.forward.insert(tuple, (chosen, state));
             model.reply.insert(
                 Tuple {
                     src: chosen,
                     dst: tuple.src,
                     protocol: tuple.protocol,
                 },
-                tuple.dst,
+                (tuple.dst, state),
             );
             translated += 1;
         } else {
+            // A direct flow opened from the port of an earlier flow through a Service ends
+            // that flow's reply entry.
+            let opens = tuple.protocol == UDP
+                || flags & (conntrack::TCP_SYN | conntrack::TCP_ACK) == conntrack::TCP_SYN;
+            if opens {
+                model.reply.remove(&tuple.reversed());
+            }
             assert_eq!(result.return_value, TC_ACT_OK, "{}", context());
             assert_eq!(
                 output,

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use aya::programs::{TestRun, TestRunOptions};
 use lb::{
     dataplane::{Dataplane, TC_INGRESS_PROGRAM},
-    desired::{DesiredDataplane, Frontend},
+    desired::{Backends, DesiredDataplane, Frontend},
     diff::{self, ActualDataplane},
     model::Protocol,
 };
@@ -40,7 +40,16 @@ impl TestDatapath {
         }
     }
 
+    /// Programs frontends whose backends all take new flows.
     pub fn program(&mut self, frontends: &[(Frontend, Vec<SocketAddrV4>)]) {
+        let with_states: Vec<_> = frontends
+            .iter()
+            .map(|(f, b)| (*f, Backends::serving(b.clone())))
+            .collect();
+        self.program_backends(&with_states);
+    }
+
+    pub fn program_backends(&mut self, frontends: &[(Frontend, Backends)]) {
         let desired = DesiredDataplane {
             frontends: frontends.iter().cloned().collect(),
         };

@@ -1,0 +1,185 @@
+//! Conntrack lifetimes: the TCP state an entry records and when it expires. Shared by the
+//! datapath (which treats an expired entry as absent) and the agent's garbage collector.
+use crate::{Config, CtEntry, PROTO_TCP, TokenBucket};
+
+/// The flow has shown a TCP packet without SYN (the handshake got through), or is UDP.
+pub const SEEN_NON_SYN: u8 = 1;
+/// The flow has shown FIN or RST: it gets the short closing timeout.
+pub const CLOSING: u8 = 2;
+
+/// `last_seen_ns` is rewritten at most this often per flow (a map write per packet would
+/// cost more than the lookup); timeouts are therefore exact to this much.
+pub const REFRESH_NS: u64 = 1_000_000_000;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The state after a packet of the flow; `tcp_flags` is 0 for UDP.
+#[inline(always)]
+pub fn next_state(state: u8, protocol: u8, tcp_flags: u8) -> u8 {
+    if protocol != PROTO_TCP {
+        return state | SEEN_NON_SYN;
+    }
+    let mut next = state;
+    if tcp_flags & TCP_SYN == 0 {
+        next |= SEEN_NON_SYN;
+    }
+    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        next |= CLOSING;
+    }
+    next
+}
+
+/// A SYN without ACK on a flow that closed opens a new connection on the same addresses and
+/// ports: it gets a backend chosen anew, as netfilter does for a SYN in TIME_WAIT.
+#[inline(always)]
+pub fn reopens(state: u8, protocol: u8, tcp_flags: u8) -> bool {
+    protocol == PROTO_TCP && state & CLOSING != 0 && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// How long an entry in `state` may stay idle.
+#[inline(always)]
+pub fn timeout_ns(config: &Config, protocol: u8, state: u8) -> u64 {
+    if protocol != PROTO_TCP {
+        config.udp_ns
+    } else if state & CLOSING != 0 {
+        config.tcp_closing_ns
+    } else if state & SEEN_NON_SYN != 0 {
+        config.tcp_established_ns
+    } else {
+        config.tcp_syn_ns
+    }
+}
+
+/// Whether the entry has been idle longer than its state allows. `now_ns` may lag an entry
+/// another CPU just refreshed: that counts as not idle.
+#[inline(always)]
+pub fn expired(config: &Config, protocol: u8, entry: &CtEntry, now_ns: u64) -> bool {
+    now_ns.saturating_sub(entry.last_seen_ns) > timeout_ns(config, protocol, entry.state)
+}
+
+/// Whether a packet must write the entry: its state changes, or its time is due a refresh.
+#[inline(always)]
+pub fn needs_write(entry: &CtEntry, next_state: u8, now_ns: u64) -> bool {
+    next_state != entry.state || now_ns.saturating_sub(entry.last_seen_ns) >= REFRESH_NS
+}
+
+/// Takes a token from a bucket refilled at `rate` per second (at most 10^9), holding at most
+/// `rate`. Whole tokens only: the time of a refill moves on only when one was added.
+#[inline(always)]
+pub fn take_token(bucket: &mut TokenBucket, rate: u64, now_ns: u64) -> bool {
+    let elapsed = now_ns.saturating_sub(bucket.updated_ns);
+    // Capped at a second (a full bucket), so the product cannot overflow.
+    let capped = if elapsed > 1_000_000_000 {
+        1_000_000_000
+    } else {
+        elapsed
+    };
+    let refill = capped * rate / 1_000_000_000;
+    if refill > 0 {
+        bucket.tokens = if bucket.tokens + refill > rate {
+            rate
+        } else {
+            bucket.tokens + refill
+        };
+        bucket.updated_ns = now_ns;
+    }
+    if bucket.tokens == 0 {
+        return false;
+    }
+    bucket.tokens -= 1;
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PROTO_UDP;
+
+    const S: u64 = 1_000_000_000;
+
+    fn entry(state: u8, last_seen_ns: u64) -> CtEntry {
+        CtEntry {
+            state,
+            last_seen_ns,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tcp_states_follow_the_flags() {
+        let syn = next_state(0, PROTO_TCP, TCP_SYN);
+        assert_eq!(syn, 0, "a SYN alone is a handshake");
+        let est = next_state(syn, PROTO_TCP, TCP_ACK);
+        assert_eq!(est, SEEN_NON_SYN);
+        assert_eq!(
+            next_state(est, PROTO_TCP, TCP_ACK | TCP_FIN),
+            SEEN_NON_SYN | CLOSING
+        );
+        assert_eq!(next_state(0, PROTO_TCP, TCP_RST), SEEN_NON_SYN | CLOSING);
+        assert_eq!(
+            next_state(SEEN_NON_SYN | CLOSING, PROTO_TCP, TCP_ACK),
+            SEEN_NON_SYN | CLOSING,
+            "closing is for good"
+        );
+        assert_eq!(
+            next_state(0, PROTO_UDP, 0xff),
+            SEEN_NON_SYN,
+            "UDP has no flags"
+        );
+    }
+
+    #[test]
+    fn a_syn_reopens_only_a_closed_tcp_flow() {
+        assert!(reopens(CLOSING | SEEN_NON_SYN, PROTO_TCP, TCP_SYN));
+        assert!(!reopens(CLOSING, PROTO_TCP, TCP_SYN | TCP_ACK));
+        assert!(!reopens(SEEN_NON_SYN, PROTO_TCP, TCP_SYN));
+        assert!(!reopens(CLOSING, PROTO_UDP, TCP_SYN));
+    }
+
+    #[test]
+    fn timeouts_by_protocol_and_state() {
+        let c = Config::DEFAULT;
+        assert_eq!(timeout_ns(&c, PROTO_TCP, 0), 60 * S);
+        assert_eq!(timeout_ns(&c, PROTO_TCP, SEEN_NON_SYN), 6 * 3600 * S);
+        assert_eq!(timeout_ns(&c, PROTO_TCP, SEEN_NON_SYN | CLOSING), 10 * S);
+        assert_eq!(timeout_ns(&c, PROTO_UDP, CLOSING), 60 * S);
+        let e = entry(SEEN_NON_SYN | CLOSING, 100 * S);
+        assert!(!expired(&c, PROTO_TCP, &e, 110 * S));
+        assert!(expired(&c, PROTO_TCP, &e, 110 * S + 1));
+        assert!(
+            !expired(&c, PROTO_TCP, &e, 50 * S),
+            "refreshed by another CPU"
+        );
+    }
+
+    #[test]
+    fn writes_only_on_state_change_or_refresh() {
+        let e = entry(SEEN_NON_SYN, 10 * S);
+        assert!(!needs_write(&e, SEEN_NON_SYN, 10 * S + S / 2));
+        assert!(needs_write(&e, SEEN_NON_SYN, 11 * S));
+        assert!(needs_write(&e, SEEN_NON_SYN | CLOSING, 10 * S));
+    }
+
+    #[test]
+    fn token_bucket_allows_rate_per_second_and_no_more() {
+        let mut b = TokenBucket::default();
+        let start = 1000 * S;
+        let taken = (0..5000)
+            .filter(|_| take_token(&mut b, 1000, start))
+            .count();
+        assert_eq!(taken, 1000, "a full bucket after a long idle time");
+        assert!(
+            !take_token(&mut b, 1000, start + S / 2000),
+            "half a token is none"
+        );
+        assert!(take_token(&mut b, 1000, start + S / 1000));
+        // Over one more second, spread evenly, 1000 more.
+        let taken = (1..=4000)
+            .filter(|i| take_token(&mut b, 1000, start + S / 1000 + i * S / 4000))
+            .count();
+        assert_eq!(taken, 1000);
+    }
+}
