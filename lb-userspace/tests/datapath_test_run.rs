@@ -284,3 +284,159 @@ fn full_conntrack_evicts_old_flows_and_new_flows_keep_working() {
     }
     assert_eq!(t.counter("dnat_established") - before, 1000);
 }
+
+/// A TCP frame of `src` -> `dst` with `flags`, all checksums valid.
+fn tcp_with_flags(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
+    let mut f = ipv4_frame(TCP, src, dst, b"");
+    f[47] = flags;
+    let csum = l4_checksum(&f);
+    f[50..52].copy_from_slice(&csum.to_be_bytes());
+    f
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const FIN: u8 = 0x01;
+
+#[test]
+fn draining_backend_keeps_established_flows_and_takes_no_new_one() {
+    use lb::desired::Backends;
+    let mut t = TestDatapath::new();
+    let both = vec![backend(1, 8080), backend(2, 8080)];
+    t.program(&[(tcp_frontend(VIP, 80), both.clone())]);
+    // Flows on both backends.
+    let mut on = std::collections::BTreeMap::new();
+    for port in 30000..30040u16 {
+        let out = t.run(&tcp_with_flags((CLIENT, port), (VIP, 80), SYN));
+        on.insert(port, dst(&out.frame));
+    }
+    assert!(on.values().any(|d| d.0 == *both[1].ip()));
+    // backend 2 turns not ready / terminating: it drains.
+    t.program_backends(&[(
+        tcp_frontend(VIP, 80),
+        Backends {
+            serving: vec![both[0]],
+            draining: vec![both[1]],
+        },
+    )]);
+    for (port, was) in &on {
+        let out = t.run(&tcp_with_flags((CLIENT, *port), (VIP, 80), ACK));
+        assert_eq!(dst(&out.frame), *was, "established flows stay put");
+    }
+    for port in 31000..31050u16 {
+        let out = t.run(&tcp_with_flags((CLIENT, port), (VIP, 80), SYN));
+        assert_eq!(dst(&out.frame), (*both[0].ip(), 8080), "no new flow drains");
+    }
+    // Removed altogether: its flows move at the next packet.
+    t.program(&[(tcp_frontend(VIP, 80), vec![both[0]])]);
+    for port in on.keys() {
+        let out = t.run(&tcp_with_flags((CLIENT, *port), (VIP, 80), ACK));
+        assert_eq!(dst(&out.frame), (*both[0].ip(), 8080));
+    }
+}
+
+#[test]
+fn tcp_states_and_timeouts_decide_what_a_flow_keeps() {
+    use lb_common::conntrack::{CLOSING, SEEN_NON_SYN};
+    let backends: Vec<_> = (1..=8).map(|i| backend(i, 8080)).collect();
+    let mut t = with_web_service(backends);
+    let state_of = |t: &TestDatapath, port: u16| {
+        t.dp.conntrack_entries()
+            .unwrap()
+            .into_iter()
+            .filter(|(k, _)| k.src == CLIENT.octets() && k.sport == port.to_be())
+            .map(|(_, e)| e.state)
+            .next()
+    };
+    let syn = tcp_with_flags((CLIENT, 40100), (VIP, 80), SYN);
+    let first = dst(&t.run(&syn).frame);
+    assert_eq!(state_of(&t, 40100), Some(0), "handshake");
+    t.run(&tcp_with_flags((CLIENT, 40100), (VIP, 80), ACK));
+    assert_eq!(state_of(&t, 40100), Some(SEEN_NON_SYN), "established");
+    // The backend's FIN closes both directions.
+    let out = t.run(&tcp_with_flags(first, (CLIENT, 40100), FIN | ACK));
+    assert_eq!(src(&out.frame), (VIP, 80));
+    assert_eq!(state_of(&t, 40100), Some(SEEN_NON_SYN | CLOSING));
+    let entries = t.dp.conntrack_entries().unwrap();
+    assert!(
+        entries.iter().all(|(_, e)| e.state & CLOSING != 0),
+        "{entries:?}"
+    );
+    // A new SYN on the closed 4-tuple is a new connection: picked anew, state reset.
+    let mut picks = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        t.run(&tcp_with_flags((CLIENT, 40100), (VIP, 80), FIN | ACK));
+        picks.insert(dst(&t.run(&syn).frame));
+    }
+    assert!(picks.len() > 1, "reopened flows are picked anew: {picks:?}");
+    assert_eq!(state_of(&t, 40100), Some(0));
+
+    // Timeouts: with 1 ns everywhere every entry is expired a moment later.
+    let tiny = lb_common::Config {
+        tcp_established_ns: 1,
+        tcp_syn_ns: 1,
+        tcp_closing_ns: 1,
+        udp_ns: 1,
+        ..lb_common::Config::DEFAULT
+    };
+    t.dp.set_config(tiny).unwrap();
+    let reply = tcp_with_flags(first, (CLIENT, 40200), ACK);
+    t.run(&tcp_with_flags((CLIENT, 40200), (VIP, 80), SYN));
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    let out = t.run(&reply);
+    assert_eq!(
+        out.frame, reply,
+        "an expired reply entry translates nothing"
+    );
+    let before = t.dp.conntrack_len().unwrap();
+    assert!(before > 0);
+    let gc =
+        t.dp.collect_conntrack_garbage(lb::dataplane::monotonic_ns())
+            .unwrap();
+    assert_eq!((gc.entries, gc.deleted), (0, before));
+}
+
+#[test]
+fn a_direct_connection_from_a_service_flows_port_is_not_rewritten() {
+    let mut t = with_web_service(vec![backend(1, 8080)]);
+    let pod = (*backend(1, 8080).ip(), 8080);
+    t.run(&tcp_with_flags((CLIENT, 40300), (VIP, 80), SYN));
+    let reply = tcp_with_flags(pod, (CLIENT, 40300), SYN | ACK);
+    assert_eq!(src(&t.run(&reply).frame), (VIP, 80));
+    t.run(&tcp_with_flags((CLIENT, 40300), (VIP, 80), FIN | ACK));
+    // The client now connects to the pod directly from the same port.
+    let direct = tcp_with_flags((CLIENT, 40300), pod, SYN);
+    assert_eq!(t.run(&direct).frame, direct);
+    let out = t.run(&reply);
+    assert_eq!(
+        out.frame, reply,
+        "the direct flow's replies keep the pod's address"
+    );
+    assert_eq!(t.counter("pass_no_service"), 2);
+}
+
+#[test]
+fn icmp_replies_for_services_without_endpoints_are_rate_limited() {
+    let mut t = TestDatapath::new();
+    t.program(&[(tcp_frontend(VIP, 81), vec![])]);
+    t.dp.set_config(lb_common::Config {
+        icmp_replies_per_sec: 5,
+        ..lb_common::Config::DEFAULT
+    })
+    .unwrap();
+    // Each CPU has a bucket of 5; the test thread may move between CPUs.
+    let actions: Vec<u32> = (0..20)
+        .map(|i| {
+            t.run(&tcp_with_flags((CLIENT, 40400 + i), (VIP, 81), SYN))
+                .action
+        })
+        .collect();
+    let answered = actions.iter().filter(|a| **a == TC_ACT_REDIRECT).count();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!((5..=5 * cpus + 1).contains(&answered), "{actions:?}");
+    assert_eq!(
+        t.counter("drop_icmp_rate_limited") as usize,
+        20 - answered,
+        "{actions:?}"
+    );
+}
