@@ -113,12 +113,14 @@ fn main() -> anyhow::Result<()> {
                 "warnings",
             ])?;
             // Namespace tests time real connections: one test at a time keeps them honest.
+            // Every test binary runs even after one fails, so the count covers them all.
             let result = cargo_test(&[
                 "test",
                 "--release",
                 "--workspace",
                 "--exclude",
                 "lb-ebpf",
+                "--no-fail-fast",
                 "--",
                 "--test-threads=1",
             ]);

@@ -1,7 +1,9 @@
-//! A simulated node in network namespaces: a node namespace (where the agent runs and pods'
-//! links end), and one namespace per pod joined to it by a veth pair. Addresses come from
-//! 198.18.0.0/15 only and no route leaves the namespaces. Everything is removed on drop, also
-//! when a test panics; `cleanup_leftovers` removes what a killed run left behind.
+//! Simulated nodes in network namespaces: a node namespace per node (where its agent runs and
+//! its pods' links end), one namespace per pod joined to its node by a veth pair, and with
+//! several nodes a LAN namespace whose bridge joins the nodes' uplinks (`eth0`) and a host
+//! outside the cluster. Addresses come from 198.18.0.0/15 only and no route leaves the
+//! namespaces. Everything is removed on drop, also when a test panics; `cleanup_leftovers`
+//! removes what a killed run left behind.
 use std::{
     fs,
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -27,6 +29,15 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// Where tests and the demo allocate ClusterIPs.
 pub const SERVICE_CIDR: &str = "198.19.0.0/16";
 pub const ADMIN: &str = "127.0.0.1:10249";
+/// The nodes' uplink name, in every node namespace.
+pub const UPLINK: &str = "eth0";
+/// The address of the host outside the cluster on the nodes' LAN.
+pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 254, 100);
+
+/// A node's address on the LAN (node 0 is 198.18.254.1).
+pub fn lan_ip(node: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 254, 1 + node as u8)
+}
 
 #[derive(Clone, Debug)]
 pub struct Pod {
@@ -35,6 +46,18 @@ pub struct Pod {
     pub ip: Ipv4Addr,
     /// The pod's link as seen from the node namespace.
     pub node_iface: String,
+    /// Index of the node the pod runs on.
+    pub node: usize,
+}
+
+/// One simulated node: its namespace, its agent's folder, pins and process.
+struct Node {
+    name: String,
+    netns: String,
+    bpffs: PathBuf,
+    manifests: PathBuf,
+    log: PathBuf,
+    agent: Option<Child>,
 }
 
 struct Server {
@@ -44,14 +67,18 @@ struct Server {
 
 pub struct Testbed {
     pub prefix: String,
+    /// Node 0's namespace, pins and manifest folder.
     pub node_netns: String,
     pub bpffs: PathBuf,
     pub dir: PathBuf,
     pub manifests: PathBuf,
     lb: PathBuf,
+    nodes: Vec<Node>,
+    /// The LAN namespace (bridge) and the outside host, with more than one node.
+    lan_netns: Option<String>,
+    pub outside_netns: Option<String>,
     pods: Vec<Pod>,
     servers: Vec<Server>,
-    agent: Option<Child>,
     next_iface: u32,
     /// Peer addresses every TCP server accepted, by pod name.
     accepted: std::collections::HashMap<String, Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>>,
@@ -65,6 +92,11 @@ impl Testbed {
     /// `kind` starts the name of everything the testbed makes (`lbt`, `lbdemo`, `lbbench`), so
     /// that [`cleanup_leftovers`] finds it; `lb` is the agent binary.
     pub fn new(kind: &str, lb: &Path) -> anyhow::Result<Self> {
+        Self::with_nodes(kind, lb, 1)
+    }
+
+    /// `nodes` nodes; with more than one, joined by a LAN with a host outside the cluster.
+    pub fn with_nodes(kind: &str, lb: &Path, nodes: usize) -> anyhow::Result<Self> {
         let prefix = format!(
             "{kind}-{}-{}",
             std::process::id(),
@@ -73,65 +105,166 @@ impl Testbed {
         let dir = std::env::temp_dir().join(&prefix);
         let manifests = dir.join("manifests");
         fs::create_dir_all(&manifests)?;
+        let node = |i: usize| {
+            let suffix = if i == 0 {
+                String::new()
+            } else {
+                format!("-n{i}")
+            };
+            Node {
+                name: format!("node-{}", i + 1),
+                netns: format!("{prefix}-node{suffix}"),
+                bpffs: PathBuf::from("/sys/fs/bpf").join(format!("{prefix}{suffix}")),
+                manifests: if i == 0 {
+                    manifests.clone()
+                } else {
+                    dir.join(format!("manifests{suffix}"))
+                },
+                log: dir.join(format!("agent{suffix}.log")),
+                agent: None,
+            }
+        };
+        let nodes: Vec<Node> = (0..nodes.max(1)).map(node).collect();
         let mut bed = Self {
-            node_netns: format!("{prefix}-node"),
-            bpffs: PathBuf::from("/sys/fs/bpf").join(&prefix),
+            node_netns: nodes[0].netns.clone(),
+            bpffs: nodes[0].bpffs.clone(),
+            lan_netns: None,
+            outside_netns: None,
             prefix,
             dir,
             manifests,
             lb: lb.to_path_buf(),
+            nodes: Vec::new(),
             pods: Vec::new(),
             servers: Vec::new(),
-            agent: None,
             next_iface: 0,
             accepted: Default::default(),
             pin_next_server: None,
         };
-        bed.setup_node()?;
+        for node in nodes {
+            fs::create_dir_all(&node.manifests)?;
+            setup_node(&node.netns)?;
+            bed.nodes.push(node);
+        }
+        if bed.nodes.len() > 1 {
+            bed.setup_lan()?;
+        }
         Ok(bed)
     }
 
-    fn setup_node(&mut self) -> anyhow::Result<()> {
-        let ns = &self.node_netns;
-        sh(&format!("ip netns add {ns}"))?;
-        sh(&format!("ip -n {ns} link set lo up"))?;
-        // IPv4 sysctls of a new namespace are copied from the host's: set what routing needs.
-        for setting in [
-            "net.ipv4.ip_forward=1",
-            "net.ipv4.conf.all.rp_filter=0",
-            "net.ipv4.conf.default.rp_filter=0",
-        ] {
-            sh(&format!("ip netns exec {ns} sysctl -qw {setting}"))?;
+    /// The LAN: a bridge in its own namespace, every node's `eth0` on it, and a host outside
+    /// the cluster that reaches pods through their nodes.
+    fn setup_lan(&mut self) -> anyhow::Result<()> {
+        let lan = format!("{}-lan", self.prefix);
+        sh(&format!("ip netns add {lan}"))?;
+        self.lan_netns = Some(lan.clone());
+        sh(&format!("ip -n {lan} link add br0 type bridge"))?;
+        sh(&format!("ip -n {lan} link set br0 up"))?;
+        let mut hosts: Vec<(String, Ipv4Addr)> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.netns.clone(), lan_ip(i)))
+            .collect();
+        let outside = format!("{}-outside", self.prefix);
+        sh(&format!("ip netns add {outside}"))?;
+        sh(&format!("ip -n {outside} link set lo up"))?;
+        self.outside_netns = Some(outside.clone());
+        hosts.push((outside, OUTSIDE_IP));
+        for (i, (ns, ip)) in hosts.iter().enumerate() {
+            let port = format!("port{i}");
+            for line in [
+                format!("ip link add {port} netns {lan} type veth peer name {UPLINK} netns {ns}"),
+                format!("ip -n {lan} link set {port} master br0 up"),
+                format!("ip -n {ns} addr add {ip}/24 dev {UPLINK}"),
+                format!("ip -n {ns} link set {UPLINK} up"),
+            ] {
+                sh(&line)?;
+            }
         }
         Ok(())
     }
 
-    /// A pod namespace with `ip`, linked to the node by `veth<N>` (node side) / `eth0`.
+    /// Names of the nodes' namespaces, node 0 first.
+    pub fn node_netns_list(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.netns.clone()).collect()
+    }
+
+    /// Runs a command in the namespace of the host outside the cluster.
+    pub fn exec_outside(&self, args: &[&str]) -> anyhow::Result<String> {
+        let ns = self.outside_netns.as_ref().context("no outside host")?;
+        let out = run(Command::new("ip").args(["netns", "exec", ns]).args(args))?;
+        Ok(String::from_utf8(out.stdout)?)
+    }
+}
+
+fn setup_node(ns: &str) -> anyhow::Result<()> {
+    sh(&format!("ip netns add {ns}"))?;
+    sh(&format!("ip -n {ns} link set lo up"))?;
+    // IPv4 sysctls of a new namespace are copied from the host's: set what routing needs.
+    for setting in [
+        "net.ipv4.ip_forward=1",
+        "net.ipv4.conf.all.rp_filter=0",
+        "net.ipv4.conf.default.rp_filter=0",
+    ] {
+        sh(&format!("ip netns exec {ns} sysctl -qw {setting}"))?;
+    }
+    Ok(())
+}
+
+impl Testbed {
+    /// A pod namespace with `ip` on node 0, linked to the node by `veth<N>` (node side) / `eth0`.
     pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> anyhow::Result<Pod> {
+        self.add_pod_on(0, name, ip)
+    }
+
+    /// A pod on node `node`; the other nodes and the outside host route its address there.
+    pub fn add_pod_on(&mut self, node: usize, name: &str, ip: Ipv4Addr) -> anyhow::Result<Pod> {
         let pod = Pod {
             name: name.to_string(),
             netns: format!("{}-{name}", self.prefix),
             ip,
             node_iface: format!("veth{}", self.next_iface),
+            node,
         };
         self.next_iface += 1;
-        let (ns, node, iface) = (&pod.netns, &self.node_netns, &pod.node_iface);
+        let node_netns = self.nodes[node].netns.clone();
+        let (ns, node_ns, iface) = (&pod.netns, &node_netns, &pod.node_iface);
         sh(&format!("ip netns add {ns}"))?;
         self.pods.push(pod.clone());
         for line in [
-            format!("ip link add {iface} netns {node} type veth peer name eth0 netns {ns}"),
+            format!("ip link add {iface} netns {node_ns} type veth peer name eth0 netns {ns}"),
             format!("ip -n {ns} link set lo up"),
             format!("ip -n {ns} addr add {ip}/32 dev eth0"),
             format!("ip -n {ns} link set eth0 up"),
             format!("ip -n {ns} route add {GATEWAY} dev eth0 scope link"),
             format!("ip -n {ns} route add 198.18.0.0/15 via {GATEWAY} dev eth0"),
-            format!("ip -n {node} addr add {GATEWAY}/32 dev {iface}"),
-            format!("ip -n {node} link set {iface} up"),
-            format!("ip -n {node} route add {ip}/32 dev {iface}"),
+            format!("ip -n {node_ns} addr add {GATEWAY}/32 dev {iface}"),
+            format!("ip -n {node_ns} link set {iface} up"),
+            format!("ip -n {node_ns} route add {ip}/32 dev {iface}"),
         ] {
             sh(&line)?;
         }
+        self.route_to_node(ip, node)?;
         Ok(pod)
+    }
+
+    /// Every other node, and the outside host, route `ip` to `node` over the LAN.
+    fn route_to_node(&self, ip: Ipv4Addr, node: usize) -> anyhow::Result<()> {
+        if self.lan_netns.is_none() {
+            return Ok(());
+        }
+        let via = lan_ip(node);
+        let others = self.nodes.iter().enumerate().filter(|(i, _)| *i != node);
+        for ns in others
+            .map(|(_, n)| &n.netns)
+            .chain(self.outside_netns.as_ref())
+        {
+            sh(&format!(
+                "ip -n {ns} route add {ip}/32 via {via} dev {UPLINK}"
+            ))?;
+        }
+        Ok(())
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
@@ -189,8 +322,9 @@ impl Testbed {
         sh(&format!("ip -n {} addr add {ip}/32 dev eth0", pod.netns))?;
         sh(&format!(
             "ip -n {} route add {ip}/32 dev {}",
-            self.node_netns, pod.node_iface
+            self.nodes[pod.node].netns, pod.node_iface
         ))?;
+        self.route_to_node(ip, pod.node)?;
         Ok(())
     }
 
@@ -334,46 +468,72 @@ impl Testbed {
         .map_err(|_| anyhow::anyhow!("thread in {} panicked", pod.netns))?
     }
 
+    /// Writes a manifest into every node's folder (each node's agent reads the same objects).
     pub fn write_manifest(&self, name: &str, content: &str) -> anyhow::Result<()> {
-        // Write then rename, so the agent never reads half a file.
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        fs::write(&tmp, content)?;
-        fs::rename(&tmp, self.manifests.join(name))?;
+        for node in &self.nodes {
+            // Write then rename, so the agent never reads half a file.
+            let tmp = self.dir.join(format!(".{name}.tmp"));
+            fs::write(&tmp, content)?;
+            fs::rename(&tmp, node.manifests.join(name))?;
+        }
         Ok(())
     }
 
     pub fn remove_manifest(&self, name: &str) -> anyhow::Result<()> {
-        fs::remove_file(self.manifests.join(name))?;
+        for node in &self.nodes {
+            fs::remove_file(node.manifests.join(name))?;
+        }
         Ok(())
     }
 
+    /// Node 0's agent log.
     pub fn agent_log(&self) -> PathBuf {
-        self.dir.join("agent.log")
+        self.nodes[0].log.clone()
     }
 
-    /// Starts `lb agent` in the node namespace and waits until it serves its admin endpoint
-    /// and has attached to every pod link.
+    /// Starts `lb agent` in every node namespace and waits until each serves its admin
+    /// endpoint and has attached to its node's pod links (and uplink).
     pub fn start_agent(&mut self) -> anyhow::Result<()> {
+        self.start_agent_with(&[])
+    }
+
+    /// [`Self::start_agent`] with extra `lb agent` flags.
+    pub fn start_agent_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        for node in 0..self.nodes.len() {
+            self.start_node_agent(node, extra)?;
+        }
+        Ok(())
+    }
+
+    fn start_node_agent(&mut self, index: usize, extra: &[&str]) -> anyhow::Result<()> {
+        let several = self.nodes.len() > 1;
+        let node = &mut self.nodes[index];
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.agent_log())?;
+            .open(&node.log)?;
         let mut command = Command::new("nsenter");
         command
-            .arg(format!("--net=/run/netns/{}", self.node_netns))
+            .arg(format!("--net=/run/netns/{}", node.netns))
             .arg(&self.lb)
             .args(["agent", "--manifests"])
-            .arg(&self.manifests)
+            .arg(&node.manifests)
             .arg("--bpffs")
-            .arg(&self.bpffs)
+            .arg(&node.bpffs)
             .args([
                 "--admin",
                 ADMIN,
                 "--service-cidr",
                 SERVICE_CIDR,
                 "--node-name",
-                "node-1",
+                &node.name,
             ])
+            .args(if several {
+                &["--external-iface", UPLINK][..]
+            } else {
+                &[]
+            })
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -386,24 +546,31 @@ impl Testbed {
             });
         }
         let child = command.spawn().context("starting lb agent")?;
-        self.agent = Some(child);
+        node.agent = Some(child);
+        let log_path = node.log.clone();
+        let mut links: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|p| p.node == index)
+            .map(|p| p.node_iface.clone())
+            .collect();
+        if several {
+            links.push(UPLINK.to_string());
+        }
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(status) = self
+            if let Some(status) = self.nodes[index]
                 .agent
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 bail!(
                     "lb agent exited ({status}); log:\n{}",
-                    fs::read_to_string(self.agent_log()).unwrap_or_default()
+                    fs::read_to_string(&log_path).unwrap_or_default()
                 );
             }
-            if let Ok(status) = self.lb(&["status", "-o", "json"]) {
-                let all_attached = self
-                    .pods
-                    .iter()
-                    .all(|p| status.contains(&format!("\"{}\"", p.node_iface)));
+            if let Ok(status) = self.lb_on(index, &["status", "-o", "json"]) {
+                let all_attached = links.iter().all(|l| status.contains(&format!("\"{l}\"")));
                 if all_attached && status.contains("\"syncs\"") {
                     return Ok(());
                 }
@@ -411,39 +578,51 @@ impl Testbed {
             if Instant::now() > deadline {
                 bail!(
                     "lb agent not ready after 20 s; log:\n{}",
-                    fs::read_to_string(self.agent_log()).unwrap_or_default()
+                    fs::read_to_string(&log_path).unwrap_or_default()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    /// The agent's process id (nsenter execs it in place).
+    /// Node 0's agent process id (nsenter execs it in place).
     pub fn agent_pid(&self) -> Option<u32> {
-        self.agent.as_ref().map(|c| c.id())
+        self.nodes[0].agent.as_ref().map(|c| c.id())
     }
 
-    /// Stops the agent: SIGTERM (`kill = false`) or SIGKILL. Its programs stay attached.
+    /// Stops every agent: SIGTERM (`kill = false`) or SIGKILL. Their programs stay attached.
     pub fn stop_agent(&mut self, kill: bool) -> anyhow::Result<()> {
-        if let Some(mut child) = self.agent.take() {
-            let signal = if kill { libc::SIGKILL } else { libc::SIGTERM };
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(child.id() as i32, signal) };
-            child.wait()?;
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.agent.take() {
+                let signal = if kill { libc::SIGKILL } else { libc::SIGTERM };
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(child.id() as i32, signal) };
+                child.wait()?;
+            }
         }
         Ok(())
     }
 
-    /// Runs `lb <args>` in the node namespace and returns its stdout.
+    /// Runs `lb <args>` in node 0's namespace and returns its stdout.
     pub fn lb(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.lb_on(0, args)
+    }
+
+    /// Runs `lb <args>` in node `node`'s namespace and returns its stdout.
+    pub fn lb_on(&self, node: usize, args: &[&str]) -> anyhow::Result<String> {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", self.node_netns))
+        cmd.arg(format!("--net=/run/netns/{}", self.nodes[node].netns))
             .arg(&self.lb)
             .args(args);
         if args.first().is_some_and(|a| *a == "get" || *a == "status") {
             cmd.args(["--admin", ADMIN]);
         }
         Ok(String::from_utf8(run(&mut cmd)?.stdout)?)
+    }
+
+    /// The pinned-map directory of node `node`'s agent.
+    pub fn bpffs_of(&self, node: usize) -> &Path {
+        &self.nodes[node].bpffs
     }
 
     /// Runs a command inside a pod's namespace.
@@ -454,10 +633,15 @@ impl Testbed {
         Ok(String::from_utf8(out.stdout)?)
     }
 
-    /// Runs a command in the node's namespace.
+    /// Runs a command in node 0's namespace.
     pub fn exec_node(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.exec_on_node(0, args)
+    }
+
+    /// Runs a command in node `node`'s namespace.
+    pub fn exec_on_node(&self, node: usize, args: &[&str]) -> anyhow::Result<String> {
         let out = run(Command::new("ip")
-            .args(["netns", "exec", &self.node_netns])
+            .args(["netns", "exec", &self.nodes[node].netns])
             .args(args))?;
         Ok(String::from_utf8(out.stdout)?)
     }
@@ -477,30 +661,46 @@ impl Testbed {
             let _ = s.thread.join();
         }
         let _ = self.stop_agent(true);
-        if self.bpffs.exists() {
-            let _ = run(Command::new(&self.lb)
-                .arg("reset")
-                .arg("--bpffs")
-                .arg(&self.bpffs));
-            let _ = fs::remove_dir_all(&self.bpffs);
+        for node in &self.nodes {
+            if node.bpffs.exists() {
+                let _ = run(Command::new(&self.lb)
+                    .arg("reset")
+                    .arg("--bpffs")
+                    .arg(&node.bpffs));
+                let _ = fs::remove_dir_all(&node.bpffs);
+            }
         }
         for pod in self.pods.drain(..) {
             let _ = sh(&format!("ip netns del {}", pod.netns));
         }
-        let _ = sh(&format!("ip netns del {}", self.node_netns));
+        for ns in self
+            .nodes
+            .iter()
+            .map(|n| n.netns.clone())
+            .chain(self.lan_netns.take())
+            .chain(self.outside_netns.take())
+        {
+            let _ = sh(&format!("ip netns del {ns}"));
+        }
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
 impl Drop for Testbed {
     fn drop(&mut self) {
-        if std::thread::panicking()
-            && let Ok(log) = fs::read_to_string(self.agent_log())
-        {
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("--- agent log ({}), last lines ---", self.prefix);
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
+        if std::thread::panicking() {
+            for node in &self.nodes {
+                let Ok(log) = fs::read_to_string(&node.log) else {
+                    continue;
+                };
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!(
+                    "--- agent log ({}, {}), last lines ---",
+                    self.prefix, node.name
+                );
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
             }
         }
         self.cleanup();
