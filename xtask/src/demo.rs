@@ -155,24 +155,31 @@ pub fn run(lb: &Path) -> anyhow::Result<()> {
         std::process::exit(130);
     })?;
 
-    heading("Setting up a simulated node in network namespaces");
-    let mut bed = Testbed::new("lbdemo", lb)?;
+    heading("Setting up two simulated nodes in network namespaces");
+    let mut bed = Testbed::with_nodes("lbdemo", lb, 2)?;
     let client = bed.add_pod("client", CLIENT_IP)?;
-    say(&format!(
-        "node namespace {} runs `lb agent`; pods link to it with veth pairs",
-        bed.node_netns
-    ));
-    say(&format!("client pod {CLIENT_IP}"));
+    for (i, ns) in bed.node_netns_list().iter().enumerate() {
+        say(&format!(
+            "node-{} (namespace {ns}, {} on the LAN) runs `lb agent --external-iface {}`; its pods link to it with veth pairs",
+            i + 1,
+            testbed::lan_ip(i),
+            testbed::UPLINK
+        ));
+    }
+    say(&format!("client pod {CLIENT_IP} on node-1"));
     let pods = example_pods(&examples_dir())?;
-    for p in &pods {
-        let pod = bed.add_pod(&p.name, p.ip)?;
+    for (i, p) in pods.iter().enumerate() {
+        // Pods alternate between the nodes: Services balance across both.
+        let node = i % 2;
+        let pod = bed.add_pod_on(node, &p.name, p.ip)?;
         for port in &p.ports {
             bed.serve_http(&pod, *port)?;
         }
         say(&format!(
-            "pod {:<14} {:<12} serves HTTP on {:?} answering with its name  ({})",
+            "pod {:<14} {:<12} on node-{} serves HTTP on {:?} answering with its name  ({})",
             p.name,
             p.ip.to_string(),
+            node + 1,
             p.ports,
             p.file
         ));
