@@ -107,10 +107,11 @@ fn touch(entry_ptr: *mut CtEntry, entry: &CtEntry, key: &CtKey, next: u8, now: u
 #[inline(always)]
 pub fn decide(flow: &Flow) -> Result<Translation, Verdict> {
     let key = ct_key(flow);
-    let config = config();
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if let Some(entry_ptr) = LB_CONNTRACK4_V2.get_ptr_mut(key) {
+        // Settings and clock only where an entry is found: packets of no flow skip them.
+        let config = config();
+        // SAFETY: a helper without arguments.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
         // SAFETY: copied out at once; a concurrent update can only make it stale.
         let entry = unsafe { *entry_ptr };
         // An expired entry counts as absent: a forward one gets a new pick below, a reply
@@ -163,6 +164,8 @@ pub fn decide(flow: &Flow) -> Result<Translation, Verdict> {
 
     let (backend_id, backend) = select(frontend.service_id, frontend.backend_count)?;
     let state = next_state(0, flow.protocol, flow.tcp_flags);
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     track(&key, frontend.service_id, backend_id, &backend, state, now)?;
     Ok(Translation::Dnat {
         addr: first4(&backend.addr),

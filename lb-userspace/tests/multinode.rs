@@ -3,24 +3,15 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
-    path::Path,
     time::{Duration, Instant},
 };
 
-use xtask::testbed::{Pod, Testbed};
+mod support;
 
-fn lb() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_lb"))
-}
+use xtask::testbed::{Pod, Testbed, wait_for};
 
 fn two_nodes() -> Testbed {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "namespace tests need root (run `cargo xtask test`)"
-    );
-    Testbed::with_nodes("lbt", lb(), 2).expect("testbed")
+    support::bed::testbed(2)
 }
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
@@ -72,17 +63,6 @@ fn curl(bed: &Testbed, client: &Pod, url: &str) -> anyhow::Result<String> {
         .curl(client, url, Duration::from_secs(2))?
         .trim()
         .to_string())
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Pod names answering over `count` new connections.

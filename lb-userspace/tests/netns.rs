@@ -4,24 +4,15 @@ use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, ErrorKind, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
-    path::Path,
     time::{Duration, Instant},
 };
 
-use xtask::testbed::{Pod, Testbed};
+mod support;
 
-fn lb() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_lb"))
-}
+use xtask::testbed::{Pod, Testbed, wait_for};
 
 fn testbed() -> Testbed {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "namespace tests need root (run `cargo xtask test`)"
-    );
-    Testbed::new("lbt", lb()).expect("testbed")
+    support::bed::testbed(1)
 }
 
 fn pod_manifest(name: &str, app: &str, ip: Ipv4Addr, ports: &[(&str, u16)]) -> String {
@@ -87,17 +78,6 @@ fn spread(bed: &Testbed, client: &Pod, url: &str, count: usize) -> BTreeMap<Stri
         *seen.entry(body.trim().to_string()).or_insert(0) += 1;
     }
     seen
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -707,6 +707,18 @@ impl Drop for Testbed {
     }
 }
 
+/// Polls `check` every 50 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn enter_netns(path: &str) -> anyhow::Result<()> {
     let file = fs::File::open(path).with_context(|| format!("open {path}"))?;
     // SAFETY: setns on a valid namespace fd; affects only the calling thread.
