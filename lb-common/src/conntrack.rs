@@ -1,6 +1,6 @@
 //! Conntrack lifetimes: the TCP state an entry records and when it expires. Shared by the
 //! datapath (which treats an expired entry as absent) and the agent's garbage collector.
-use crate::{Config, CtEntry, PROTO_TCP, TokenBucket};
+use crate::{CT_FORWARD, Config, CtEntry, CtKey, PROTO_TCP, TokenBucket};
 
 /// The flow has shown a TCP packet without SYN (the handshake got through), or is UDP.
 pub const SEEN_NON_SYN: u8 = 1;
@@ -15,6 +15,56 @@ pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
+
+/// Whether a forward entry sends its flow back to the client's own address: the client was
+/// picked as its own Service's backend. Such a flow is source-NATed to the Service address.
+#[inline(always)]
+pub fn is_hairpin_forward(key: &CtKey, entry: &CtEntry) -> bool {
+    entry.nat_addr == key.src
+}
+
+/// Whether a reply entry belongs to a hairpin flow: its packets go to the Service address,
+/// which the forward direction put in place of the client's.
+#[inline(always)]
+pub fn is_hairpin_reply(key: &CtKey, entry: &CtEntry) -> bool {
+    entry.nat_addr == key.dst
+}
+
+/// The key of the other direction's entry: a forward entry's reply key (backend to client, or
+/// to the Service address for a hairpin flow), or a reply entry's forward key (client to
+/// Service).
+#[inline(always)]
+pub fn peer_key(key: &CtKey, entry: &CtEntry) -> CtKey {
+    if entry.kind == CT_FORWARD {
+        let client = if is_hairpin_forward(key, entry) {
+            key.dst
+        } else {
+            key.src
+        };
+        CtKey {
+            src: entry.nat_addr,
+            dst: client,
+            sport: entry.nat_port,
+            dport: key.sport,
+            protocol: key.protocol,
+            _pad: [0; 3],
+        }
+    } else {
+        let client = if is_hairpin_reply(key, entry) {
+            key.src
+        } else {
+            key.dst
+        };
+        CtKey {
+            src: client,
+            dst: entry.nat_addr,
+            sport: key.dport,
+            dport: entry.nat_port,
+            protocol: key.protocol,
+            _pad: [0; 3],
+        }
+    }
+}
 
 /// The state after a packet of the flow; `tcp_flags` is 0 for UDP.
 #[inline(always)]
@@ -105,6 +155,44 @@ mod tests {
             state,
             last_seen_ns,
             ..Default::default()
+        }
+    }
+
+    fn key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> CtKey {
+        CtKey {
+            src,
+            dst,
+            sport,
+            dport,
+            protocol: PROTO_TCP,
+            _pad: [0; 3],
+        }
+    }
+
+    #[test]
+    fn peer_keys_pair_up_for_plain_and_hairpin_flows() {
+        let (client, vip, backend) = ([198, 18, 1, 1], [198, 19, 0, 10], [198, 18, 2, 1]);
+        for backend_addr in [backend, client] {
+            let forward_key = key(client, 40000, vip, 80);
+            let forward = CtEntry {
+                nat_addr: backend_addr,
+                nat_port: 8080,
+                kind: CT_FORWARD,
+                ..Default::default()
+            };
+            let reply_key = peer_key(&forward_key, &forward);
+            let hairpin = backend_addr == client;
+            let expected_dst = if hairpin { vip } else { client };
+            assert_eq!(reply_key, key(backend_addr, 8080, expected_dst, 40000));
+            let reply = CtEntry {
+                nat_addr: vip,
+                nat_port: 80,
+                kind: crate::CT_REPLY,
+                ..Default::default()
+            };
+            assert_eq!(is_hairpin_forward(&forward_key, &forward), hairpin);
+            assert_eq!(is_hairpin_reply(&reply_key, &reply), hairpin);
+            assert_eq!(peer_key(&reply_key, &reply), forward_key);
         }
     }
 

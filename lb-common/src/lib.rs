@@ -6,8 +6,12 @@
 //! [`host_port`] at the edges.
 #![no_std]
 
+#[cfg(test)]
+extern crate std;
+
 pub mod checksum;
 pub mod conntrack;
+pub mod icmp;
 pub mod stats;
 
 /// IPv4 frontend (service address, port, protocol) -> [`Frontend`]. IPv6 gets its own map
@@ -22,14 +26,18 @@ pub const BACKENDS_MAP: &str = "LB_BACKENDS_V1";
 /// IPv6 gets its own map (`LB_CONNTRACK6_*`).
 pub const CONNTRACK_MAP: &str = "LB_CONNTRACK4_V2";
 /// Counter index ([`stats::Counter`]) -> per-CPU packet count.
-pub const STATS_MAP: &str = "LB_STATS_V2";
+pub const STATS_MAP: &str = "LB_STATS_V3";
 /// 0 -> [`Config`]: conntrack timeouts and the ICMP reply rate, written by the agent at load.
 pub const CONFIG_MAP: &str = "LB_CONFIG_V1";
 /// 0 -> per-CPU [`TokenBucket`] limiting the ICMP replies for Services without endpoints.
 pub const ICMP_BUCKET_MAP: &str = "LB_ICMP_BUCKET_V1";
+/// IPv4 fragment of a translated datagram ([`FragKey`]) -> its ports ([`FragPorts`]), written
+/// when the first fragment passes so that later ones (which carry no ports) follow the same
+/// flow. LRU: entries of datagrams whose fragments all went age out.
+pub const FRAGMENTS_MAP: &str = "LB_IPFRAG4_V1";
 
 /// Every map the agent pins, in the order they are created.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 8] = [
     FRONTENDS_MAP,
     SLOTS_MAP,
     BACKENDS_MAP,
@@ -37,15 +45,23 @@ pub const ALL_MAPS: [&str; 7] = [
     STATS_MAP,
     CONFIG_MAP,
     ICMP_BUCKET_MAP,
+    FRAGMENTS_MAP,
 ];
 
 /// Maps of earlier layouts that an upgraded agent removes (their flows start over).
-pub const LEGACY_MAPS: [&str; 3] = ["LB_FRONTENDS4_V1", "LB_CONNTRACK4_V1", "LB_STATS_V1"];
+pub const LEGACY_MAPS: [&str; 4] = [
+    "LB_FRONTENDS4_V1",
+    "LB_CONNTRACK4_V1",
+    "LB_STATS_V1",
+    "LB_STATS_V2",
+];
 
 pub const MAX_FRONTENDS: u32 = 131_072;
 pub const MAX_SLOTS: u32 = 1_048_576;
 pub const MAX_BACKENDS: u32 = 262_144;
 pub const MAX_CONNTRACK: u32 = 262_144;
+/// Datagrams being fragmented at once; more only evicts the oldest.
+pub const MAX_FRAGMENTS: u32 = 8_192;
 
 pub const FAMILY_IPV4: u8 = 4;
 pub const FAMILY_IPV6: u8 = 6;
@@ -146,7 +162,8 @@ pub struct CtKey {
 
 /// The flow was sent to a service address: rewrite the destination to the backend.
 pub const CT_FORWARD: u8 = 1;
-/// The flow is a backend's reply: rewrite the source back to the service address.
+/// The flow is a backend's reply: rewrite the source back to the service address (and, for a
+/// hairpin flow, the destination back to the client).
 pub const CT_REPLY: u8 = 2;
 
 #[repr(C)]
@@ -166,6 +183,28 @@ pub struct CtEntry {
     /// When a packet of the flow (either direction) was last seen, CLOCK_MONOTONIC ns (as
     /// bpf_ktime_get_coarse_ns), refreshed at most every [`conntrack::REFRESH_NS`].
     pub last_seen_ns: u64,
+}
+
+/// A fragmented IPv4 datagram as it arrives: addresses, IP identification, protocol.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FragKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// As on the wire.
+    pub id: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// The ports of a fragmented datagram, from its first fragment, network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
 }
 
 /// Datapath settings the agent writes at load.
@@ -212,6 +251,8 @@ const _: () = {
     assert!(core::mem::size_of::<CtEntry>() == 24);
     assert!(core::mem::size_of::<Config>() == 40);
     assert!(core::mem::size_of::<TokenBucket>() == 16);
+    assert!(core::mem::size_of::<FragKey>() == 12);
+    assert!(core::mem::size_of::<FragPorts>() == 4);
 };
 
 #[cfg(feature = "user")]
@@ -225,6 +266,8 @@ mod user_pod {
     unsafe impl aya::Pod for super::CtEntry {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::TokenBucket {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragPorts {}
 }
 
 #[cfg(test)]

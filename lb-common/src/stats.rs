@@ -13,13 +13,14 @@ pub enum Counter {
     PassTruncated = 3,
     /// IPv4 header with options (IHL > 5): passed unchanged.
     PassIpOptions = 4,
-    /// Fragment: passed unchanged (no L4 header to translate).
+    /// Non-first fragment of no translated datagram (or ahead of its first fragment): passed
+    /// unchanged.
     PassFragment = 5,
     /// New flow to a service: backend chosen, destination rewritten.
     DnatNew = 6,
     /// Packet of a tracked flow: destination rewritten to its backend.
     DnatEstablished = 7,
-    /// Reply from a backend: source rewritten to the service address.
+    /// Reply from a backend: source rewritten to the service address, on its way to the client.
     ReverseNat = 8,
     /// Service without endpoints: answered with ICMP port unreachable.
     IcmpNoEndpoints = 9,
@@ -31,9 +32,19 @@ pub enum Counter {
     DropConntrackFull = 12,
     /// Service without endpoints, over the ICMP reply rate: packet dropped unanswered.
     DropIcmpRateLimited = 13,
+    /// Reply of a tracked flow where it enters the node: passed, translated on its way out to
+    /// the client (after the node's own MTU check, so PMTU discovery sees the backend).
+    PassReply = 14,
+    /// ICMP error quoting a translated flow: quoted and outer headers translated.
+    IcmpErrorTranslated = 15,
+    /// ICMP error (destination unreachable, time exceeded) about no tracked flow: passed.
+    PassIcmpError = 16,
+    /// A pod's flow to its own Service's address picked the pod itself: both addresses
+    /// rewritten and sent back to it (counted in addition to the DNAT/reverse NAT counter).
+    Hairpin = 17,
 }
 
-pub const COUNTER_COUNT: u32 = 14;
+pub const COUNTER_COUNT: u32 = 18;
 
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "pass_not_ipv4",
@@ -50,4 +61,8 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "drop_no_backend",
     "drop_conntrack_full",
     "drop_icmp_rate_limited",
+    "pass_reply",
+    "icmp_error_translated",
+    "pass_icmp_error",
+    "hairpin",
 ];

@@ -17,10 +17,16 @@ pub enum Verdict {
     Drop(Counter),
 }
 
-/// TC ingress on pod-facing links: Service DNAT for pods' requests, reverse NAT for replies.
+/// TC ingress on pod links and uplinks: Service DNAT for requests, ICMP errors from clients.
 #[classifier]
 pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
-    tc::run(&ctx)
+    tc::run::<true>(&ctx)
+}
+
+/// TC egress on pod links: reverse NAT for replies, ICMP errors toward clients.
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    tc::run::<false>(&ctx)
 }
 
 /// Returns at once: the floor that benchmarks subtract.

@@ -4,8 +4,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, Config, CtEntry, CtKey, Frontend, FrontendKey, MAX_BACKENDS, MAX_CONNTRACK,
-    MAX_FRONTENDS, MAX_SLOTS, SlotKey, TokenBucket, stats::COUNTER_COUNT,
+    Backend, Config, CtEntry, CtKey, FragKey, FragPorts, Frontend, FrontendKey, MAX_BACKENDS,
+    MAX_CONNTRACK, MAX_FRAGMENTS, MAX_FRONTENDS, MAX_SLOTS, SlotKey, TokenBucket,
+    stats::COUNTER_COUNT,
 };
 
 /// IPv4 (service address, port, protocol) -> service id and backend counts.
@@ -29,7 +30,7 @@ pub static LB_CONNTRACK4_V2: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize
 
 /// Counter index -> per-CPU packet count.
 #[btf_map]
-pub static LB_STATS_V2: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+pub static LB_STATS_V3: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
 
 /// 0 -> timeouts and rates, written by the agent at load.
 #[btf_map]
@@ -39,6 +40,11 @@ pub static LB_CONFIG_V1: Array<Config, 1> = Array::new();
 #[btf_map]
 pub static LB_ICMP_BUCKET_V1: PerCpuArray<TokenBucket, 1> = PerCpuArray::new();
 
+/// Fragmented datagram (addresses, IP id, protocol) -> ports from its first fragment.
+#[btf_map]
+pub static LB_IPFRAG4_V1: LruHashMap<FragKey, FragPorts, { MAX_FRAGMENTS as usize }> =
+    LruHashMap::new();
+
 /// The agent's settings (the defaults until it has written them).
 #[inline(always)]
 pub fn config() -> Config {
@@ -47,7 +53,7 @@ pub fn config() -> Config {
 
 #[inline(always)]
 pub fn count(counter: lb_common::stats::Counter) {
-    if let Some(c) = LB_STATS_V2.get_ptr_mut(counter as u32) {
+    if let Some(c) = LB_STATS_V3.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *c += 1 };
     }

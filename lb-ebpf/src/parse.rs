@@ -1,6 +1,6 @@
 //! Stage 1: bounds-checked parsing of Ethernet / IPv4 / TCP-UDP headers, for any entry point
 //! that has `data`/`data_end` pointers (TC and XDP alike).
-use lb_common::{PROTO_TCP, PROTO_UDP, stats::Counter};
+use lb_common::{PROTO_TCP, PROTO_UDP, icmp, stats::Counter};
 
 use crate::Verdict;
 
@@ -15,6 +15,15 @@ const TCP_FLAGS_OFF: usize = 13;
 const ETH_P_IP_NET: u16 = u16::from_ne_bytes([0x08, 0x00]);
 /// More-fragments flag and fragment offset, as they lie in the packet.
 const IP_FRAGMENT_MASK_NET: u16 = u16::from_ne_bytes([0x3f, 0xff]);
+/// Fragment offset alone, as it lies in the packet.
+const IP_OFFSET_MASK_NET: u16 = u16::from_ne_bytes([0x1f, 0xff]);
+
+/// A datagram in one piece.
+pub const WHOLE: u8 = 0;
+/// The first fragment of a datagram: it carries the ports.
+pub const FIRST_FRAGMENT: u8 = 1;
+/// A later fragment: no L4 header; the ports come from the fragment map.
+pub const LATER_FRAGMENT: u8 = 2;
 
 // Header layouts with naturally aligned fields, so that reads are single loads, not byte by
 // byte. The IPv4 header starts 2 bytes past a 4-byte boundary of the frame and skb/XDP data
@@ -31,7 +40,7 @@ struct Ipv4Hdr {
     version_ihl: u8,
     _tos: u8,
     total_len: u16,
-    _id: u16,
+    id: u16,
     frag_off: u16,
     _ttl: u8,
     protocol: u8,
@@ -55,8 +64,21 @@ pub struct Flow {
     pub sport: u16,
     pub dport: u16,
     pub protocol: u8,
-    /// TCP flags (FIN, SYN, RST, ACK, ...); 0 for UDP.
+    /// TCP flags (FIN, SYN, RST, ACK, ...); 0 for UDP and later fragments.
     pub tcp_flags: u8,
+    /// [`WHOLE`], [`FIRST_FRAGMENT`] or [`LATER_FRAGMENT`] (ports 0 until looked up).
+    pub fragment: u8,
+    /// IP identification, as on the wire.
+    pub ip_id: u16,
+}
+
+/// What the datapath looks at.
+pub enum Packet {
+    /// A TCP or UDP datagram or a fragment of one.
+    L4(Flow),
+    /// An ICMP message of `total_len` bytes (IPv4 header included) that may be an error about
+    /// a flow: at least [`icmp::SHORT_LEN`] bytes, all in the frame.
+    Icmp { total_len: usize },
 }
 
 impl Flow {
@@ -89,7 +111,7 @@ pub fn bytes<const N: usize>(data: usize, data_end: usize, off: usize) -> Result
 /// Parses the headers, which must lie in `data..data_end`; `packet_len` is the whole frame's
 /// length, which for a TC skb can exceed the directly readable (linear) part.
 #[inline(always)]
-pub fn parse(data: usize, data_end: usize, packet_len: usize) -> Result<Flow, Verdict> {
+pub fn parse(data: usize, data_end: usize, packet_len: usize) -> Result<Packet, Verdict> {
     // SAFETY (all derefs below): header() checked each header lies inside data..data_end.
     let eth = header::<EthHdr>(data, data_end, 0)?;
     if unsafe { (*eth).ether_type } != ETH_P_IP_NET {
@@ -108,30 +130,52 @@ pub fn parse(data: usize, data_end: usize, packet_len: usize) -> Result<Flow, Ve
         return Err(Verdict::Pass(Counter::PassIpOptions));
     }
     let protocol = unsafe { (*ip).protocol };
+    let frag_off = unsafe { (*ip).frag_off };
+    let total_len = u16::from_be(unsafe { (*ip).total_len }) as usize;
+    if ETH_LEN + total_len > packet_len {
+        return Err(Verdict::Pass(Counter::PassTruncated));
+    }
+    if protocol == icmp::PROTO_ICMP && frag_off & IP_FRAGMENT_MASK_NET == 0 {
+        if total_len < icmp::SHORT_LEN {
+            return Err(Verdict::Pass(Counter::PassNotTcpUdp));
+        }
+        return Ok(Packet::Icmp { total_len });
+    }
     if protocol != PROTO_TCP && protocol != PROTO_UDP {
         return Err(Verdict::Pass(Counter::PassNotTcpUdp));
     }
-    // More-fragments flag or a fragment offset: no complete L4 header to translate.
-    if unsafe { (*ip).frag_off } & IP_FRAGMENT_MASK_NET != 0 {
-        return Err(Verdict::Pass(Counter::PassFragment));
+    let fragment = if frag_off & IP_OFFSET_MASK_NET != 0 {
+        LATER_FRAGMENT
+    } else if frag_off & IP_FRAGMENT_MASK_NET != 0 {
+        FIRST_FRAGMENT
+    } else {
+        WHOLE
+    };
+    let mut flow = Flow {
+        saddr: unsafe { (*ip).saddr },
+        daddr: unsafe { (*ip).daddr },
+        sport: 0,
+        dport: 0,
+        protocol,
+        tcp_flags: 0,
+        fragment,
+        ip_id: unsafe { (*ip).id },
+    };
+    if fragment == LATER_FRAGMENT {
+        if total_len <= IPV4_LEN {
+            return Err(Verdict::Pass(Counter::PassTruncated));
+        }
+        return Ok(Packet::L4(flow));
     }
-    let total_len = u16::from_be(unsafe { (*ip).total_len }) as usize;
     let l4_min = if protocol == PROTO_TCP { 20 } else { 8 };
-    if total_len < IPV4_LEN + l4_min || ETH_LEN + total_len > packet_len {
+    if total_len < IPV4_LEN + l4_min {
         return Err(Verdict::Pass(Counter::PassTruncated));
     }
     let ports = header::<Ports>(data, data_end, L4_OFF)?;
-    let tcp_flags = if protocol == PROTO_TCP {
-        unsafe { *header::<u8>(data, data_end, L4_OFF + TCP_FLAGS_OFF)? }
-    } else {
-        0
-    };
-    Ok(Flow {
-        saddr: unsafe { (*ip).saddr },
-        daddr: unsafe { (*ip).daddr },
-        sport: unsafe { (*ports).source },
-        dport: unsafe { (*ports).dest },
-        protocol,
-        tcp_flags,
-    })
+    flow.sport = unsafe { (*ports).source };
+    flow.dport = unsafe { (*ports).dest };
+    if protocol == PROTO_TCP {
+        flow.tcp_flags = unsafe { *header::<u8>(data, data_end, L4_OFF + TCP_FLAGS_OFF)? };
+    }
+    Ok(Packet::L4(flow))
 }

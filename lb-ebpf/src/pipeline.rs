@@ -3,14 +3,18 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CT_FORWARD, CT_REPLY, Config, CtEntry, CtKey,
-    FrontendKey, PROTO_TCP, PROTO_UDP, SCOPE_CLUSTER, SlotKey,
-    conntrack::{TCP_ACK, TCP_SYN, expired, needs_write, next_state, reopens},
+    FragKey, FragPorts, FrontendKey, PROTO_TCP, PROTO_UDP, SCOPE_CLUSTER, SlotKey,
+    conntrack::{
+        TCP_ACK, TCP_SYN, expired, is_hairpin_forward, is_hairpin_reply, needs_write,
+        next_state, peer_key, reopens,
+    },
+    icmp::Quoted,
     stats::Counter,
 };
 
 use crate::{
     Verdict,
-    maps::{LB_BACKENDS_V1, LB_CONNTRACK4_V2, LB_FRONTENDS4_V2, LB_SLOTS_V1, config},
+    maps::{LB_BACKENDS_V1, LB_CONNTRACK4_V2, LB_FRONTENDS4_V2, LB_IPFRAG4_V1, LB_SLOTS_V1, config},
     parse::Flow,
 };
 
@@ -24,6 +28,13 @@ pub enum Translation {
     },
     /// Rewrite the source back to the service address (reply of a translated flow).
     Snat { addr: [u8; 4], port: u16 },
+    /// The client is its own backend: swap the addresses (the backend sees the Service
+    /// address as the client, so its reply comes back through the node), set the destination
+    /// port, and send the packet back where it came from.
+    HairpinDnat { port: u16, counter: Counter },
+    /// Reply of a hairpin flow: swap the addresses, set the source port to the Service's, and
+    /// send it back where it came from.
+    HairpinSnat { port: u16 },
     /// The service has no endpoints: answer ICMP port unreachable.
     Unreachable,
 }
@@ -42,31 +53,6 @@ fn ct_key(flow: &Flow) -> CtKey {
         dport: flow.dport,
         protocol: flow.protocol,
         _pad: [0; 3],
-    }
-}
-
-/// The key of the other direction's entry: a forward entry's reply key (backend to client),
-/// or a reply entry's forward key (client to Service).
-#[inline(always)]
-fn peer_key(key: &CtKey, entry: &CtEntry) -> CtKey {
-    if entry.kind == CT_FORWARD {
-        CtKey {
-            src: entry.nat_addr,
-            dst: key.src,
-            sport: entry.nat_port,
-            dport: key.sport,
-            protocol: key.protocol,
-            _pad: [0; 3],
-        }
-    } else {
-        CtKey {
-            src: key.dst,
-            dst: entry.nat_addr,
-            sport: key.dport,
-            dport: entry.nat_port,
-            protocol: key.protocol,
-            _pad: [0; 3],
-        }
     }
 }
 
@@ -104,24 +90,29 @@ fn touch(entry_ptr: *mut CtEntry, entry: &CtEntry, key: &CtKey, next: u8, now: u
     }
 }
 
+/// The forward direction, where packets enter the node from a pod or an uplink: new flows to
+/// Services get a backend, tracked ones keep theirs. Replies pass (they are translated on their
+/// way out to the client), except those of hairpin flows, which go back out at once.
 #[inline(always)]
-pub fn decide(flow: &Flow) -> Result<Translation, Verdict> {
+pub fn decide_ingress(flow: &Flow) -> Result<Translation, Verdict> {
     let key = ct_key(flow);
     if let Some(entry_ptr) = LB_CONNTRACK4_V2.get_ptr_mut(key) {
+        // SAFETY: copied out at once; a concurrent update can only make it stale.
+        let entry = unsafe { *entry_ptr };
+        if entry.kind == CT_REPLY && !is_hairpin_reply(&key, &entry) {
+            return Err(Verdict::Pass(Counter::PassReply));
+        }
         // Settings and clock only where an entry is found: packets of no flow skip them.
         let config = config();
         // SAFETY: a helper without arguments.
         let now = unsafe { bpf_ktime_get_coarse_ns() };
-        // SAFETY: copied out at once; a concurrent update can only make it stale.
-        let entry = unsafe { *entry_ptr };
         // An expired entry counts as absent: a forward one gets a new pick below, a reply
         // one passes untranslated.
         if !expired(&config, flow.protocol, &entry, now) {
             let next = next_state(entry.state, flow.protocol, flow.tcp_flags);
             if entry.kind == CT_REPLY {
                 touch(entry_ptr, &entry, &key, next, now);
-                return Ok(Translation::Snat {
-                    addr: entry.nat_addr,
+                return Ok(Translation::HairpinSnat {
                     port: entry.nat_port,
                 });
             }
@@ -130,11 +121,12 @@ pub fn decide(flow: &Flow) -> Result<Translation, Verdict> {
                 && !reopens(entry.state, flow.protocol, flow.tcp_flags)
             {
                 touch(entry_ptr, &entry, &key, next, now);
-                return Ok(Translation::Dnat {
-                    addr: entry.nat_addr,
-                    port: entry.nat_port,
-                    counter: Counter::DnatEstablished,
-                });
+                return Ok(dnat(
+                    flow,
+                    entry.nat_addr,
+                    entry.nat_port,
+                    Counter::DnatEstablished,
+                ));
             }
         }
         if entry.kind == CT_FORWARD {
@@ -167,11 +159,117 @@ pub fn decide(flow: &Flow) -> Result<Translation, Verdict> {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     track(&key, frontend.service_id, backend_id, &backend, state, now)?;
-    Ok(Translation::Dnat {
-        addr: first4(&backend.addr),
-        port: backend.port,
-        counter: Counter::DnatNew,
+    Ok(dnat(
+        flow,
+        first4(&backend.addr),
+        backend.port,
+        Counter::DnatNew,
+    ))
+}
+
+#[inline(always)]
+fn dnat(flow: &Flow, addr: [u8; 4], port: u16, counter: Counter) -> Translation {
+    if addr == flow.saddr.to_ne_bytes() {
+        Translation::HairpinDnat { port, counter }
+    } else {
+        Translation::Dnat {
+            addr,
+            port,
+            counter,
+        }
+    }
+}
+
+/// The reply direction, where packets leave the node toward a pod: replies of tracked flows
+/// get the Service address back as their source. Here, after the node routed the packet and
+/// checked it against the link's MTU, so an ICMP error the node sends about it goes to the
+/// backend that sent it, with the addresses the backend knows.
+#[inline(always)]
+pub fn decide_egress(flow: &Flow) -> Result<Translation, Verdict> {
+    let key = ct_key(flow);
+    let Some(entry_ptr) = LB_CONNTRACK4_V2.get_ptr_mut(key) else {
+        return Err(Verdict::Pass(Counter::PassNoService));
+    };
+    // SAFETY: copied out at once; a concurrent update can only make it stale.
+    let entry = unsafe { *entry_ptr };
+    if entry.kind != CT_REPLY || is_hairpin_reply(&key, &entry) {
+        return Err(Verdict::Pass(Counter::PassNoService));
+    }
+    let config = config();
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if expired(&config, flow.protocol, &entry, now) {
+        return Err(Verdict::Pass(Counter::PassNoService));
+    }
+    let next = next_state(entry.state, flow.protocol, flow.tcp_flags);
+    touch(entry_ptr, &entry, &key, next, now);
+    Ok(Translation::Snat {
+        addr: entry.nat_addr,
+        port: entry.nat_port,
     })
+}
+
+/// The address and port that replace the translated end of a flow an ICMP error quotes: at
+/// ingress an error from a client about a reply it got (quoted source: the Service, becomes
+/// the backend), at egress an error toward a client about what it sent (quoted destination:
+/// the backend, becomes the Service). Hairpin flows are left alone.
+#[inline(always)]
+pub fn icmp_error_target(quoted: &Quoted, ingress: bool) -> Option<([u8; 4], u16)> {
+    // The quoted datagram went the other way: its reverse is the key of the entry we want.
+    let key = CtKey {
+        src: quoted.dst,
+        dst: quoted.src,
+        sport: quoted.dport,
+        dport: quoted.sport,
+        protocol: quoted.protocol,
+        _pad: [0; 3],
+    };
+    // SAFETY: copied out at once.
+    let entry = unsafe { *LB_CONNTRACK4_V2.get(&key)? };
+    let wanted = if ingress {
+        entry.kind == CT_FORWARD && !is_hairpin_forward(&key, &entry)
+    } else {
+        entry.kind == CT_REPLY && !is_hairpin_reply(&key, &entry)
+    };
+    if !wanted {
+        return None;
+    }
+    Some((entry.nat_addr, entry.nat_port))
+}
+
+#[inline(always)]
+fn fragment_key(flow: &Flow) -> FragKey {
+    FragKey {
+        src: flow.saddr.to_ne_bytes(),
+        dst: flow.daddr.to_ne_bytes(),
+        id: flow.ip_id,
+        protocol: flow.protocol,
+        _pad: 0,
+    }
+}
+
+/// Fills in a later fragment's ports from its datagram's first fragment.
+#[inline(always)]
+pub fn fragment_ports(flow: &mut Flow) -> Result<(), Verdict> {
+    // SAFETY: copied out at once.
+    match unsafe { LB_IPFRAG4_V1.get(&fragment_key(flow)) } {
+        Some(ports) => {
+            flow.sport = ports.sport;
+            flow.dport = ports.dport;
+            Ok(())
+        }
+        None => Err(Verdict::Pass(Counter::PassFragment)),
+    }
+}
+
+/// Records a translated first fragment's ports for the fragments that follow it.
+#[inline(always)]
+pub fn remember_fragment(flow: &Flow) {
+    let ports = FragPorts {
+        sport: flow.sport,
+        dport: flow.dport,
+    };
+    let _ = LB_IPFRAG4_V1.insert(&fragment_key(flow), &ports, 0);
 }
 
 /// A client that opens a direct flow (a TCP SYN, or any UDP datagram) to a backend from the

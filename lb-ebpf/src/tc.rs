@@ -2,60 +2,78 @@
 //! CHECKSUM_PARTIAL packets from local senders correctly) and emit.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::{bpf_redirect, bpf_skb_change_tail},
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes},
     programs::TcContext,
 };
-use lb_common::{PROTO_UDP, checksum, stats::Counter};
+use lb_common::{
+    PROTO_UDP, checksum,
+    icmp::{self, End, Headers},
+    stats::Counter,
+};
 
 use crate::{
     Verdict,
     maps::{config, count},
-    parse::{ETH_LEN, Flow, IPV4_LEN, L4_OFF, MAX_HEADERS, bytes, parse},
-    pipeline::{Translation, decide, may_answer_unreachable},
+    parse::{
+        ETH_LEN, FIRST_FRAGMENT, Flow, IPV4_LEN, L4_OFF, LATER_FRAGMENT, MAX_HEADERS, Packet,
+        bytes, parse,
+    },
+    pipeline::{
+        Translation, decide_egress, decide_ingress, fragment_ports, icmp_error_target,
+        may_answer_unreachable, remember_fragment,
+    },
 };
 
 const IP_SRC_OFF: usize = ETH_LEN + 12;
-const IP_DST_OFF: usize = ETH_LEN + 16;
 const IP_CSUM_OFF: usize = ETH_LEN + 10;
 
+/// An address and a port (network byte order), as a packet's source or destination.
+type Endpoint = ([u8; 4], u16);
+
+/// `INGRESS`: packets entering the node (from pods and uplinks), the forward direction.
+/// Otherwise packets leaving toward a pod, the reply direction.
 #[inline(always)]
-pub fn run(ctx: &TcContext) -> i32 {
+pub fn run<const INGRESS: bool>(ctx: &TcContext) -> i32 {
     let len = ctx.len() as usize;
     // Headers outside the linear part of the skb cannot be read directly: pull them in.
     if ctx.data() + MAX_HEADERS > ctx.data_end() && len > ctx.data_end() - ctx.data() {
         let _ = ctx.pull_data(len.min(MAX_HEADERS) as u32);
     }
-    let flow = match parse(ctx.data(), ctx.data_end(), len) {
-        Ok(f) => f,
-        Err(v) => return finish(v),
+    let mut flow = match parse(ctx.data(), ctx.data_end(), len) {
+        Ok(Packet::L4(f)) => f,
+        Ok(Packet::Icmp { total_len }) => {
+            return finish(icmp_error(ctx, total_len, INGRESS).map(|c| (TC_ACT_OK as i32, c)));
+        }
+        Err(v) => return finish(Err(v)),
     };
-    let result = match decide(&flow) {
+    if flow.fragment == LATER_FRAGMENT
+        && let Err(v) = fragment_ports(&mut flow)
+    {
+        return finish(Err(v));
+    }
+    let decision = if INGRESS {
+        decide_ingress(&flow)
+    } else {
+        decide_egress(&flow)
+    };
+    let source = (flow.saddr.to_ne_bytes(), flow.sport);
+    let destination = (flow.daddr.to_ne_bytes(), flow.dport);
+    let result = match decision {
         Ok(Translation::Dnat {
             addr,
             port,
             counter,
-        }) => rewrite(
-            ctx,
-            &flow,
-            IP_DST_OFF,
-            L4_OFF + 2,
-            flow.daddr.to_ne_bytes(),
-            flow.dport,
-            addr,
-            port,
-        )
-        .map(|()| (TC_ACT_OK as i32, counter)),
-        Ok(Translation::Snat { addr, port }) => rewrite(
-            ctx,
-            &flow,
-            IP_SRC_OFF,
-            L4_OFF,
-            flow.saddr.to_ne_bytes(),
-            flow.sport,
-            addr,
-            port,
-        )
-        .map(|()| (TC_ACT_OK as i32, Counter::ReverseNat)),
+        }) => rewrite(ctx, &flow, source, (addr, port)).map(|()| (TC_ACT_OK as i32, counter)),
+        Ok(Translation::Snat { addr, port }) => rewrite(ctx, &flow, (addr, port), destination)
+            .map(|()| (TC_ACT_OK as i32, Counter::ReverseNat)),
+        Ok(Translation::HairpinDnat { port, counter }) => {
+            let to_client = ((destination.0, flow.sport), (source.0, port));
+            hairpin(ctx, &flow, to_client).map(|action| (action, counter))
+        }
+        Ok(Translation::HairpinSnat { port }) => {
+            let to_client = ((destination.0, port), (source.0, flow.dport));
+            hairpin(ctx, &flow, to_client).map(|action| (action, Counter::ReverseNat))
+        }
         Ok(Translation::Unreachable) if !may_answer_unreachable(&config()) => {
             Err(Verdict::Drop(Counter::DropIcmpRateLimited))
         }
@@ -64,75 +82,180 @@ pub fn run(ctx: &TcContext) -> i32 {
         }
         Err(v) => Err(v),
     };
+    if result.is_ok() && flow.fragment == FIRST_FRAGMENT {
+        remember_fragment(&flow);
+    }
+    finish(result)
+}
+
+#[inline(always)]
+fn finish(result: Result<(i32, Counter), Verdict>) -> i32 {
     match result {
         Ok((action, counter)) => {
             count(counter);
             action
         }
-        Err(v) => finish(v),
-    }
-}
-
-#[inline(always)]
-fn finish(v: Verdict) -> i32 {
-    match v {
-        Verdict::Pass(c) => {
+        Err(Verdict::Pass(c)) => {
             count(c);
             TC_ACT_OK as i32
         }
-        Verdict::Drop(c) => {
+        Err(Verdict::Drop(c)) => {
             count(c);
             TC_ACT_SHOT as i32
         }
     }
 }
 
-/// Replaces one address and its port, fixing the IPv4 and L4 checksums.
-#[allow(clippy::too_many_arguments)]
+/// Gives the packet a new source and destination, fixing the IPv4 and L4 checksums. A later
+/// fragment has no L4 header: its datagram's checksum was fixed in the first fragment.
 #[inline(always)]
-fn rewrite(
-    ctx: &TcContext,
-    flow: &Flow,
-    addr_off: usize,
-    port_off: usize,
-    old_addr: [u8; 4],
-    old_port: u16,
-    new_addr: [u8; 4],
-    new_port: u16,
-) -> Result<(), Verdict> {
+fn rewrite(ctx: &TcContext, flow: &Flow, src: Endpoint, dst: Endpoint) -> Result<(), Verdict> {
     let failed = |_| Verdict::Drop(Counter::DropRewriteFailed);
-    // The L4 checksum goes through the helper: for a CHECKSUM_PARTIAL packet (sent by a local
-    // socket, not yet checksummed) the field holds the pseudo-header sum and must change the
-    // other way, and port changes must not touch it; only the kernel knows which case it is.
-    // A UDP checksum of zero means "none": BPF_F_MARK_MANGLED_0 leaves it so.
-    let mangled = if flow.protocol == PROTO_UDP {
-        BPF_F_MARK_MANGLED_0 as u64
-    } else {
-        0
-    };
-    let csum_off = flow.l4_csum_off();
-    let from = u32::from_ne_bytes(old_addr) as u64;
-    let to = u32::from_ne_bytes(new_addr) as u64;
-    ctx.l4_csum_replace(csum_off, from, to, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
-        .map_err(failed)?;
-    if old_port != new_port {
-        ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)
-            .map_err(failed)?;
+    let old_src = flow.saddr.to_ne_bytes();
+    let old_dst = flow.daddr.to_ne_bytes();
+    let whole_l4 = flow.fragment != LATER_FRAGMENT;
+    if whole_l4 {
+        // The L4 checksum goes through the helper: for a CHECKSUM_PARTIAL packet (sent by a
+        // local socket, not yet checksummed) the field holds the pseudo-header sum and must
+        // change the other way, and port changes must not touch it; only the kernel knows
+        // which case it is. A UDP checksum of zero means "none": BPF_F_MARK_MANGLED_0 leaves
+        // it so.
+        let mangled = if flow.protocol == PROTO_UDP {
+            BPF_F_MARK_MANGLED_0 as u64
+        } else {
+            0
+        };
+        let csum_off = flow.l4_csum_off();
+        let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
+        if old_src != src.0 {
+            let (from, to) = (u32::from_ne_bytes(old_src), u32::from_ne_bytes(src.0));
+            ctx.l4_csum_replace(csum_off, from as u64, to as u64, pseudo)
+                .map_err(failed)?;
+        }
+        if old_dst != dst.0 {
+            let (from, to) = (u32::from_ne_bytes(old_dst), u32::from_ne_bytes(dst.0));
+            ctx.l4_csum_replace(csum_off, from as u64, to as u64, pseudo)
+                .map_err(failed)?;
+        }
+        if flow.sport != src.1 {
+            ctx.l4_csum_replace(csum_off, flow.sport as u64, src.1 as u64, mangled | 2)
+                .map_err(failed)?;
+        }
+        if flow.dport != dst.1 {
+            ctx.l4_csum_replace(csum_off, flow.dport as u64, dst.1 as u64, mangled | 2)
+                .map_err(failed)?;
+        }
     }
     // The helpers may have moved the packet: bounds-check again before writing directly.
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    if data + L4_OFF + 4 > data_end {
+    if data + L4_OFF > data_end {
         return Err(Verdict::Drop(Counter::DropRewriteFailed));
     }
-    // SAFETY: every offset written below is < L4_OFF + 4, checked just above.
-    // Word-sized writes (see the alignment note in parse.rs).
+    // SAFETY: every offset written below is < L4_OFF, checked just above. Word-sized writes
+    // (see the alignment note in parse.rs).
     unsafe {
         let ip_csum = (data + IP_CSUM_OFF) as *mut u16;
-        *ip_csum = checksum::replace4(u16::from_be(*ip_csum), old_addr, new_addr).to_be();
-        *((data + addr_off) as *mut u32) = u32::from_ne_bytes(new_addr);
-        *((data + port_off) as *mut u16) = new_port;
+        let mut c = u16::from_be(*ip_csum);
+        c = checksum::replace4(c, old_src, src.0);
+        c = checksum::replace4(c, old_dst, dst.0);
+        *ip_csum = c.to_be();
+        let addrs = (data + IP_SRC_OFF) as *mut u32;
+        *addrs = u32::from_ne_bytes(src.0);
+        *addrs.add(1) = u32::from_ne_bytes(dst.0);
+    }
+    if whole_l4 {
+        if data + L4_OFF + 4 > data_end {
+            return Err(Verdict::Drop(Counter::DropRewriteFailed));
+        }
+        // SAFETY: bounds checked just above.
+        unsafe {
+            let ports = (data + L4_OFF) as *mut u16;
+            *ports = src.1;
+            *ports.add(1) = dst.1;
+        }
     }
     Ok(())
+}
+
+/// Rewrites a hairpin packet and sends it back out of the link it came in on, to the pod that
+/// sent it. Routing it instead would fail: the kernel drops a packet whose source is the
+/// Service address on a pod's link (no route back) or the pod's own (martian).
+#[inline(always)]
+fn hairpin(
+    ctx: &TcContext,
+    flow: &Flow,
+    (src, dst): (Endpoint, Endpoint),
+) -> Result<i32, Verdict> {
+    rewrite(ctx, flow, src, dst)?;
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    if data + ETH_LEN > data_end {
+        return Err(Verdict::Drop(Counter::DropRewriteFailed));
+    }
+    // SAFETY: the Ethernet header is in bounds (checked above); u16 halves of the addresses.
+    unsafe {
+        let mac = data as *mut [u16; 6];
+        let m = *mac;
+        *mac = [m[3], m[4], m[5], m[0], m[1], m[2]];
+    }
+    count(Counter::Hairpin);
+    // SAFETY: a plain helper call on this program's own skb.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let action = unsafe { bpf_redirect(ifindex, 0) };
+    if action != TC_ACT_REDIRECT as i64 {
+        return Err(Verdict::Drop(Counter::DropRewriteFailed));
+    }
+    Ok(action as i32)
+}
+
+/// An ICMP error about a translated flow: the quoted datagram and the outer header get the
+/// addresses the receiver knows (see [`icmp_error_target`]), every checksum fixed.
+/// A function of its own (a BPF subprogram with its own stack frame): inlined, its copy of the
+/// headers and the port-unreachable reply's would not fit in one 512-byte frame together.
+#[inline(never)]
+fn icmp_error(ctx: &TcContext, total_len: usize, ingress: bool) -> Result<Counter, Verdict> {
+    let mut headers: Headers = [0; icmp::LONG_LEN];
+    let skb = ctx.skb.skb;
+    let to = headers.as_mut_ptr() as *mut core::ffi::c_void;
+    // parse() checked that total_len bytes are in the frame. The helper also reads outside
+    // the linear part; a constant length per branch, as the verifier wants.
+    let long = total_len >= icmp::LONG_LEN;
+    // SAFETY: `to` has room for LONG_LEN bytes.
+    let loaded = unsafe {
+        if long {
+            bpf_skb_load_bytes(skb as *const _, ETH_LEN as u32, to, icmp::LONG_LEN as u32)
+        } else {
+            bpf_skb_load_bytes(skb as *const _, ETH_LEN as u32, to, icmp::SHORT_LEN as u32)
+        }
+    };
+    if loaded != 0 {
+        return Err(Verdict::Drop(Counter::DropRewriteFailed));
+    }
+    let Some(quoted) = icmp::quoted(&headers) else {
+        return Err(Verdict::Pass(Counter::PassNotTcpUdp));
+    };
+    let Some((addr, port)) = icmp_error_target(&quoted, ingress) else {
+        return Err(Verdict::Pass(Counter::PassIcmpError));
+    };
+    let (end, len) = match (ingress, long) {
+        (true, true) => (End::Source, icmp::LONG_LEN),
+        (true, false) => (End::Source, icmp::SHORT_LEN),
+        (false, true) => (End::Destination, icmp::LONG_LEN),
+        (false, false) => (End::Destination, icmp::SHORT_LEN),
+    };
+    icmp::translate(&mut headers, len, end, addr, port);
+    let from = headers.as_ptr() as *const core::ffi::c_void;
+    // SAFETY: `from` points at `len` initialised bytes of the stack copy.
+    let stored = unsafe {
+        if long {
+            bpf_skb_store_bytes(skb, ETH_LEN as u32, from, icmp::LONG_LEN as u32, 0)
+        } else {
+            bpf_skb_store_bytes(skb, ETH_LEN as u32, from, icmp::SHORT_LEN as u32, 0)
+        }
+    };
+    if stored != 0 {
+        return Err(Verdict::Drop(Counter::DropRewriteFailed));
+    }
+    Ok(Counter::IcmpErrorTranslated)
 }
 
 const ICMP_LEN: usize = 8;
@@ -141,46 +264,78 @@ const QUOTE_LEN: usize = IPV4_LEN + 8;
 const UNREACHABLE_LEN: usize = ETH_LEN + IPV4_LEN + ICMP_LEN + QUOTE_LEN;
 
 /// Turns the packet into an ICMP port unreachable from the service address back to the client
-/// and sends it out of the interface it came in on.
-#[inline(always)]
+/// and sends it out of the interface it came in on. A subprogram of its own, as icmp_error().
+#[inline(never)]
 fn port_unreachable(ctx: &TcContext) -> Result<(), Verdict> {
     let failed = |_| Verdict::Drop(Counter::DropRewriteFailed);
     // parse() already checked these bytes are there.
-    let eth: [u8; ETH_LEN] = bytes(ctx.data(), ctx.data_end(), 0)?;
-    let quote: [u8; QUOTE_LEN] = bytes(ctx.data(), ctx.data_end(), ETH_LEN)?;
-
-    let mut out = [0u8; UNREACHABLE_LEN];
-    // Ethernet: back to the sender.
-    out[0..6].copy_from_slice(&eth[6..12]);
-    out[6..12].copy_from_slice(&eth[0..6]);
-    out[12] = 0x08;
-    out[13] = 0x00;
-    // IPv4 header: from the service address to the client.
-    let ip = ETH_LEN;
-    out[ip] = 0x45;
-    out[ip + 1] = 0xc0; // precedence "internetwork control", as the kernel's own ICMP errors
-    let total = (IPV4_LEN + ICMP_LEN + QUOTE_LEN) as u16;
-    out[ip + 2..ip + 4].copy_from_slice(&total.to_be_bytes());
-    out[ip + 8] = 64;
-    out[ip + 9] = 1;
-    out[ip + 12..ip + 16].copy_from_slice(&quote[16..20]);
-    out[ip + 16..ip + 20].copy_from_slice(&quote[12..16]);
-    let ip_csum = checksum::finish(checksum::add_bytes(0, &out[ip..ip + IPV4_LEN]));
-    out[ip + 10..ip + 12].copy_from_slice(&ip_csum.to_be_bytes());
-    // ICMP destination unreachable (3), port unreachable (3), then the quote.
-    let icmp = ip + IPV4_LEN;
-    out[icmp] = 3;
-    out[icmp + 1] = 3;
-    out[icmp + ICMP_LEN..].copy_from_slice(&quote);
-    let icmp_csum = checksum::finish(checksum::add_bytes(0, &out[icmp..]));
-    out[icmp + 2..icmp + 4].copy_from_slice(&icmp_csum.to_be_bytes());
-
-    // SAFETY: plain helper calls on this program's own skb.
+    // SAFETY: plain helper calls on this program's own skb. Changing the tail keeps the
+    // first bytes, and parse() checked the frame holds the headers quoted below.
     let skb = ctx.skb.skb;
     if unsafe { bpf_skb_change_tail(skb, UNREACHABLE_LEN as u32, 0) } != 0 {
         return Err(Verdict::Drop(Counter::DropRewriteFailed));
     }
-    ctx.store(0, &out, 0).map_err(failed)?;
+    if ctx.data() + UNREACHABLE_LEN > ctx.data_end() {
+        ctx.pull_data(UNREACHABLE_LEN as u32).map_err(failed)?;
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    if data + UNREACHABLE_LEN > data_end {
+        return Err(Verdict::Drop(Counter::DropRewriteFailed));
+    }
+    // Built in place, the quote moved first (a copy on the stack would not fit beside the
+    // caller's frame).
+    // SAFETY: the whole reply lies in the packet, checked just above.
+    let out = unsafe { &mut *(data as *mut [u8; UNREACHABLE_LEN]) };
+    let quote = ETH_LEN + IPV4_LEN + ICMP_LEN;
+    let mut i = 0;
+    while i < QUOTE_LEN {
+        out[quote + i] = out[ETH_LEN + i];
+        i += 1;
+    }
+    // Ethernet: back to the sender.
+    let mut i = 0;
+    while i < 6 {
+        let dst = out[i];
+        out[i] = out[6 + i];
+        out[6 + i] = dst;
+        i += 1;
+    }
+    // IPv4 header: from the service address to the client.
+    let ip = ETH_LEN;
+    out[ip] = 0x45;
+    out[ip + 1] = 0xc0; // precedence "internetwork control", as the kernel's own ICMP errors
+    let total = ((IPV4_LEN + ICMP_LEN + QUOTE_LEN) as u16).to_be_bytes();
+    out[ip + 2] = total[0];
+    out[ip + 3] = total[1];
+    let mut i = 4;
+    while i < IPV4_LEN {
+        out[ip + i] = 0;
+        i += 1;
+    }
+    out[ip + 8] = 64;
+    out[ip + 9] = 1;
+    let mut i = 0;
+    while i < 4 {
+        out[ip + 12 + i] = out[quote + 16 + i];
+        out[ip + 16 + i] = out[quote + 12 + i];
+        i += 1;
+    }
+    let ip_csum = checksum::finish(checksum::add_bytes(0, &out[ip..ip + IPV4_LEN])).to_be_bytes();
+    out[ip + 10] = ip_csum[0];
+    out[ip + 11] = ip_csum[1];
+    // ICMP destination unreachable (3), port unreachable (3), then the quote.
+    let icmp = ip + IPV4_LEN;
+    out[icmp] = 3;
+    out[icmp + 1] = 3;
+    let mut i = 2;
+    while i < ICMP_LEN {
+        out[icmp + i] = 0;
+        i += 1;
+    }
+    let icmp_csum = checksum::finish(checksum::add_bytes(0, &out[icmp..])).to_be_bytes();
+    out[icmp + 2] = icmp_csum[0];
+    out[icmp + 3] = icmp_csum[1];
+
     let ifindex = unsafe { (*skb).ifindex };
     if unsafe { bpf_redirect(ifindex, 0) } != TC_ACT_REDIRECT as i64 {
         return Err(Verdict::Drop(Counter::DropRewriteFailed));

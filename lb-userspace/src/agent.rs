@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 use crate::{
     api::{self, AdminState, SharedState, StatusView},
     controlplane::ControlPlane,
-    dataplane::{self, Dataplane},
+    dataplane::{self, Dataplane, LinkPatterns},
     desired::{DesiredDataplane, Frontend},
     diff::{self, ActualDataplane},
     sources::manifests::ManifestStore,
@@ -40,7 +40,8 @@ pub struct AgentConfig {
     #[arg(long, default_value = "veth*")]
     pub pod_iface_glob: String,
     /// The node's links to other nodes and the outside (a name or a shell pattern;
-    /// repeatable). Replies of flows this node translated come back on them.
+    /// repeatable). The TC ingress program is attached to them (pod links get ingress and
+    /// egress).
     #[arg(long = "external-iface", value_name = "IFACE")]
     pub external_ifaces: Vec<String>,
     /// Range that ClusterIPs are allocated from and must lie in.
@@ -85,12 +86,19 @@ impl AgentConfig {
         }
     }
 
-    /// Every interface pattern the TC program is attached to.
-    fn iface_patterns(&self) -> anyhow::Result<Vec<glob::Pattern>> {
-        std::iter::once(("--pod-iface-glob", &self.pod_iface_glob))
-            .chain(self.external_ifaces.iter().map(|i| ("--external-iface", i)))
-            .map(|(flag, p)| glob::Pattern::new(p).with_context(|| format!("{flag} {p:?}")))
-            .collect()
+    /// The links the TC programs are attached to.
+    fn link_patterns(&self) -> anyhow::Result<LinkPatterns> {
+        let pattern = |flag: &str, p: &str| {
+            glob::Pattern::new(p).with_context(|| format!("{flag} {p:?}"))
+        };
+        Ok(LinkPatterns {
+            pod: vec![pattern("--pod-iface-glob", &self.pod_iface_glob)?],
+            external: self
+                .external_ifaces
+                .iter()
+                .map(|i| pattern("--external-iface", i))
+                .collect::<anyhow::Result<_>>()?,
+        })
     }
 }
 
@@ -139,7 +147,7 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 
 struct Agent {
     config: AgentConfig,
-    patterns: Vec<glob::Pattern>,
+    patterns: LinkPatterns,
     store: ManifestStore,
     desired: DesiredDataplane,
     /// Frontends a full map kept out: tried again at every sync.
@@ -158,7 +166,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // free and serves them from the heap, whose holes then stay resident.
     // SAFETY: mallopt only changes allocator tuning.
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024) };
-    let patterns = config.iface_patterns()?;
+    let patterns = config.link_patterns()?;
     if !config.manifests.is_dir() {
         anyhow::bail!(
             "--manifests {}: not a directory",
@@ -266,8 +274,8 @@ impl Agent {
     fn scan_links(&mut self) {
         match self.dataplane.attach_matching(&self.patterns) {
             Ok(new) => {
-                for name in &new {
-                    info!(interface = %name, "TC ingress attached");
+                for (name, hook) in &new {
+                    info!(interface = %name, ?hook, "TC program attached");
                 }
                 if !new.is_empty() {
                     self.shared.status_mut().attached_interfaces =

@@ -26,6 +26,7 @@ use crate::diff::{ActualDataplane, MapOp};
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
 pub const TC_INGRESS_PROGRAM: &str = "lb_tc_ingress";
+pub const TC_EGRESS_PROGRAM: &str = "lb_tc_egress";
 pub const TC_FLOOR_PROGRAM: &str = "lb_tc_floor";
 const LINKS_DIR: &str = "links";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -60,8 +61,58 @@ pub struct Dataplane {
     ebpf: Ebpf,
     config: Config,
     bpffs: Option<PathBuf>,
-    /// Interfaces this process attached to: ifindex -> name.
-    attached: HashMap<u32, String>,
+    /// Hooks this process attached to: (ifindex, hook) -> interface name.
+    attached: HashMap<(u32, Hook), String>,
+}
+
+/// Where on a link a program sits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Hook {
+    /// Packets entering the node: [`TC_INGRESS_PROGRAM`] (forward direction).
+    Ingress,
+    /// Packets leaving toward a pod: [`TC_EGRESS_PROGRAM`] (reply direction).
+    Egress,
+}
+
+impl Hook {
+    fn program(self) -> &'static str {
+        match self {
+            Hook::Ingress => TC_INGRESS_PROGRAM,
+            Hook::Egress => TC_EGRESS_PROGRAM,
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::Ingress => TcAttachType::Ingress,
+            Hook::Egress => TcAttachType::Egress,
+        }
+    }
+
+    fn pin_prefix(self) -> &'static str {
+        match self {
+            Hook::Ingress => "tc-ingress-",
+            Hook::Egress => "tc-egress-",
+        }
+    }
+}
+
+/// Which links get which programs: pod links both (their pods are clients and backends),
+/// uplinks ingress only (what arrives there is routed on to a pod link or the node).
+#[derive(Clone, Debug, Default)]
+pub struct LinkPatterns {
+    pub pod: Vec<glob::Pattern>,
+    pub external: Vec<glob::Pattern>,
+}
+
+impl LinkPatterns {
+    fn hooks(&self, name: &str) -> impl Iterator<Item = Hook> {
+        let pod = self.pod.iter().any(|p| p.matches(name));
+        let external = self.external.iter().any(|p| p.matches(name));
+        [(Hook::Ingress, pod || external), (Hook::Egress, pod)]
+            .into_iter()
+            .filter_map(|(hook, wanted)| wanted.then_some(hook))
+    }
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
@@ -94,6 +145,7 @@ impl Dataplane {
         };
         dp.set_config(config)?;
         dp.load_program(TC_INGRESS_PROGRAM)?;
+        dp.load_program(TC_EGRESS_PROGRAM)?;
         Ok(dp)
     }
 
@@ -109,6 +161,7 @@ impl Dataplane {
         };
         dp.set_config(Config::DEFAULT)?;
         dp.load_program(TC_INGRESS_PROGRAM)?;
+        dp.load_program(TC_EGRESS_PROGRAM)?;
         dp.load_program(TC_FLOOR_PROGRAM)?;
         Ok(dp)
     }
@@ -269,61 +322,63 @@ impl Dataplane {
         ))
     }
 
-    /// Attaches the TC ingress program to every interface whose name matches one of
-    /// `patterns` and that this process has not attached yet; forgets interfaces that are
-    /// gone. Returns the names newly attached.
-    pub fn attach_matching(&mut self, patterns: &[glob::Pattern]) -> Result<Vec<String>> {
+    /// Attaches the TC programs to every interface matching `patterns` at the hooks it
+    /// needs, where this process has not attached yet; forgets interfaces that are gone.
+    /// Returns the (interface, hook) pairs newly attached.
+    pub fn attach_matching(&mut self, patterns: &LinkPatterns) -> Result<Vec<(String, Hook)>> {
         let links = interfaces();
         self.attached
-            .retain(|ifindex, name| links.get(ifindex) == Some(name));
+            .retain(|(ifindex, _), name| links.get(ifindex) == Some(name));
         let mut newly = Vec::new();
         for (ifindex, name) in &links {
-            if patterns.iter().any(|p| p.matches(name)) && !self.attached.contains_key(ifindex) {
-                self.attach(*ifindex, name)?;
-                newly.push(name.clone());
+            for hook in patterns.hooks(name) {
+                if !self.attached.contains_key(&(*ifindex, hook)) {
+                    self.attach(*ifindex, name, hook)?;
+                    newly.push((name.clone(), hook));
+                }
             }
         }
         self.remove_stale_link_pins(&links)?;
         Ok(newly)
     }
 
-    fn attach(&mut self, ifindex: u32, name: &str) -> Result<()> {
+    fn attach(&mut self, ifindex: u32, name: &str, hook: Hook) -> Result<()> {
         let attach_err = |e: &dyn std::fmt::Display| DataplaneError::Attach {
             iface: name.to_string(),
             message: e.to_string(),
         };
-        let prog = self.classifier(TC_INGRESS_PROGRAM)?;
+        let prog = self.classifier(hook.program())?;
         let prog_id = prog.info().map_err(|e| attach_err(&e))?.id();
         let link_id = prog
             .attach_with_options(
                 name,
-                TcAttachType::Ingress,
+                hook.attach_type(),
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
             .map_err(|e| attach_err(&e))?;
         let link = prog.take_link(link_id).map_err(|e| attach_err(&e))?;
         if let Some(bpffs) = &self.bpffs {
             // Pinned, the attachment outlives the agent, as kube-proxy's rules do. Then the
-            // previous agent's attachment to this interface (same maps) is released.
+            // previous agent's attachment to this hook (same maps) is released.
             let fd_link: FdLink = link
                 .try_into()
                 .map_err(|e: aya::programs::links::LinkError| attach_err(&e))?;
             let dir = bpffs.join(LINKS_DIR);
-            let pin = dir.join(format!("tc-ingress-{ifindex}-{prog_id}"));
+            let pin = dir.join(format!("{}{ifindex}-{prog_id}", hook.pin_prefix()));
             if pin.exists() {
                 std::fs::remove_file(&pin)?;
             }
             fd_link.pin(&pin).map_err(|e| attach_err(&e))?;
-            for old in link_pins(&dir)? {
-                if old.0 == ifindex && old.1 != pin {
-                    std::fs::remove_file(&old.1)?;
+            for (old_ifindex, old_hook, old_pin) in link_pins(&dir)? {
+                if old_ifindex == ifindex && old_hook == hook && old_pin != pin {
+                    std::fs::remove_file(&old_pin)?;
                 }
             }
         } else {
             // Unpinned (tests): the attachment lives as long as this process.
             std::mem::forget(link);
         }
-        self.attached.insert(ifindex, name.to_string());
+        self.attached.insert((ifindex, hook), name.to_string());
         Ok(())
     }
 
@@ -331,7 +386,7 @@ impl Dataplane {
         let Some(bpffs) = &self.bpffs else {
             return Ok(());
         };
-        for (ifindex, path) in link_pins(&bpffs.join(LINKS_DIR))? {
+        for (ifindex, _, path) in link_pins(&bpffs.join(LINKS_DIR))? {
             if !links.contains_key(&ifindex) {
                 std::fs::remove_file(path)?;
             }
@@ -339,6 +394,7 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Interfaces with at least one program attached.
     pub fn attached(&self) -> BTreeSet<String> {
         self.attached.values().cloned().collect()
     }
@@ -390,8 +446,8 @@ fn ignore_missing(
     }
 }
 
-/// Pinned TC links under `dir`: (ifindex, path).
-fn link_pins(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
+/// Pinned TC links under `dir`: (ifindex, hook, path).
+fn link_pins(dir: &Path) -> Result<Vec<(u32, Hook, PathBuf)>> {
     let mut pins = Vec::new();
     if !dir.exists() {
         return Ok(pins);
@@ -399,12 +455,14 @@ fn link_pins(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if let Some(ifindex) = name
-            .strip_prefix("tc-ingress-")
-            .and_then(|r| r.split('-').next())
-            .and_then(|i| i.parse().ok())
-        {
-            pins.push((ifindex, path));
+        for hook in [Hook::Ingress, Hook::Egress] {
+            if let Some(ifindex) = name
+                .strip_prefix(hook.pin_prefix())
+                .and_then(|r| r.split('-').next())
+                .and_then(|i| i.parse().ok())
+            {
+                pins.push((ifindex, hook, path.clone()));
+            }
         }
     }
     Ok(pins)
@@ -479,7 +537,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
 pub fn reset(bpffs: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     let links = bpffs.join(LINKS_DIR);
-    for (_, path) in link_pins(&links)? {
+    for (_, _, path) in link_pins(&links)? {
         std::fs::remove_file(&path)?;
         removed.push(path);
     }

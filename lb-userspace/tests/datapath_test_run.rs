@@ -55,7 +55,13 @@ fn established_flow_keeps_its_backend_and_reply_is_reverse_translated() {
     assert_eq!(t.counter("dnat_established"), 20);
 
     let reply = ipv4_frame(TCP, first, (CLIENT, 40001), b"HTTP/1.0 200 OK\r\n");
-    let out = t.run(&reply);
+    // Where it enters the node the reply passes as it is: the node routes it and checks it
+    // against the client link's MTU with the backend's address, then it is translated on its
+    // way out to the client.
+    let entering = t.run(&reply);
+    assert_eq!((entering.action, &entering.frame), (TC_ACT_OK, &reply));
+    assert_eq!(t.counter("pass_reply"), 1);
+    let out = t.run_egress(&reply);
     assert_eq!(out.action, TC_ACT_OK);
     assert_eq!(src(&out.frame), (VIP, 80), "client sees the ClusterIP");
     assert_eq!(dst(&out.frame), (CLIENT, 40001));
@@ -122,7 +128,7 @@ fn udp_and_tcp_on_the_same_port_are_different_frontends() {
     assert_eq!(&out.frame[40..42], &[0, 0]);
     assert!(ip_checksum_valid(&out.frame));
 
-    let reply = t.run(&ipv4_frame(
+    let reply = t.run_egress(&ipv4_frame(
         UDP,
         (*backend(2, 5354).ip(), 5354),
         (CLIENT, 5000),
@@ -167,13 +173,14 @@ fn non_service_and_malformed_frames_pass_byte_identical() {
     options.splice(34..34, [1, 1, 1, 0]);
     options[17] += 4;
     cases.push(("IP options", options, "pass_ip_options"));
-    let mut more_fragments = good.clone();
-    more_fragments[20] = 0x20;
-    cases.push(("first fragment", more_fragments, "pass_fragment"));
     let mut later_fragment = good.clone();
     later_fragment[20] = 0x00;
     later_fragment[21] = 0x10;
-    cases.push(("later fragment", later_fragment, "pass_fragment"));
+    cases.push((
+        "later fragment of no known datagram",
+        later_fragment,
+        "pass_fragment",
+    ));
     let mut vlan = good[..12].to_vec();
     vlan.extend_from_slice(&[0x81, 0x00, 0x00, 0x05]);
     vlan.extend_from_slice(&good[12..]);
@@ -354,7 +361,7 @@ fn tcp_states_and_timeouts_decide_what_a_flow_keeps() {
     t.run(&tcp_with_flags((CLIENT, 40100), (VIP, 80), ACK));
     assert_eq!(state_of(&t, 40100), Some(SEEN_NON_SYN), "established");
     // The backend's FIN closes both directions.
-    let out = t.run(&tcp_with_flags(first, (CLIENT, 40100), FIN | ACK));
+    let out = t.run_egress(&tcp_with_flags(first, (CLIENT, 40100), FIN | ACK));
     assert_eq!(src(&out.frame), (VIP, 80));
     assert_eq!(state_of(&t, 40100), Some(SEEN_NON_SYN | CLOSING));
     let entries = t.dp.conntrack_entries().unwrap();
@@ -383,7 +390,7 @@ fn tcp_states_and_timeouts_decide_what_a_flow_keeps() {
     let reply = tcp_with_flags(first, (CLIENT, 40200), ACK);
     t.run(&tcp_with_flags((CLIENT, 40200), (VIP, 80), SYN));
     std::thread::sleep(std::time::Duration::from_millis(30));
-    let out = t.run(&reply);
+    let out = t.run_egress(&reply);
     assert_eq!(
         out.frame, reply,
         "an expired reply entry translates nothing"
@@ -402,12 +409,12 @@ fn a_direct_connection_from_a_service_flows_port_is_not_rewritten() {
     let pod = (*backend(1, 8080).ip(), 8080);
     t.run(&tcp_with_flags((CLIENT, 40300), (VIP, 80), SYN));
     let reply = tcp_with_flags(pod, (CLIENT, 40300), SYN | ACK);
-    assert_eq!(src(&t.run(&reply).frame), (VIP, 80));
+    assert_eq!(src(&t.run_egress(&reply).frame), (VIP, 80));
     t.run(&tcp_with_flags((CLIENT, 40300), (VIP, 80), FIN | ACK));
     // The client now connects to the pod directly from the same port.
     let direct = tcp_with_flags((CLIENT, 40300), pod, SYN);
     assert_eq!(t.run(&direct).frame, direct);
-    let out = t.run(&reply);
+    let out = t.run_egress(&reply);
     assert_eq!(
         out.frame, reply,
         "the direct flow's replies keep the pod's address"
@@ -439,4 +446,186 @@ fn icmp_replies_for_services_without_endpoints_are_rate_limited() {
         20 - answered,
         "{actions:?}"
     );
+}
+
+const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 254, 1);
+const PORT_UNREACHABLE: (u8, u8) = (3, 3);
+const FRAG_NEEDED: (u8, u8) = (3, 4);
+const TIME_EXCEEDED: (u8, u8) = (11, 0);
+
+/// Every checksum of an ICMP error frame: outer IPv4, ICMP, quoted IPv4.
+fn icmp_error_checksums_valid(frame: &[u8]) -> bool {
+    use lb_common::checksum::checksum;
+    checksum(&frame[14..34]) == 0 && checksum(&frame[34..]) == 0 && checksum(&frame[42..62]) == 0
+}
+
+#[test]
+fn icmp_errors_about_translated_flows_are_translated_both_ways() {
+    let mut t = TestDatapath::new();
+    t.program(&[
+        (tcp_frontend(VIP, 80), vec![backend(1, 8080)]),
+        (udp_frontend(VIP, 53), vec![backend(1, 5353)]),
+    ]);
+    for (protocol, port, target) in [(TCP, 80, 8080), (UDP, 53, 5353)] {
+        let pod = *backend(1, target).ip();
+        let request = ipv4_frame(protocol, (CLIENT, 40000), (VIP, port), b"request bytes");
+        let sent = t.run(&request).frame;
+        assert_eq!(dst(&sent), (pod, target));
+
+        // Toward the client, about what it sent: the backend's own error, a router's
+        // fragmentation-needed and time-exceeded; whole quotes and 8-byte ones.
+        let whole = request.len() - 14;
+        for (from, (kind, code), quote_len) in [
+            (pod, PORT_UNREACHABLE, whole),
+            (pod, PORT_UNREACHABLE, 28),
+            (ROUTER, FRAG_NEEDED, whole),
+            (ROUTER, TIME_EXCEEDED, 28),
+        ] {
+            let name = format!("{protocol}/{kind}/{code} from {from}, {quote_len}-byte quote");
+            let error = icmp_error_frame(from, CLIENT, kind, code, &sent, quote_len);
+            let entering = t.run(&error);
+            assert_eq!(entering.frame, error, "{name}: passes where it enters the node");
+            let out = t.run_egress(&error);
+            assert_eq!(out.action, TC_ACT_OK, "{name}");
+            let sender = if from == pod { VIP } else { ROUTER };
+            assert_eq!(&out.frame[26..30], &sender.octets(), "{name}: outer source");
+            assert_eq!(&out.frame[30..34], &CLIENT.octets(), "{name}: outer destination");
+            assert!(icmp_error_checksums_valid(&out.frame), "{name}: checksums");
+            // The quote is what the client sent, to the Service, checksums included.
+            assert_eq!(
+                &out.frame[42..],
+                &request[14..14 + quote_len],
+                "{name}: quote as the client sent it"
+            );
+            assert_eq!(&out.frame[34..36], &error[34..36], "{name}: ICMP type and code");
+            assert_eq!(&out.frame[38..42], &error[38..42], "{name}: rest of header (MTU)");
+        }
+
+        // From the client, about a reply it got from the Service: on to the backend.
+        let reply = ipv4_frame(protocol, (pod, target), (CLIENT, 40000), b"answer");
+        let shown = t.run_egress(&reply).frame;
+        assert_eq!(src(&shown), (VIP, port));
+        let error = icmp_error_frame(CLIENT, VIP, 3, 3, &shown, shown.len() - 14);
+        assert_eq!(t.run_egress(&error).frame, error, "passes on its way to the client");
+        let out = t.run(&error);
+        assert_eq!(out.action, TC_ACT_OK);
+        assert_eq!(&out.frame[26..30], &CLIENT.octets());
+        assert_eq!(&out.frame[30..34], &pod.octets(), "goes to the backend");
+        assert!(icmp_error_checksums_valid(&out.frame));
+        assert_eq!(&out.frame[42..], &reply[14..], "quote as the backend sent it");
+    }
+    assert_eq!(t.counter("icmp_error_translated"), 2 * 5);
+
+    // Errors about no tracked flow, and other ICMP messages, pass untouched.
+    let stranger = ipv4_frame(UDP, (CLIENT, 40001), (*backend(1, 5353).ip(), 5353), b"");
+    let error = icmp_error_frame(ROUTER, CLIENT, 3, 1, &stranger, 28);
+    for out in [t.run(&error), t.run_egress(&error)] {
+        assert_eq!(out.frame, error);
+    }
+    assert_eq!(t.counter("pass_icmp_error"), 2 + 2 * 5);
+    let echo = icmp_error_frame(CLIENT, VIP, 8, 0, &stranger, 28);
+    let before = t.counter("pass_not_tcp_udp");
+    assert_eq!(t.run(&echo).frame, echo);
+    assert_eq!(t.counter("pass_not_tcp_udp"), before + 1);
+}
+
+fn with_ip_id(mut frame: Vec<u8>, id: u16) -> Vec<u8> {
+    frame[18..20].copy_from_slice(&id.to_be_bytes());
+    frame
+}
+
+#[test]
+fn fragments_of_a_translated_datagram_follow_its_first_fragment() {
+    let mut t = TestDatapath::new();
+    t.program(&[(udp_frontend(VIP, 53), vec![backend(1, 5353)])]);
+    let pod = *backend(1, 5353).ip();
+    let payload: Vec<u8> = (0..4000u32).map(|i| (i * 7) as u8).collect();
+
+    // A 4,000-byte request in three fragments, in order.
+    let request = with_ip_id(ipv4_frame(UDP, (CLIENT, 40000), (VIP, 53), &payload), 0x100);
+    let pieces = fragments(&request, 1480);
+    assert_eq!(pieces.len(), 3);
+    let out: Vec<_> = pieces.iter().map(|f| t.run(f)).collect();
+    for o in &out {
+        assert_eq!(o.action, TC_ACT_OK);
+        assert!(ip_checksum_valid(&o.frame));
+        assert_eq!(&o.frame[30..34], &pod.octets(), "every fragment goes to the backend");
+    }
+    let whole = reassemble(&out.iter().map(|o| o.frame.clone()).collect::<Vec<_>>());
+    assert_eq!(dst(&whole), (pod, 5353));
+    assert!(l4_checksum_valid(&whole), "the datagram's checksum, fixed in the first");
+    assert_eq!(&whole[42..], &payload[..]);
+
+    // A 4,000-byte reply, fragmented by the backend, on its way out to the client.
+    let reply = with_ip_id(ipv4_frame(UDP, (pod, 5353), (CLIENT, 40000), &payload), 0x200);
+    let out: Vec<_> = fragments(&reply, 1480)
+        .iter()
+        .map(|f| t.run_egress(f).frame)
+        .collect();
+    let whole = reassemble(&out);
+    assert_eq!(src(&whole), (VIP, 53));
+    assert_eq!(dst(&whole), (CLIENT, 40000));
+    assert!(l4_checksum_valid(&whole));
+    assert!(out.iter().all(|f| ip_checksum_valid(f)));
+
+    // A later fragment ahead of its first one cannot be matched: it passes as it is.
+    let early = with_ip_id(ipv4_frame(UDP, (CLIENT, 40001), (VIP, 53), &payload), 0x300);
+    let pieces = fragments(&early, 1480);
+    let before = t.counter("pass_fragment");
+    assert_eq!(t.run(&pieces[2]).frame, pieces[2]);
+    assert_eq!(t.counter("pass_fragment"), before + 1);
+    assert_eq!(&t.run(&pieces[0]).frame[30..34], &pod.octets());
+    assert_eq!(&t.run(&pieces[1]).frame[30..34], &pod.octets());
+
+    // Fragments of datagrams to no Service pass untouched, and are not remembered.
+    let other = with_ip_id(
+        ipv4_frame(UDP, (CLIENT, 40002), (Ipv4Addr::new(198, 18, 9, 9), 53), &payload),
+        0x400,
+    );
+    for f in fragments(&other, 1480) {
+        assert_eq!(t.run(&f).frame, f);
+        assert_eq!(t.run_egress(&f).frame, f);
+    }
+    // Same addresses and IP id as the request above but another protocol: no match.
+    let mut tcp_later = pieces[1].clone();
+    tcp_later[23] = TCP;
+    tcp_later[18..20].copy_from_slice(&0x300u16.to_be_bytes());
+    tcp_later[24..26].copy_from_slice(&[0, 0]);
+    let c = lb_common::checksum::checksum(&tcp_later[14..34]);
+    tcp_later[24..26].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(t.run(&tcp_later).frame, tcp_later);
+}
+
+#[test]
+fn a_pod_picked_as_its_own_backend_gets_its_answer() {
+    let mut t = TestDatapath::new();
+    // The client is the Service's only endpoint.
+    t.program(&[(tcp_frontend(VIP, 80), vec![SocketAddrV4::new(CLIENT, 8080)])]);
+    let syn = tcp_with_flags((CLIENT, 40000), (VIP, 80), SYN);
+    let out = t.run(&syn);
+    assert_eq!(out.action, TC_ACT_REDIRECT, "sent back out of the link it came in on");
+    assert_eq!(src(&out.frame), (VIP, 40000), "from the Service address");
+    assert_eq!(dst(&out.frame), (CLIENT, 8080));
+    assert_eq!(&out.frame[0..6], &syn[6..12], "to the pod's MAC");
+    assert_eq!(&out.frame[6..12], &syn[0..6]);
+    assert!(ip_checksum_valid(&out.frame) && l4_checksum_valid(&out.frame));
+    assert_eq!(t.run_egress(&out.frame).frame, out.frame, "nothing more on the way out");
+
+    // The pod answers the Service address, which sends the answer back to the pod as coming
+    // from the Service port it called.
+    let answer = tcp_with_flags((CLIENT, 8080), (VIP, 40000), SYN | ACK);
+    let out = t.run(&answer);
+    assert_eq!(out.action, TC_ACT_REDIRECT);
+    assert_eq!(src(&out.frame), (VIP, 80));
+    assert_eq!(dst(&out.frame), (CLIENT, 40000));
+    assert!(ip_checksum_valid(&out.frame) && l4_checksum_valid(&out.frame));
+
+    // The connection goes on the same way.
+    let ack = tcp_with_flags((CLIENT, 40000), (VIP, 80), ACK);
+    let out = t.run(&ack);
+    assert_eq!((src(&out.frame), dst(&out.frame)), ((VIP, 40000), (CLIENT, 8080)));
+    assert_eq!(t.counter("hairpin"), 3);
+    assert_eq!(t.counter("dnat_new"), 1);
+    assert_eq!(t.counter("dnat_established"), 1);
+    assert_eq!(t.counter("reverse_nat"), 1);
 }

@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb::{
-    dataplane::{Dataplane, TC_INGRESS_PROGRAM},
+    dataplane::{Dataplane, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM},
     desired::{Backends, DesiredDataplane, Frontend},
     diff::{self, ActualDataplane},
     model::Protocol,
@@ -60,8 +60,14 @@ impl TestDatapath {
         diff::apply(&mut self.actual, &ops);
     }
 
+    /// Runs the program that sees packets entering the node (a pod's requests).
     pub fn run(&mut self, frame: &[u8]) -> Output {
         self.run_program(TC_INGRESS_PROGRAM, frame)
+    }
+
+    /// Runs the program that sees packets leaving toward a pod (a backend's replies).
+    pub fn run_egress(&mut self, frame: &[u8]) -> Output {
+        self.run_program(TC_EGRESS_PROGRAM, frame)
     }
 
     pub fn run_program(&mut self, name: &'static str, frame: &[u8]) -> Output {

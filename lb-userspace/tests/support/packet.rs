@@ -97,3 +97,87 @@ pub fn dst(frame: &[u8]) -> (Ipv4Addr, u16) {
         u16::from_be_bytes([frame[36], frame[37]]),
     )
 }
+
+/// An Ethernet frame carrying an ICMP error (`kind`, `code`) from `from` to `to` that quotes
+/// the first `quote_len` bytes of `original`'s IPv4 datagram; every checksum valid.
+pub fn icmp_error_frame(
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    kind: u8,
+    code: u8,
+    original: &[u8],
+    quote_len: usize,
+) -> Vec<u8> {
+    let mut icmp = vec![kind, code, 0, 0, 0, 0, 0, 0];
+    if kind == 3 && code == 4 {
+        // Fragmentation needed: next-hop MTU.
+        icmp[6..8].copy_from_slice(&1200u16.to_be_bytes());
+    }
+    icmp.extend_from_slice(&original[14..14 + quote_len]);
+    let c = checksum::checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend_from_slice(&NODE_MAC);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + icmp.len()) as u16;
+    f.extend_from_slice(&[0x45, 0xc0]);
+    f.extend_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
+    f.extend_from_slice(&from.octets());
+    f.extend_from_slice(&to.octets());
+    let ip_csum = checksum::checksum(&f[14..34]);
+    f[24..26].copy_from_slice(&ip_csum.to_be_bytes());
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// Splits a frame's IPv4 datagram into fragments of at most `chunk` payload bytes (a
+/// multiple of 8), each with a valid IPv4 checksum, as a sender's kernel does.
+pub fn fragments(frame: &[u8], chunk: usize) -> Vec<Vec<u8>> {
+    assert_eq!(chunk % 8, 0);
+    let payload = &frame[34..];
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < payload.len() {
+        let end = (off + chunk).min(payload.len());
+        let mut f = frame[..34].to_vec();
+        f.extend_from_slice(&payload[off..end]);
+        let total = (20 + end - off) as u16;
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        let more = if end < payload.len() { 0x2000 } else { 0 };
+        let frag = more | (off / 8) as u16;
+        f[20..22].copy_from_slice(&frag.to_be_bytes());
+        f[24..26].copy_from_slice(&[0, 0]);
+        let c = checksum::checksum(&f[14..34]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        out.push(f);
+        off = end;
+    }
+    out
+}
+
+/// Joins fragments (in any order) back into one frame, as the receiver's kernel does.
+pub fn reassemble(fragments: &[Vec<u8>]) -> Vec<u8> {
+    let mut parts: Vec<(usize, &[u8])> = fragments
+        .iter()
+        .map(|f| {
+            let off = (u16::from_be_bytes([f[20], f[21]]) & 0x1fff) as usize * 8;
+            (off, &f[34..])
+        })
+        .collect();
+    parts.sort_by_key(|p| p.0);
+    let first = fragments
+        .iter()
+        .find(|f| u16::from_be_bytes([f[20], f[21]]) & 0x1fff == 0)
+        .expect("first fragment");
+    let mut whole = first[..34].to_vec();
+    for (off, data) in parts {
+        assert_eq!(whole.len() - 34, off, "fragments are contiguous");
+        whole.extend_from_slice(data);
+    }
+    let total = (whole.len() - 14) as u16;
+    whole[16..18].copy_from_slice(&total.to_be_bytes());
+    whole[20..22].copy_from_slice(&[0, 0]);
+    whole
+}
