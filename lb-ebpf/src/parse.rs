@@ -101,13 +101,6 @@ fn header<T>(data: usize, data_end: usize, off: usize) -> Result<*const T, Verdi
     Ok((data + off) as *const T)
 }
 
-/// A copy of `N` bytes at `off` (slow paths only: it reads byte by byte).
-#[inline(always)]
-pub fn bytes<const N: usize>(data: usize, data_end: usize, off: usize) -> Result<[u8; N], Verdict> {
-    // SAFETY: header() checked the bounds.
-    Ok(unsafe { *header::<[u8; N]>(data, data_end, off)? })
-}
-
 /// Parses the headers, which must lie in `data..data_end`; `packet_len` is the whole frame's
 /// length, which for a TC skb can exceed the directly readable (linear) part.
 #[inline(always)]

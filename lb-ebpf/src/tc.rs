@@ -16,7 +16,7 @@ use crate::{
     maps::{config, count},
     parse::{
         ETH_LEN, FIRST_FRAGMENT, Flow, IPV4_LEN, L4_OFF, LATER_FRAGMENT, MAX_HEADERS, Packet,
-        bytes, parse,
+        parse,
     },
     pipeline::{
         Translation, decide_egress, decide_ingress, fragment_ports, icmp_error_target,
@@ -56,6 +56,13 @@ pub fn run<const INGRESS: bool>(ctx: &TcContext) -> i32 {
     } else {
         decide_egress(&flow)
     };
+    let translates = matches!(
+        decision,
+        Ok(Translation::Dnat { .. }
+            | Translation::Snat { .. }
+            | Translation::HairpinDnat { .. }
+            | Translation::HairpinSnat { .. })
+    );
     let source = (flow.saddr.to_ne_bytes(), flow.sport);
     let destination = (flow.daddr.to_ne_bytes(), flow.dport);
     let result = match decision {
@@ -74,6 +81,10 @@ pub fn run<const INGRESS: bool>(ctx: &TcContext) -> i32 {
             let to_client = ((destination.0, port), (source.0, flow.dport));
             hairpin(ctx, &flow, to_client).map(|action| (action, Counter::ReverseNat))
         }
+        // No ICMP error about a later fragment (it quotes no ports), as the kernel sends none.
+        Ok(Translation::Unreachable) if flow.fragment == LATER_FRAGMENT => {
+            Err(Verdict::Pass(Counter::PassFragment))
+        }
         Ok(Translation::Unreachable) if !may_answer_unreachable(&config()) => {
             Err(Verdict::Drop(Counter::DropIcmpRateLimited))
         }
@@ -82,7 +93,7 @@ pub fn run<const INGRESS: bool>(ctx: &TcContext) -> i32 {
         }
         Err(v) => Err(v),
     };
-    if result.is_ok() && flow.fragment == FIRST_FRAGMENT {
+    if translates && result.is_ok() && flow.fragment == FIRST_FRAGMENT {
         remember_fragment(&flow);
     }
     finish(result)

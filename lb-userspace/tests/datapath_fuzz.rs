@@ -1,5 +1,6 @@
-//! Millions of random and mutated frames through the TC program with BPF_PROG_TEST_RUN,
-//! checked against a model of what the datapath must do with each one.
+//! Millions of random and mutated frames through the TC programs (ingress and egress) with
+//! BPF_PROG_TEST_RUN, checked against a model of what the datapath must do with each one:
+//! TCP/UDP flows, their fragments and ICMP errors quoting them.
 mod support;
 
 use std::{
@@ -9,7 +10,7 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb::dataplane::TC_INGRESS_PROGRAM;
+use lb::dataplane::{TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM};
 use lb_common::conntrack;
 use support::{
     datapath::{TestDatapath, tcp_frontend, udp_frontend},
@@ -60,6 +61,8 @@ struct Model {
     services: HashMap<((Ipv4Addr, u16), u8), Vec<SocketAddrV4>>,
     forward: HashMap<Tuple, ((Ipv4Addr, u16), u8)>,
     reply: HashMap<Tuple, ((Ipv4Addr, u16), u8)>,
+    /// Translated first fragments: (source, destination, IP id, protocol) -> ports.
+    fragments: HashMap<(Ipv4Addr, Ipv4Addr, u16, u8), (u16, u16)>,
 }
 
 impl Model {
@@ -100,29 +103,83 @@ fn tcp_flags(frame: &[u8], protocol: u8) -> u8 {
     if protocol == TCP { frame[47] } else { 0 }
 }
 
-/// A frame the datapath may translate: well-formed IPv4 TCP/UDP, no options, not a fragment.
-fn translatable(f: &[u8]) -> Option<Tuple> {
+/// What the datapath can look at in a frame.
+enum Kind {
+    /// Not IPv4, malformed, options, another protocol: passes byte-identical.
+    Opaque,
+    /// A TCP/UDP datagram or its first fragment (`first_fragment`).
+    Flow { tuple: Tuple, first_fragment: bool },
+    /// A later fragment: addresses, IP id and protocol; no ports.
+    LaterFragment {
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        id: u16,
+        protocol: u8,
+    },
+    /// A destination-unreachable or time-exceeded error quoting a TCP/UDP datagram.
+    IcmpError { quoted: Tuple },
+}
+
+fn classify(f: &[u8]) -> Kind {
     if f.len() < 34 || f[12..14] != [0x08, 0x00] || f[14] != 0x45 {
-        return None;
+        return Kind::Opaque;
     }
     let protocol = f[23];
+    let total = u16::from_be_bytes([f[16], f[17]]) as usize;
+    if 14 + total > f.len() {
+        return Kind::Opaque;
+    }
+    let frag = u16::from_be_bytes([f[20], f[21]]);
+    if protocol == 1 {
+        if frag & 0x3fff != 0 || total < 56 || ![3, 11].contains(&f[34]) {
+            return Kind::Opaque;
+        }
+        let q = &f[42..];
+        let quoted_frag = u16::from_be_bytes([q[6], q[7]]);
+        if q[0] != 0x45 || quoted_frag & 0x1fff != 0 || ![TCP, UDP].contains(&q[9]) {
+            return Kind::Opaque;
+        }
+        return Kind::IcmpError {
+            quoted: Tuple {
+                src: (
+                    Ipv4Addr::new(q[12], q[13], q[14], q[15]),
+                    u16::from_be_bytes([q[20], q[21]]),
+                ),
+                dst: (
+                    Ipv4Addr::new(q[16], q[17], q[18], q[19]),
+                    u16::from_be_bytes([q[22], q[23]]),
+                ),
+                protocol: q[9],
+            },
+        };
+    }
     let l4_min = match protocol {
         TCP => 20,
         UDP => 8,
-        _ => return None,
+        _ => return Kind::Opaque,
     };
-    if u16::from_be_bytes([f[20], f[21]]) & 0x3fff != 0 {
-        return None;
+    if frag & 0x1fff != 0 {
+        if total <= 20 {
+            return Kind::Opaque;
+        }
+        return Kind::LaterFragment {
+            src: Ipv4Addr::new(f[26], f[27], f[28], f[29]),
+            dst: Ipv4Addr::new(f[30], f[31], f[32], f[33]),
+            id: u16::from_be_bytes([f[18], f[19]]),
+            protocol,
+        };
     }
-    let total = u16::from_be_bytes([f[16], f[17]]) as usize;
-    if total < 20 + l4_min || 14 + total > f.len() || f.len() < 34 + l4_min {
-        return None;
+    if total < 20 + l4_min || f.len() < 34 + l4_min {
+        return Kind::Opaque;
     }
-    Some(Tuple {
-        src: src(f),
-        dst: dst(f),
-        protocol,
-    })
+    Kind::Flow {
+        tuple: Tuple {
+            src: src(f),
+            dst: dst(f),
+            protocol,
+        },
+        first_fragment: frag & 0x2000 != 0,
+    }
 }
 
 fn l4_csum_off(f: &[u8]) -> usize {
@@ -174,16 +231,24 @@ fn random_and_mutated_frames_keep_every_invariant() {
             .collect(),
         forward: HashMap::new(),
         reply: HashMap::new(),
+        fragments: HashMap::new(),
     };
 
     // Templates the mutations start from: service traffic, replies, other traffic.
     let clients = [Ipv4Addr::new(198, 18, 1, 1), Ipv4Addr::new(198, 18, 1, 2)];
     let mut out = vec![0u8; 2048];
     let (mut translated, mut unreachable, mut passed, mut refused) = (0u64, 0u64, 0u64, 0u64);
+    let mut icmp_translated = 0u64;
     let started = Instant::now();
     for i in 0..frames {
         let frame = make_frame(&mut rng, &clients, &vip, &backend, i);
-        let prog = t.dp.classifier(TC_INGRESS_PROGRAM).unwrap();
+        let egress = rng.below(2) == 0;
+        let program = if egress {
+            TC_EGRESS_PROGRAM
+        } else {
+            TC_INGRESS_PROGRAM
+        };
+        let prog = t.dp.classifier(program).unwrap();
         let opts = TestRunOptions {
             data_in: Some(&frame),
             data_out: Some(&mut out),
@@ -199,20 +264,97 @@ fn random_and_mutated_frames_keep_every_invariant() {
             }
         };
         let output = &out[..result.data_size_out as usize];
-        let context = || format!("frame {i} (FUZZ_SEED={seed}): {frame:02x?}");
-        let Some(tuple) = translatable(&frame) else {
+        let context = || format!("frame {i} at {program} (FUZZ_SEED={seed}): {frame:02x?}");
+        let unchanged = |why: &str| {
             assert_eq!(result.return_value, TC_ACT_OK, "{}", context());
-            assert_eq!(
-                output,
-                &frame[..],
-                "untranslatable frame must pass byte-identical: {}",
-                context()
-            );
-            passed += 1;
-            continue;
+            assert_eq!(output, &frame[..], "{why} must pass byte-identical: {}", context());
         };
+        let (tuple, fragment) = match classify(&frame) {
+            Kind::Opaque => {
+                unchanged("untranslatable frame");
+                passed += 1;
+                continue;
+            }
+            Kind::IcmpError { quoted } => {
+                // The entry of the flow the quoted datagram belongs to, on the side this
+                // hook serves: ingress, a reply the client got; egress, what it sent.
+                let target = if egress {
+                    model.reply.get(&quoted.reversed())
+                } else {
+                    model.forward.get(&quoted.reversed())
+                };
+                match target {
+                    Some(&(to, _)) => {
+                        check_icmp_translated(&frame, output, !egress, to, context);
+                        icmp_translated += 1;
+                    }
+                    None => {
+                        unchanged("ICMP error of no flow");
+                        passed += 1;
+                    }
+                }
+                continue;
+            }
+            Kind::LaterFragment {
+                src,
+                dst,
+                id,
+                protocol,
+            } => match model.fragments.get(&(src, dst, id, protocol)) {
+                Some(&(sport, dport)) => (
+                    Tuple {
+                        src: (src, sport),
+                        dst: (dst, dport),
+                        protocol,
+                    },
+                    Fragment::Later,
+                ),
+                None => {
+                    unchanged("later fragment of no translated datagram");
+                    passed += 1;
+                    continue;
+                }
+            },
+            Kind::Flow {
+                tuple,
+                first_fragment,
+            } => (
+                tuple,
+                if first_fragment {
+                    Fragment::First
+                } else {
+                    Fragment::Whole
+                },
+            ),
+        };
+        let flags = if fragment == Fragment::Later {
+            0
+        } else {
+            tcp_flags(&frame, tuple.protocol)
+        };
+        let remember = |model: &mut Model| {
+            if fragment == Fragment::First {
+                let key = (tuple.src.0, tuple.dst.0, ip_id(&frame), tuple.protocol);
+                model.fragments.insert(key, (tuple.src.1, tuple.dst.1));
+            }
+        };
+        if egress {
+            // Replies of tracked flows get the Service address back; nothing else changes.
+            match model.reply.get(&tuple) {
+                Some(&(vip_addr, _)) => {
+                    check_translated(&frame, output, 26, vip_addr, fragment, context);
+                    model.advance(tuple, false, flags);
+                    remember(&mut model);
+                    translated += 1;
+                }
+                None => {
+                    unchanged("egress frame of no reply");
+                    passed += 1;
+                }
+            }
+            continue;
+        }
         let service = model.services.get(&(tuple.dst, tuple.protocol)).cloned();
-        let flags = tcp_flags(&frame, tuple.protocol);
         let reopened = model
             .forward
             .get(&tuple)
@@ -226,15 +368,20 @@ fn random_and_mutated_frames_keep_every_invariant() {
             });
         }
         if let Some(&(backend_addr, _)) = model.forward.get(&tuple).filter(|_| !reopened) {
-            check_translated(&frame, output, 30, backend_addr, context);
+            check_translated(&frame, output, 30, backend_addr, fragment, context);
             model.advance(tuple, true, flags);
+            remember(&mut model);
             translated += 1;
-        } else if let Some(&(vip_addr, _)) = model.reply.get(&tuple).filter(|_| !reopened) {
-            check_translated(&frame, output, 26, vip_addr, context);
-            model.advance(tuple, false, flags);
-            translated += 1;
+        } else if model.reply.contains_key(&tuple) && !reopened {
+            unchanged("a reply where it enters the node");
+            passed += 1;
         } else if let Some(backends) = service {
             if backends.is_empty() {
+                if fragment == Fragment::Later {
+                    unchanged("later fragment to a Service without endpoints");
+                    passed += 1;
+                    continue;
+                }
                 assert_eq!(result.return_value, TC_ACT_REDIRECT, "{}", context());
                 assert_eq!(output.len(), 70, "{}", context());
                 assert_eq!(
@@ -253,13 +400,19 @@ fn random_and_mutated_frames_keep_every_invariant() {
                 unreachable += 1;
                 continue;
             }
-            let chosen = dst(output);
-            assert!(
-                backends.iter().any(|b| (*b.ip(), b.port()) == chosen),
-                "new flow went to {chosen:?}, not a backend: {}",
-                context()
-            );
-            check_translated(&frame, output, 30, chosen, context);
+            let chosen = if fragment == Fragment::Later {
+                // No ports in the packet: the backend is found by its address.
+                backends
+                    .iter()
+                    .find(|b| output[30..34] == b.ip().octets())
+                    .map(|b| (*b.ip(), b.port()))
+            } else {
+                let d = dst(output);
+                backends.iter().find(|b| (*b.ip(), b.port()) == d).map(|_| d)
+            };
+            let chosen =
+                chosen.unwrap_or_else(|| panic!("new flow not sent to a backend: {}", context()));
+            check_translated(&frame, output, 30, chosen, fragment, context);
             let state = conntrack::next_state(0, tuple.protocol, flags);
             model.forward.insert(tuple, (chosen, state));
             model.reply.insert(
@@ -270,6 +423,7 @@ fn random_and_mutated_frames_keep_every_invariant() {
                 },
                 (tuple.dst, state),
             );
+            remember(&mut model);
             translated += 1;
         } else {
             // A direct flow opened from the port of an earlier flow through a Service ends
@@ -279,23 +433,21 @@ fn random_and_mutated_frames_keep_every_invariant() {
             if opens {
                 model.reply.remove(&tuple.reversed());
             }
-            assert_eq!(result.return_value, TC_ACT_OK, "{}", context());
-            assert_eq!(
-                output,
-                &frame[..],
-                "non-service frame must pass byte-identical: {}",
-                context()
-            );
+            unchanged("non-service frame");
             passed += 1;
         }
     }
     eprintln!(
-        "{frames} frames in {:.1?}: {translated} translated, {unreachable} answered unreachable, {passed} passed unchanged, {refused} refused by the kernel",
+        "{frames} frames in {:.1?}: {translated} translated, {icmp_translated} ICMP errors translated, {unreachable} answered unreachable, {passed} passed unchanged, {refused} refused by the kernel",
         started.elapsed()
     );
     assert!(
         translated > frames as u64 / 20 && passed > frames as u64 / 20,
         "the mix must exercise both paths"
+    );
+    assert!(
+        icmp_translated > frames as u64 / 1000,
+        "the mix must exercise ICMP errors"
     );
 
     // The service maps are as the agent wrote them; conntrack holds exactly the flows seen.
@@ -312,14 +464,27 @@ fn random_and_mutated_frames_keep_every_invariant() {
     );
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fragment {
+    Whole,
+    First,
+    Later,
+}
+
+fn ip_id(f: &[u8]) -> u16 {
+    u16::from_be_bytes([f[18], f[19]])
+}
+
 /// The output differs from the input only in the rewritten address/port (at `addr_off`) and the
 /// checksums, and each checksum is exactly as valid as it was: a header that arrived with a
-/// bad checksum still has one (and the kernel drops it after TC, as it would have anyway).
+/// bad checksum still has one (and the kernel drops it after TC, as it would have anyway). A
+/// later fragment has no ports: only its address and IPv4 checksum change.
 fn check_translated(
     input: &[u8],
     output: &[u8],
     addr_off: usize,
     to: (Ipv4Addr, u16),
+    fragment: Fragment,
     context: impl Fn() -> String,
 ) {
     assert_eq!(output.len(), input.len(), "{}", context());
@@ -330,18 +495,21 @@ fn check_translated(
         "{}",
         context()
     );
-    assert_eq!(
-        &output[port_off..port_off + 2],
-        &to.1.to_be_bytes(),
-        "{}",
-        context()
-    );
+    let whole_l4 = fragment != Fragment::Later;
+    if whole_l4 {
+        assert_eq!(
+            &output[port_off..port_off + 2],
+            &to.1.to_be_bytes(),
+            "{}",
+            context()
+        );
+    }
     let csum = l4_csum_off(input);
     for (i, (a, b)) in input.iter().zip(output).enumerate() {
         let rewritten = (addr_off..addr_off + 4).contains(&i)
-            || (port_off..port_off + 2).contains(&i)
             || (24..26).contains(&i)
-            || (csum..csum + 2).contains(&i);
+            || whole_l4 && (port_off..port_off + 2).contains(&i)
+            || whole_l4 && (csum..csum + 2).contains(&i);
         if !rewritten {
             assert_eq!(a, b, "byte {i} changed: {}", context());
         }
@@ -353,6 +521,9 @@ fn check_translated(
         "IPv4 checksum validity: {}",
         context()
     );
+    if !whole_l4 {
+        return;
+    }
     let udp_without_checksum = input[23] == UDP && input[40..42] == [0, 0];
     if udp_without_checksum {
         assert_eq!(
@@ -366,6 +537,56 @@ fn check_translated(
             l4_checksum_valid(output),
             l4_checksum_valid(input),
             "L4 checksum validity: {}",
+            context()
+        );
+    }
+}
+
+/// An ICMP error's quoted end (ingress: its source; egress: its destination) now reads `to`,
+/// the outer address on that side too if it was the same; only those bytes and the
+/// checksums changed, and every checksum is exactly as valid as it was.
+fn check_icmp_translated(
+    input: &[u8],
+    output: &[u8],
+    ingress: bool,
+    to: (Ipv4Addr, u16),
+    context: impl Fn() -> String,
+) {
+    use lb_common::checksum::checksum;
+    assert_eq!(output.len(), input.len(), "{}", context());
+    let (outer, quoted_addr, quoted_port) = if ingress {
+        (30, 54, 62)
+    } else {
+        (26, 58, 64)
+    };
+    assert_eq!(&output[quoted_addr..quoted_addr + 4], &to.0.octets(), "{}", context());
+    assert_eq!(&output[quoted_port..quoted_port + 2], &to.1.to_be_bytes(), "{}", context());
+    let outer_replaced = input[outer..outer + 4] == input[quoted_addr..quoted_addr + 4];
+    let expected_outer = if outer_replaced {
+        to.0.octets()
+    } else {
+        input[outer..outer + 4].try_into().unwrap()
+    };
+    assert_eq!(&output[outer..outer + 4], &expected_outer, "{}", context());
+    let total = 14 + u16::from_be_bytes([input[16], input[17]]) as usize;
+    let quoted_l4_csum = if input[42 + 9] == UDP { 68 } else { 78 };
+    for (i, (a, b)) in input.iter().zip(output).enumerate() {
+        let rewritten = (outer..outer + 4).contains(&i)
+            || (24..26).contains(&i)
+            || (36..38).contains(&i)
+            || (quoted_addr..quoted_addr + 4).contains(&i)
+            || (quoted_port..quoted_port + 2).contains(&i)
+            || (52..54).contains(&i)
+            || (quoted_l4_csum..quoted_l4_csum + 2).contains(&i) && i < total;
+        if !rewritten {
+            assert_eq!(a, b, "byte {i} changed: {}", context());
+        }
+    }
+    for (name, range) in [("outer IPv4", 14..34), ("ICMP", 34..total), ("quoted IPv4", 42..62)] {
+        assert_eq!(
+            checksum(&output[range.clone()]) == 0,
+            checksum(&input[range]) == 0,
+            "{name} checksum validity: {}",
             context()
         );
     }
@@ -393,7 +614,57 @@ fn make_frame(
     let cport = 20000 + rng.below(20_000) as u16;
     let protocol = if rng.below(4) == 0 { UDP } else { TCP };
     let payload: Vec<u8> = (0..rng.below(64)).map(|_| rng.next() as u8).collect();
-    let mut f = match rng.below(5) {
+    let service = (
+        vip(1 + rng.below(3) as u8),
+        [80, 53, 443][rng.below(3) as usize],
+    );
+    let pod = {
+        let b = backend(
+            1 + rng.below(5) as u8,
+            [8080, 5353, 443][rng.below(3) as usize],
+        );
+        (*b.ip(), b.port())
+    };
+    let mut f = match rng.below(8) {
+        5 => {
+            // An ICMP error toward the client about what it sent (as sent on to a backend),
+            // from the backend or a router.
+            let sent = ipv4_frame(protocol, (client, cport), pod, &payload);
+            let from = if rng.below(2) == 0 {
+                pod.0
+            } else {
+                Ipv4Addr::new(198, 18, 254, 1)
+            };
+            let quote = if rng.below(2) == 0 { 28 } else { sent.len() - 14 };
+            let (kind, code) = [(3, 3), (3, 4), (11, 0), (3, 1)][rng.below(4) as usize];
+            icmp_error_frame(from, client, kind, code, &sent, quote)
+        }
+        6 => {
+            // An ICMP error from the client about a reply it got from a Service.
+            let got = ipv4_frame(protocol, service, (client, cport), &payload);
+            let quote = if rng.below(2) == 0 { 28 } else { got.len() - 14 };
+            icmp_error_frame(client, service.0, 3, 3, &got, quote)
+        }
+        7 => {
+            // A fragment of a datagram to a Service or of a backend's reply; IP ids from a
+            // small set so that later fragments meet first ones.
+            let payload: Vec<u8> = (0..64 + rng.below(200)).map(|_| rng.next() as u8).collect();
+            let whole = if rng.below(2) == 0 {
+                ipv4_frame(protocol, (client, cport % 64 + 20000), service, &payload)
+            } else {
+                ipv4_frame(protocol, pod, (client, cport % 64 + 20000), &payload)
+            };
+            let mut whole = whole;
+            whole[18..20].copy_from_slice(&(0x1234 + rng.below(4) as u16).to_be_bytes());
+            let pieces = fragments(&whole, 8 * (3 + rng.below(6) as usize));
+            // First fragments more often, so that the later ones find theirs.
+            let at = if rng.below(2) == 0 {
+                0
+            } else {
+                rng.below(pieces.len() as u64) as usize
+            };
+            pieces[at].clone()
+        }
         0 => ipv4_frame(
             protocol,
             (client, cport),
