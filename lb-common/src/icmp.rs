@@ -133,11 +133,7 @@ pub fn translate(h: &mut Headers, len: usize, end: End, addr: [u8; 4], port: u16
     // The quoted L4 checksum covers the whole original datagram, pseudo-header included.
     let l4_csum_off = if h[QUOTE + 9] == PROTO_UDP {
         // Zero: the sender computed none.
-        if word(h, UDP_CSUM) != 0 {
-            UDP_CSUM
-        } else {
-            0
-        }
+        if word(h, UDP_CSUM) != 0 { UDP_CSUM } else { 0 }
     } else if len >= LONG_LEN {
         TCP_CSUM
     } else {
@@ -270,7 +266,11 @@ mod tests {
                     assert_eq!(&out[QUOTE..QUOTE + 24], &expected[..24]);
                 } else {
                     // Checksums included: the quoted L4 checksum is right for the whole datagram.
-                    assert_eq!(&out[QUOTE..], &expected[..], "quote as if sent to the Service");
+                    assert_eq!(
+                        &out[QUOTE..],
+                        &expected[..],
+                        "quote as if sent to the Service"
+                    );
                 }
             }
         }
@@ -280,7 +280,13 @@ mod tests {
     fn error_from_the_client_goes_to_the_backend() {
         // The backend replied; the datapath showed the reply as coming from the Service.
         let original = datagram(PROTO_UDP, (VIP, 53), (CLIENT, 40000));
-        let packet = error(CLIENT, VIP, ICMP_DEST_UNREACHABLE, &original, original.len());
+        let packet = error(
+            CLIENT,
+            VIP,
+            ICMP_DEST_UNREACHABLE,
+            &original,
+            original.len(),
+        );
         let (mut h, len) = headers(&packet);
         translate(&mut h, len, End::Source, BACKEND, net(5353));
         let mut out = packet.clone();
@@ -297,7 +303,13 @@ mod tests {
         let mut original = datagram(PROTO_UDP, (CLIENT, 40000), (BACKEND, 8080));
         original[26] = 0;
         original[27] = 0;
-        let packet = error(BACKEND, CLIENT, ICMP_DEST_UNREACHABLE, &original, original.len());
+        let packet = error(
+            BACKEND,
+            CLIENT,
+            ICMP_DEST_UNREACHABLE,
+            &original,
+            original.len(),
+        );
         let (mut h, len) = headers(&packet);
         translate(&mut h, len, End::Destination, VIP, net(80));
         assert_eq!(word(&h, UDP_CSUM), 0);
@@ -317,10 +329,18 @@ mod tests {
         later[6] = 0x00;
         later[7] = 0x10;
         let fragment = error(ROUTER, CLIENT, ICMP_DEST_UNREACHABLE, &later, 28);
-        assert_eq!(quoted(&headers(&fragment).0), None, "quote of a later fragment");
+        assert_eq!(
+            quoted(&headers(&fragment).0),
+            None,
+            "quote of a later fragment"
+        );
         let mut icmp_quote = original.clone();
         icmp_quote[9] = PROTO_ICMP;
         let inner_icmp = error(ROUTER, CLIENT, ICMP_DEST_UNREACHABLE, &icmp_quote, 28);
-        assert_eq!(quoted(&headers(&inner_icmp).0), None, "quote of an ICMP message");
+        assert_eq!(
+            quoted(&headers(&inner_icmp).0),
+            None,
+            "quote of an ICMP message"
+        );
     }
 }

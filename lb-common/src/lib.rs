@@ -35,9 +35,13 @@ pub const ICMP_BUCKET_MAP: &str = "LB_ICMP_BUCKET_V1";
 /// when the first fragment passes so that later ones (which carry no ports) follow the same
 /// flow. LRU: entries of datagrams whose fragments all went age out.
 pub const FRAGMENTS_MAP: &str = "LB_IPFRAG4_V1";
+/// ClusterIP ([`AllocationKey`]) -> the Service holding it ([`ServiceName`]). Written by the
+/// agent only (the datapath never reads it): a restarted agent gives every address back to
+/// the Service that held it, whoever else asks for it.
+pub const CLUSTER_IPS_MAP: &str = "LB_CLUSTERIPS_V1";
 
 /// Every map the agent pins, in the order they are created.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 9] = [
     FRONTENDS_MAP,
     SLOTS_MAP,
     BACKENDS_MAP,
@@ -46,6 +50,7 @@ pub const ALL_MAPS: [&str; 8] = [
     CONFIG_MAP,
     ICMP_BUCKET_MAP,
     FRAGMENTS_MAP,
+    CLUSTER_IPS_MAP,
 ];
 
 /// Maps of earlier layouts that an upgraded agent removes (their flows start over).
@@ -207,6 +212,24 @@ pub struct FragPorts {
     pub dport: u16,
 }
 
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct AllocationKey {
+    pub addr: [u8; 4],
+}
+
+/// Longest `namespace/name` a [`ServiceName`] holds (Kubernetes: 63 + 1 + 63).
+pub const SERVICE_NAME_LEN: usize = 128;
+
+/// `namespace/name` in UTF-8, zero-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServiceName {
+    pub bytes: [u8; SERVICE_NAME_LEN],
+}
+
 /// Datapath settings the agent writes at load.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -253,6 +276,8 @@ const _: () = {
     assert!(core::mem::size_of::<TokenBucket>() == 16);
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragPorts>() == 4);
+    assert!(core::mem::size_of::<AllocationKey>() == 4);
+    assert!(core::mem::size_of::<ServiceName>() == SERVICE_NAME_LEN);
 };
 
 #[cfg(feature = "user")]
@@ -268,6 +293,8 @@ mod user_pod {
     unsafe impl aya::Pod for super::TokenBucket {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragPorts {}
+    unsafe impl aya::Pod for super::AllocationKey {}
+    unsafe impl aya::Pod for super::ServiceName {}
 }
 
 #[cfg(test)]

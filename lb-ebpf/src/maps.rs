@@ -4,9 +4,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, Config, CtEntry, CtKey, FragKey, FragPorts, Frontend, FrontendKey, MAX_BACKENDS,
-    MAX_CONNTRACK, MAX_FRAGMENTS, MAX_FRONTENDS, MAX_SLOTS, SlotKey, TokenBucket,
-    stats::COUNTER_COUNT,
+    AllocationKey, Backend, Config, CtEntry, CtKey, FragKey, FragPorts, Frontend, FrontendKey,
+    MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_FRONTENDS, MAX_SLOTS, ServiceName, SlotKey,
+    TokenBucket, stats::COUNTER_COUNT,
 };
 
 /// IPv4 (service address, port, protocol) -> service id and backend counts.
@@ -44,6 +44,12 @@ pub static LB_ICMP_BUCKET_V1: PerCpuArray<TokenBucket, 1> = PerCpuArray::new();
 #[btf_map]
 pub static LB_IPFRAG4_V1: LruHashMap<FragKey, FragPorts, { MAX_FRAGMENTS as usize }> =
     LruHashMap::new();
+
+/// ClusterIP -> the Service holding it. The agent's record, pinned with the datapath's state
+/// (no program reads it); defined here so that it is created with BTF like the others.
+#[btf_map]
+pub static LB_CLUSTERIPS_V1: HashMap<AllocationKey, ServiceName, { MAX_FRONTENDS as usize }> =
+    HashMap::new();
 
 /// The agent's settings (the defaults until it has written them).
 #[inline(always)]

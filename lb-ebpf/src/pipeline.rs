@@ -5,8 +5,8 @@ use lb_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CT_FORWARD, CT_REPLY, Config, CtEntry, CtKey,
     FragKey, FragPorts, FrontendKey, PROTO_TCP, PROTO_UDP, SCOPE_CLUSTER, SlotKey,
     conntrack::{
-        TCP_ACK, TCP_SYN, expired, is_hairpin_forward, is_hairpin_reply, needs_write,
-        next_state, peer_key, reopens,
+        TCP_ACK, TCP_SYN, expired, is_hairpin_forward, is_hairpin_reply, needs_write, next_state,
+        peer_key, reopens,
     },
     icmp::Quoted,
     stats::Counter,
@@ -14,7 +14,9 @@ use lb_common::{
 
 use crate::{
     Verdict,
-    maps::{LB_BACKENDS_V1, LB_CONNTRACK4_V2, LB_FRONTENDS4_V2, LB_IPFRAG4_V1, LB_SLOTS_V1, config},
+    maps::{
+        LB_BACKENDS_V1, LB_CONNTRACK4_V2, LB_FRONTENDS4_V2, LB_IPFRAG4_V1, LB_SLOTS_V1, config,
+    },
     parse::Flow,
 };
 

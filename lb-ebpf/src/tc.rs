@@ -15,8 +15,7 @@ use crate::{
     Verdict,
     maps::{config, count},
     parse::{
-        ETH_LEN, FIRST_FRAGMENT, Flow, IPV4_LEN, L4_OFF, LATER_FRAGMENT, MAX_HEADERS, Packet,
-        parse,
+        ETH_LEN, FIRST_FRAGMENT, Flow, IPV4_LEN, L4_OFF, LATER_FRAGMENT, MAX_HEADERS, Packet, parse,
     },
     pipeline::{
         Translation, decide_egress, decide_ingress, fragment_ports, icmp_error_target,
@@ -192,11 +191,7 @@ fn rewrite(ctx: &TcContext, flow: &Flow, src: Endpoint, dst: Endpoint) -> Result
 /// sent it. Routing it instead would fail: the kernel drops a packet whose source is the
 /// Service address on a pod's link (no route back) or the pod's own (martian).
 #[inline(always)]
-fn hairpin(
-    ctx: &TcContext,
-    flow: &Flow,
-    (src, dst): (Endpoint, Endpoint),
-) -> Result<i32, Verdict> {
+fn hairpin(ctx: &TcContext, flow: &Flow, (src, dst): (Endpoint, Endpoint)) -> Result<i32, Verdict> {
     rewrite(ctx, flow, src, dst)?;
     let (data, data_end) = (ctx.data(), ctx.data_end());
     if data + ETH_LEN > data_end {

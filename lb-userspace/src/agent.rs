@@ -1,8 +1,8 @@
 //! `lb agent`: standalone mode wiring: manifest folder -> control plane -> desired -> diff ->
 //! dataplane, plus the admin endpoint.
 use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -16,10 +16,11 @@ use tracing::{error, info, warn};
 
 use crate::{
     api::{self, AdminState, SharedState, StatusView},
-    controlplane::ControlPlane,
+    controlplane::{ControlPlane, ServiceChange},
     dataplane::{self, Dataplane, LinkPatterns},
     desired::{DesiredDataplane, Frontend},
     diff::{self, ActualDataplane},
+    model::ObjectName,
     sources::manifests::ManifestStore,
 };
 
@@ -88,9 +89,8 @@ impl AgentConfig {
 
     /// The links the TC programs are attached to.
     fn link_patterns(&self) -> anyhow::Result<LinkPatterns> {
-        let pattern = |flag: &str, p: &str| {
-            glob::Pattern::new(p).with_context(|| format!("{flag} {p:?}"))
-        };
+        let pattern =
+            |flag: &str, p: &str| glob::Pattern::new(p).with_context(|| format!("{flag} {p:?}"));
         Ok(LinkPatterns {
             pod: vec![pattern("--pod-iface-glob", &self.pod_iface_glob)?],
             external: self
@@ -188,10 +188,19 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             None
         }
     };
-    let shared: SharedState = Arc::new(AdminState::new(
-        ControlPlane::new(config.service_cidr),
-        counters,
-    ));
+    let mut control = ControlPlane::new(config.service_cidr);
+    let held = dataplane.read_cluster_ips()?;
+    control.held_before(held.iter().filter_map(|(ip, holder)| {
+        let (namespace, name) = holder.split_once('/')?;
+        Some((
+            *ip,
+            ObjectName {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            },
+        ))
+    }));
+    let shared: SharedState = Arc::new(AdminState::new(control, counters));
     let admin = config.admin;
     let server_state = shared.clone();
     let mut server = tokio::spawn(async move { api::serve(admin, server_state).await });
@@ -341,6 +350,12 @@ impl Agent {
                 .errors()
                 .map(|e| format!("Service {}: {}", e.service, e.error)),
         );
+        errors.extend(record_cluster_ips(
+            &mut self.dataplane,
+            &control,
+            &changed,
+            full,
+        ));
         let mut touched = self.desired.update(&control, &changed);
         drop(control);
         touched.append(&mut self.unprogrammed);
@@ -396,4 +411,56 @@ impl Agent {
             conntrack_gc_deleted: status.conntrack_gc_deleted,
         };
     }
+}
+
+/// Keeps the pinned record of which Service holds which ClusterIP equal to the control
+/// plane's: the addresses of the Services that changed, or (`full`) every one. Returns errors.
+fn record_cluster_ips(
+    dataplane: &mut Dataplane,
+    control: &ControlPlane,
+    changed: &[ServiceChange],
+    full: bool,
+) -> Vec<String> {
+    let mut writes: Vec<(Ipv4Addr, Option<String>)> = Vec::new();
+    if full {
+        let recorded: BTreeMap<Ipv4Addr, String> = match dataplane.read_cluster_ips() {
+            Ok(r) => r.into_iter().collect(),
+            Err(e) => return vec![format!("reading the ClusterIP record: {e}")],
+        };
+        let held: BTreeMap<Ipv4Addr, String> = control
+            .states()
+            .filter_map(|s| Some((s.cluster_ip?, s.service.id.to_string())))
+            .collect();
+        for (ip, holder) in &held {
+            if recorded.get(ip) != Some(holder) {
+                writes.push((*ip, Some(holder.clone())));
+            }
+        }
+        for ip in recorded.keys().filter(|ip| !held.contains_key(ip)) {
+            writes.push((*ip, None));
+        }
+    } else {
+        for change in changed {
+            let before = change.before.as_ref().and_then(|s| s.cluster_ip);
+            let now = control.state(&change.name).and_then(|s| s.cluster_ip);
+            if before == now {
+                continue;
+            }
+            if let Some(ip) = before {
+                writes.push((ip, None));
+            }
+            if let Some(ip) = now {
+                writes.push((ip, Some(change.name.to_string())));
+            }
+        }
+    }
+    writes
+        .into_iter()
+        .filter_map(|(ip, holder)| {
+            dataplane
+                .set_cluster_ip(ip, holder.as_deref())
+                .err()
+                .map(|e| format!("recording ClusterIP {ip}: {e}"))
+        })
+        .collect()
 }

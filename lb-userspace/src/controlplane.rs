@@ -106,6 +106,9 @@ pub struct ControlPlane {
     states: BTreeMap<ObjectName, ServiceState>,
     /// Services to compute at the next `compute`.
     dirty: BTreeSet<ObjectName>,
+    /// Addresses Services held before this agent started (from the pinned record): kept for
+    /// them through the first computation, as if they had been accepted here.
+    held_before: HashMap<ObjectName, Ipv4Addr>,
 }
 
 impl ControlPlane {
@@ -119,7 +122,15 @@ impl ControlPlane {
             rejected: BTreeMap::new(),
             states: BTreeMap::new(),
             dirty: BTreeSet::new(),
+            held_before: HashMap::new(),
         }
+    }
+
+    /// Addresses held by Services before a restart: at the next computation each goes back to
+    /// its Service if the Service still exists and its spec still allows it, before any other
+    /// Service may ask for it. Holders that are gone leave their address free.
+    pub fn held_before(&mut self, holders: impl IntoIterator<Item = (Ipv4Addr, ObjectName)>) {
+        self.held_before = holders.into_iter().map(|(ip, name)| (name, ip)).collect();
     }
 
     pub fn cidr(&self) -> Ipv4Net {
@@ -224,6 +235,7 @@ impl ControlPlane {
                 self.dirty.extend(self.rejected.keys().cloned());
             }
         }
+        self.held_before.clear();
         before
             .into_iter()
             .filter(|(name, before)| self.states.get(name) != before.as_ref())
@@ -319,14 +331,25 @@ impl ControlPlane {
                 result.insert(name, None);
                 continue;
             }
-            if let Some(ip) = self.states.get(name).and_then(|s| s.cluster_ip.as_ref()) {
+            let accepted = self.states.get(name).and_then(|s| s.cluster_ip);
+            if let Some(ip) = accepted {
                 let keeps = match svc.cluster_ip {
                     ClusterIpRequest::Allocate => true,
-                    ClusterIpRequest::Fixed(want) => want == *ip,
+                    ClusterIpRequest::Fixed(want) => want == ip,
                     ClusterIpRequest::Headless => false,
                 };
                 if keeps {
-                    result.insert(name, Some(*ip));
+                    result.insert(name, Some(ip));
+                }
+            } else if let Some(&ip) = self.held_before.get(name) {
+                let keeps = match svc.cluster_ip {
+                    ClusterIpRequest::Allocate => self.usable(ip),
+                    ClusterIpRequest::Fixed(want) => want == ip && self.usable(ip),
+                    ClusterIpRequest::Headless => false,
+                };
+                if keeps && !self.owners.contains_key(&ip) {
+                    self.owners.insert(ip, name.clone());
+                    result.insert(name, Some(ip));
                 }
             }
         }
@@ -724,6 +747,63 @@ mod tests {
             Some(ip)
         );
         assert_eq!(errors[0].service.name, "new");
+    }
+
+    #[test]
+    fn after_a_restart_addresses_go_back_to_the_services_that_held_them() {
+        // "zzz" holds an address; "aaa" (sorting first) asks for the same one; "mid" was
+        // allocated an address that a fresh allocation would not give it now.
+        let mut running = cp();
+        let (first, _) = running.compute_all(&objects(&svc("zzz", "")), SystemTime::UNIX_EPOCH);
+        let contested = first[0].cluster_ip.unwrap();
+        let elsewhere: Ipv4Addr = "198.19.0.77".parse().unwrap();
+        let yaml =
+            svc("zzz", "") + &svc("aaa", &format!("  clusterIP: {contested}\n")) + &svc("mid", "");
+        let name = |n: &str| ObjectName {
+            namespace: "default".into(),
+            name: n.into(),
+        };
+        let held = [
+            (contested, name("zzz")),
+            (elsewhere, name("mid")),
+            ("198.19.0.99".parse().unwrap(), name("gone")),
+        ];
+
+        let mut restarted = cp();
+        restarted.held_before(held.clone());
+        let (states, errors) = restarted.compute_all(&objects(&yaml), SystemTime::UNIX_EPOCH);
+        let ip_of = |n: &str| {
+            states
+                .iter()
+                .find(|s| s.service.id.name == n)
+                .and_then(|s| s.cluster_ip)
+        };
+        assert_eq!(
+            ip_of("zzz"),
+            Some(contested),
+            "the running Service keeps its address"
+        );
+        assert_eq!(
+            ip_of("mid"),
+            Some(elsewhere),
+            "an allocation stays where it was"
+        );
+        assert_eq!(ip_of("aaa"), None);
+        assert_eq!(errors[0].service.name, "aaa");
+        assert!(errors[0].error.message.contains("already allocated"));
+
+        // Without the record (a first start) the newcomer, sorting first, would have won.
+        let (fresh, _) = cp().compute_all(&objects(&yaml), SystemTime::UNIX_EPOCH);
+        assert!(fresh.iter().any(|s| s.service.id.name == "aaa"));
+
+        // A held address whose Service now asks for another one is released to it.
+        let mut moved = cp();
+        moved.held_before(held);
+        let yaml = svc("zzz", "  clusterIP: 198.19.0.5\n")
+            + &svc("aaa", &format!("  clusterIP: {contested}\n"));
+        let (states, errors) = moved.compute_all(&objects(&yaml), SystemTime::UNIX_EPOCH);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(states.len(), 2);
     }
 
     #[test]

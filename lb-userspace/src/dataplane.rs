@@ -15,9 +15,9 @@ use aya::{
     },
 };
 use lb_common::{
-    ALL_MAPS, BACKENDS_MAP, Backend, CONFIG_MAP, CONNTRACK_MAP, Config, CtEntry, CtKey,
-    FRONTENDS_MAP, Frontend, FrontendKey, LEGACY_MAPS, SLOTS_MAP, STATS_MAP, SlotKey, conntrack,
-    stats::COUNTER_COUNT,
+    ALL_MAPS, AllocationKey, BACKENDS_MAP, Backend, CLUSTER_IPS_MAP, CONFIG_MAP, CONNTRACK_MAP,
+    Config, CtEntry, CtKey, FRONTENDS_MAP, Frontend, FrontendKey, LEGACY_MAPS, SERVICE_NAME_LEN,
+    SLOTS_MAP, STATS_MAP, ServiceName, SlotKey, conntrack, stats::COUNTER_COUNT,
 };
 
 use crate::diff::{ActualDataplane, MapOp};
@@ -199,6 +199,44 @@ impl Dataplane {
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
         self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))
+    }
+
+    /// Every ClusterIP recorded as held, with its holder's `namespace/name`.
+    pub fn read_cluster_ips(&self) -> Result<Vec<(std::net::Ipv4Addr, String)>> {
+        let map: BpfHashMap<_, AllocationKey, ServiceName> =
+            BpfHashMap::try_from(self.map(CLUSTER_IPS_MAP)?).map_err(map_err(CLUSTER_IPS_MAP))?;
+        Ok(map
+            .iter()
+            .filter_map(|e| e.ok())
+            .map(|(k, v)| {
+                let end = v
+                    .bytes
+                    .iter()
+                    .position(|b| *b == 0)
+                    .unwrap_or(v.bytes.len());
+                let holder = String::from_utf8_lossy(&v.bytes[..end]).into_owned();
+                (std::net::Ipv4Addr::from(k.addr), holder)
+            })
+            .collect())
+    }
+
+    /// Records (`Some`) or forgets (`None`) which Service holds `ip`.
+    pub fn set_cluster_ip(&mut self, ip: std::net::Ipv4Addr, holder: Option<&str>) -> Result<()> {
+        let mut map: BpfHashMap<_, AllocationKey, ServiceName> =
+            BpfHashMap::try_from(self.map_mut(CLUSTER_IPS_MAP)?)
+                .map_err(map_err(CLUSTER_IPS_MAP))?;
+        let key = AllocationKey { addr: ip.octets() };
+        match holder {
+            Some(name) => {
+                let mut value = ServiceName {
+                    bytes: [0; SERVICE_NAME_LEN],
+                };
+                let len = name.len().min(SERVICE_NAME_LEN);
+                value.bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
+                map.insert(key, value, 0).map_err(map_err(CLUSTER_IPS_MAP))
+            }
+            None => ignore_missing(map.remove(&key)).map_err(map_err(CLUSTER_IPS_MAP)),
+        }
     }
 
     /// Reads the service maps back (on start, and for a full resync).

@@ -267,7 +267,12 @@ fn random_and_mutated_frames_keep_every_invariant() {
         let context = || format!("frame {i} at {program} (FUZZ_SEED={seed}): {frame:02x?}");
         let unchanged = |why: &str| {
             assert_eq!(result.return_value, TC_ACT_OK, "{}", context());
-            assert_eq!(output, &frame[..], "{why} must pass byte-identical: {}", context());
+            assert_eq!(
+                output,
+                &frame[..],
+                "{why} must pass byte-identical: {}",
+                context()
+            );
         };
         let (tuple, fragment) = match classify(&frame) {
             Kind::Opaque => {
@@ -408,7 +413,10 @@ fn random_and_mutated_frames_keep_every_invariant() {
                     .map(|b| (*b.ip(), b.port()))
             } else {
                 let d = dst(output);
-                backends.iter().find(|b| (*b.ip(), b.port()) == d).map(|_| d)
+                backends
+                    .iter()
+                    .find(|b| (*b.ip(), b.port()) == d)
+                    .map(|_| d)
             };
             let chosen =
                 chosen.unwrap_or_else(|| panic!("new flow not sent to a backend: {}", context()));
@@ -554,13 +562,19 @@ fn check_icmp_translated(
 ) {
     use lb_common::checksum::checksum;
     assert_eq!(output.len(), input.len(), "{}", context());
-    let (outer, quoted_addr, quoted_port) = if ingress {
-        (30, 54, 62)
-    } else {
-        (26, 58, 64)
-    };
-    assert_eq!(&output[quoted_addr..quoted_addr + 4], &to.0.octets(), "{}", context());
-    assert_eq!(&output[quoted_port..quoted_port + 2], &to.1.to_be_bytes(), "{}", context());
+    let (outer, quoted_addr, quoted_port) = if ingress { (30, 54, 62) } else { (26, 58, 64) };
+    assert_eq!(
+        &output[quoted_addr..quoted_addr + 4],
+        &to.0.octets(),
+        "{}",
+        context()
+    );
+    assert_eq!(
+        &output[quoted_port..quoted_port + 2],
+        &to.1.to_be_bytes(),
+        "{}",
+        context()
+    );
     let outer_replaced = input[outer..outer + 4] == input[quoted_addr..quoted_addr + 4];
     let expected_outer = if outer_replaced {
         to.0.octets()
@@ -582,7 +596,11 @@ fn check_icmp_translated(
             assert_eq!(a, b, "byte {i} changed: {}", context());
         }
     }
-    for (name, range) in [("outer IPv4", 14..34), ("ICMP", 34..total), ("quoted IPv4", 42..62)] {
+    for (name, range) in [
+        ("outer IPv4", 14..34),
+        ("ICMP", 34..total),
+        ("quoted IPv4", 42..62),
+    ] {
         assert_eq!(
             checksum(&output[range.clone()]) == 0,
             checksum(&input[range]) == 0,
@@ -635,14 +653,22 @@ fn make_frame(
             } else {
                 Ipv4Addr::new(198, 18, 254, 1)
             };
-            let quote = if rng.below(2) == 0 { 28 } else { sent.len() - 14 };
+            let quote = if rng.below(2) == 0 {
+                28
+            } else {
+                sent.len() - 14
+            };
             let (kind, code) = [(3, 3), (3, 4), (11, 0), (3, 1)][rng.below(4) as usize];
             icmp_error_frame(from, client, kind, code, &sent, quote)
         }
         6 => {
             // An ICMP error from the client about a reply it got from a Service.
             let got = ipv4_frame(protocol, service, (client, cport), &payload);
-            let quote = if rng.below(2) == 0 { 28 } else { got.len() - 14 };
+            let quote = if rng.below(2) == 0 {
+                28
+            } else {
+                got.len() - 14
+            };
             icmp_error_frame(client, service.0, 3, 3, &got, quote)
         }
         7 => {

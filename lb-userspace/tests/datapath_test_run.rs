@@ -484,12 +484,19 @@ fn icmp_errors_about_translated_flows_are_translated_both_ways() {
             let name = format!("{protocol}/{kind}/{code} from {from}, {quote_len}-byte quote");
             let error = icmp_error_frame(from, CLIENT, kind, code, &sent, quote_len);
             let entering = t.run(&error);
-            assert_eq!(entering.frame, error, "{name}: passes where it enters the node");
+            assert_eq!(
+                entering.frame, error,
+                "{name}: passes where it enters the node"
+            );
             let out = t.run_egress(&error);
             assert_eq!(out.action, TC_ACT_OK, "{name}");
             let sender = if from == pod { VIP } else { ROUTER };
             assert_eq!(&out.frame[26..30], &sender.octets(), "{name}: outer source");
-            assert_eq!(&out.frame[30..34], &CLIENT.octets(), "{name}: outer destination");
+            assert_eq!(
+                &out.frame[30..34],
+                &CLIENT.octets(),
+                "{name}: outer destination"
+            );
             assert!(icmp_error_checksums_valid(&out.frame), "{name}: checksums");
             // The quote is what the client sent, to the Service, checksums included.
             assert_eq!(
@@ -497,8 +504,16 @@ fn icmp_errors_about_translated_flows_are_translated_both_ways() {
                 &request[14..14 + quote_len],
                 "{name}: quote as the client sent it"
             );
-            assert_eq!(&out.frame[34..36], &error[34..36], "{name}: ICMP type and code");
-            assert_eq!(&out.frame[38..42], &error[38..42], "{name}: rest of header (MTU)");
+            assert_eq!(
+                &out.frame[34..36],
+                &error[34..36],
+                "{name}: ICMP type and code"
+            );
+            assert_eq!(
+                &out.frame[38..42],
+                &error[38..42],
+                "{name}: rest of header (MTU)"
+            );
         }
 
         // From the client, about a reply it got from the Service: on to the backend.
@@ -506,13 +521,21 @@ fn icmp_errors_about_translated_flows_are_translated_both_ways() {
         let shown = t.run_egress(&reply).frame;
         assert_eq!(src(&shown), (VIP, port));
         let error = icmp_error_frame(CLIENT, VIP, 3, 3, &shown, shown.len() - 14);
-        assert_eq!(t.run_egress(&error).frame, error, "passes on its way to the client");
+        assert_eq!(
+            t.run_egress(&error).frame,
+            error,
+            "passes on its way to the client"
+        );
         let out = t.run(&error);
         assert_eq!(out.action, TC_ACT_OK);
         assert_eq!(&out.frame[26..30], &CLIENT.octets());
         assert_eq!(&out.frame[30..34], &pod.octets(), "goes to the backend");
         assert!(icmp_error_checksums_valid(&out.frame));
-        assert_eq!(&out.frame[42..], &reply[14..], "quote as the backend sent it");
+        assert_eq!(
+            &out.frame[42..],
+            &reply[14..],
+            "quote as the backend sent it"
+        );
     }
     assert_eq!(t.counter("icmp_error_translated"), 2 * 5);
 
@@ -549,15 +572,25 @@ fn fragments_of_a_translated_datagram_follow_its_first_fragment() {
     for o in &out {
         assert_eq!(o.action, TC_ACT_OK);
         assert!(ip_checksum_valid(&o.frame));
-        assert_eq!(&o.frame[30..34], &pod.octets(), "every fragment goes to the backend");
+        assert_eq!(
+            &o.frame[30..34],
+            &pod.octets(),
+            "every fragment goes to the backend"
+        );
     }
     let whole = reassemble(&out.iter().map(|o| o.frame.clone()).collect::<Vec<_>>());
     assert_eq!(dst(&whole), (pod, 5353));
-    assert!(l4_checksum_valid(&whole), "the datagram's checksum, fixed in the first");
+    assert!(
+        l4_checksum_valid(&whole),
+        "the datagram's checksum, fixed in the first"
+    );
     assert_eq!(&whole[42..], &payload[..]);
 
     // A 4,000-byte reply, fragmented by the backend, on its way out to the client.
-    let reply = with_ip_id(ipv4_frame(UDP, (pod, 5353), (CLIENT, 40000), &payload), 0x200);
+    let reply = with_ip_id(
+        ipv4_frame(UDP, (pod, 5353), (CLIENT, 40000), &payload),
+        0x200,
+    );
     let out: Vec<_> = fragments(&reply, 1480)
         .iter()
         .map(|f| t.run_egress(f).frame)
@@ -579,7 +612,12 @@ fn fragments_of_a_translated_datagram_follow_its_first_fragment() {
 
     // Fragments of datagrams to no Service pass untouched, and are not remembered.
     let other = with_ip_id(
-        ipv4_frame(UDP, (CLIENT, 40002), (Ipv4Addr::new(198, 18, 9, 9), 53), &payload),
+        ipv4_frame(
+            UDP,
+            (CLIENT, 40002),
+            (Ipv4Addr::new(198, 18, 9, 9), 53),
+            &payload,
+        ),
         0x400,
     );
     for f in fragments(&other, 1480) {
@@ -603,13 +641,20 @@ fn a_pod_picked_as_its_own_backend_gets_its_answer() {
     t.program(&[(tcp_frontend(VIP, 80), vec![SocketAddrV4::new(CLIENT, 8080)])]);
     let syn = tcp_with_flags((CLIENT, 40000), (VIP, 80), SYN);
     let out = t.run(&syn);
-    assert_eq!(out.action, TC_ACT_REDIRECT, "sent back out of the link it came in on");
+    assert_eq!(
+        out.action, TC_ACT_REDIRECT,
+        "sent back out of the link it came in on"
+    );
     assert_eq!(src(&out.frame), (VIP, 40000), "from the Service address");
     assert_eq!(dst(&out.frame), (CLIENT, 8080));
     assert_eq!(&out.frame[0..6], &syn[6..12], "to the pod's MAC");
     assert_eq!(&out.frame[6..12], &syn[0..6]);
     assert!(ip_checksum_valid(&out.frame) && l4_checksum_valid(&out.frame));
-    assert_eq!(t.run_egress(&out.frame).frame, out.frame, "nothing more on the way out");
+    assert_eq!(
+        t.run_egress(&out.frame).frame,
+        out.frame,
+        "nothing more on the way out"
+    );
 
     // The pod answers the Service address, which sends the answer back to the pod as coming
     // from the Service port it called.
@@ -623,7 +668,10 @@ fn a_pod_picked_as_its_own_backend_gets_its_answer() {
     // The connection goes on the same way.
     let ack = tcp_with_flags((CLIENT, 40000), (VIP, 80), ACK);
     let out = t.run(&ack);
-    assert_eq!((src(&out.frame), dst(&out.frame)), ((VIP, 40000), (CLIENT, 8080)));
+    assert_eq!(
+        (src(&out.frame), dst(&out.frame)),
+        ((VIP, 40000), (CLIENT, 8080))
+    );
     assert_eq!(t.counter("hairpin"), 3);
     assert_eq!(t.counter("dnat_new"), 1);
     assert_eq!(t.counter("dnat_established"), 1);
