@@ -14,7 +14,7 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb::dataplane::{TC_FLOOR_PROGRAM, TC_INGRESS_PROGRAM};
+use lb::dataplane::{TC_EGRESS_PROGRAM, TC_FLOOR_PROGRAM, TC_INGRESS_PROGRAM};
 use support::{
     datapath::{TestDatapath, tcp_frontend},
     packet::{TCP, ipv4_frame},
@@ -140,7 +140,8 @@ fn main() {
                 TC_INGRESS_PROGRAM,
                 vec![same_port],
             ),
-            ("reply", TC_INGRESS_PROGRAM, vec![reply]),
+            // Replies are translated on their way out to the client (TC egress of its link).
+            ("reply", TC_EGRESS_PROGRAM, vec![reply]),
             ("non-service packet", TC_INGRESS_PROGRAM, other),
         ];
         for (case, program, frames) in &cases {

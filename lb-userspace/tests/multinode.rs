@@ -417,3 +417,255 @@ fn conntrack_entries_leave_after_fin_and_after_their_timeout() {
     });
     drop(echo);
 }
+
+const BULK_VIP: &str = "198.19.0.20";
+
+/// The `bulk` Service: TCP 90 -> 9000 (bulk transfers) on the `web` pods.
+fn bulk_service() -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: bulk}}\nspec:\n  clusterIP: {BULK_VIP}\n  selector: {{app: web}}\n  ports:\n  - {{name: bulk, port: 90, targetPort: 9000}}\n"
+    )
+}
+
+/// A bulk transfer from the client through the `bulk` Service: `GET` downloads `n` bytes,
+/// `PUT` uploads them; returns how many bytes the receiving end got.
+fn bulk(bed: &Testbed, client: &Pod, verb: &'static str, n: u64) -> std::io::Result<u64> {
+    use std::io::Read as _;
+    bed.in_pod(client, move || -> std::io::Result<u64> {
+        let vip: SocketAddr = format!("{BULK_VIP}:90").parse().unwrap();
+        let mut stream = TcpStream::connect_timeout(&vip, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(8)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(8)))?;
+        stream.write_all(format!("{verb} {n}\n").as_bytes())?;
+        if verb == "GET" {
+            let mut got = 0u64;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stream.read(&mut buf)? {
+                    0 => return Ok(got),
+                    k => got += k as u64,
+                }
+            }
+        }
+        let chunk = vec![b'y'; 16 * 1024];
+        let mut left = n;
+        while left > 0 {
+            let take = left.min(chunk.len() as u64) as usize;
+            stream.write_all(&chunk[..take])?;
+            left -= take as u64;
+        }
+        let mut answer = String::new();
+        BufReader::new(stream).read_line(&mut answer)?;
+        Ok(answer.trim().parse().unwrap_or(0))
+    })
+    .unwrap()
+}
+
+fn counter(bed: &Testbed, node: usize, name: &str) -> u64 {
+    bed.lb_on(node, &["status"])
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn path_mtu_discovery_works_through_a_cluster_ip() {
+    let mut bed = two_nodes();
+    let (client, servers) = web_pods(&mut bed, 1, 1);
+    bed.serve_bytes(&servers[0], 9000).unwrap();
+    bed.write_manifest("bulk.yaml", &bulk_service()).unwrap();
+    bed.start_agent().unwrap();
+    let node0 = bed.node_netns_list()[0].clone();
+    const SIZE: u64 = 256 * 1024;
+    assert_eq!(bulk(&bed, &client, "GET", 1000).unwrap(), 1000);
+
+    // Download across a 1200-byte hop: the client's link, on its node's side (the pod's end
+    // keeps 1500, so the client announces a 1460-byte MSS). The node's "fragmentation
+    // needed" must reach the backend, about the packet as the backend sent it.
+    // Senders hand the kernel packets of the path's size, not large segmentation-offload
+    // ones (which a veth lets through whatever its MTU), as across a real router.
+    for pod in [&client, &servers[0]] {
+        bed.exec(pod, &["ethtool", "-K", "eth0", "tso", "off", "gso", "off"])
+            .unwrap();
+    }
+    bed.set_mtu(&node0, &client.node_iface, 1200).unwrap();
+    assert_eq!(
+        bulk(&bed, &client, "GET", SIZE).expect("256 KiB download across a 1200-byte hop"),
+        SIZE
+    );
+    bed.set_mtu(&node0, &client.node_iface, 1500).unwrap();
+    assert!(
+        counter(&bed, 1, "pass_icmp_error") > 0,
+        "the backend's node saw the hop's error go by, untranslated"
+    );
+
+    // Upload across a 1200-byte hop: the client node's uplink. Its "fragmentation needed"
+    // quotes the packet as sent on to the backend: the client must see the ClusterIP there.
+    // Another client: the backend now knows the first one's path MTU and would announce
+    // an MSS that fits it.
+    let uploader = bed
+        .add_pod_on(0, "uploader", Ipv4Addr::new(198, 18, 1, 2))
+        .unwrap();
+    bed.exec(
+        &uploader,
+        &["ethtool", "-K", "eth0", "tso", "off", "gso", "off"],
+    )
+    .unwrap();
+    wait_for(
+        "the agent to attach to the new pod's link",
+        Duration::from_secs(5),
+        || {
+            bed.lb_on(0, &["status"])
+                .unwrap()
+                .lines()
+                .any(|l| l.starts_with("attached interfaces") && l.contains(&uploader.node_iface))
+        },
+    );
+    bed.set_mtu(&node0, "eth0", 1200).unwrap();
+    assert_eq!(
+        bulk(&bed, &uploader, "PUT", SIZE).expect("256 KiB upload across a 1200-byte hop"),
+        SIZE
+    );
+    let status = bed.lb_on(0, &["status"]).unwrap();
+    assert!(counter(&bed, 0, "icmp_error_translated") > 0, "{status}");
+}
+
+#[test]
+fn a_backends_port_unreachable_reaches_a_connected_udp_client() {
+    let mut bed = two_nodes();
+    let (client, _) = web_pods(&mut bed, 1, 1);
+    // Nothing listens on the target port.
+    bed.write_manifest(
+        "closed.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: closed}\nspec:\n  clusterIP: 198.19.0.21\n  selector: {app: web}\n  ports:\n  - {port: 54, targetPort: 5999, protocol: UDP}\n",
+    )
+    .unwrap();
+    bed.start_agent().unwrap();
+    let error = bed
+        .in_pod(&client, || {
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.connect("198.19.0.21:54").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            socket.send(b"anyone?").unwrap();
+            let mut buf = [0u8; 64];
+            socket.recv(&mut buf).map(|_| ()).unwrap_err().kind()
+        })
+        .unwrap();
+    assert_eq!(error, std::io::ErrorKind::ConnectionRefused);
+    assert!(counter(&bed, 0, "icmp_error_translated") > 0);
+}
+
+#[test]
+fn udp_datagrams_larger_than_the_mtu_cross_in_fragments_both_ways() {
+    let mut bed = two_nodes();
+    let (client, _) = web_pods(&mut bed, 1, 1);
+    bed.write_manifest("svc.yaml", &web_service("")).unwrap();
+    bed.start_agent().unwrap();
+    let answer = bed
+        .in_pod(&client, || {
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.connect(format!("{VIP}:53")).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            let query: Vec<u8> = (0..4000u32).map(|i| b'a' + (i % 26) as u8).collect();
+            let mut buf = vec![0u8; 65536];
+            // A first datagram may meet an ARP exchange that holds only the last fragments.
+            for _ in 0..3 {
+                socket.send(&query).unwrap();
+                if let Ok(n) = socket.recv(&mut buf) {
+                    return Some((query, buf[..n].to_vec()));
+                }
+            }
+            None
+        })
+        .unwrap();
+    let (query, answer) = answer.expect("a 4,000-byte answer through the ClusterIP");
+    assert_eq!(&answer[..7], b"web-1: ");
+    assert_eq!(&answer[7..], &query[..], "4,000 bytes each way, whole");
+}
+
+#[test]
+fn a_pod_reaching_its_own_service_gets_its_answer() {
+    let mut bed = two_nodes();
+    let me = bed.add_pod_on(0, "web-1", backend_ip(1)).unwrap();
+    let other = bed.add_pod_on(1, "web-2", backend_ip(2)).unwrap();
+    for pod in [&me, &other] {
+        bed.serve_http(pod, 8080).unwrap();
+        bed.write_manifest(
+            &format!("{}.yaml", pod.name),
+            &pod_manifest(&pod.name, pod.ip, "", ""),
+        )
+        .unwrap();
+    }
+    bed.write_manifest("svc.yaml", &web_service("")).unwrap();
+    bed.start_agent().unwrap();
+    assert_eq!(
+        spread(&bed, &me, 30),
+        ["web-1", "web-2"].map(String::from).into(),
+        "web-1 reaches itself and the other endpoint"
+    );
+    let vip: Ipv4Addr = VIP.parse().unwrap();
+    assert!(
+        bed.accepted("web-1").iter().any(|peer| peer.ip() == vip),
+        "its own connections arrive from the Service address: {:?}",
+        bed.accepted("web-1")
+    );
+    assert!(counter(&bed, 0, "hairpin") > 0);
+}
+
+#[test]
+fn a_restart_leaves_every_address_with_its_service() {
+    let mut bed = two_nodes();
+    let (client, _) = web_pods(&mut bed, 1, 1);
+    // "zzz" gets an allocated address; "aaa", sorting first, then asks for the same one.
+    let service = |name: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n{ip}  selector: {{app: web}}\n  ports:\n  - {{port: 80, targetPort: 8080}}\n"
+        )
+    };
+    bed.write_manifest("zzz.yaml", &service("zzz", "")).unwrap();
+    bed.start_agent().unwrap();
+    let cluster_ip = |bed: &Testbed, node: usize, name: &str| -> Option<String> {
+        bed.lb_on(node, &["get", "svc"])
+            .unwrap()
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(2).map(String::from))
+    };
+    let ip = cluster_ip(&bed, 0, "zzz").expect("zzz listed");
+    assert_eq!(
+        cluster_ip(&bed, 1, "zzz").as_ref(),
+        Some(&ip),
+        "both nodes agree"
+    );
+    bed.write_manifest("aaa.yaml", &service("aaa", &format!("  clusterIP: {ip}\n")))
+        .unwrap();
+    wait_for("aaa to be rejected", Duration::from_secs(5), || {
+        bed.lb_on(0, &["status"])
+            .unwrap()
+            .contains("already allocated")
+    });
+    assert_eq!(
+        curl(&bed, &client, &format!("http://{ip}/")).unwrap(),
+        "web-1"
+    );
+
+    bed.stop_agent(false).unwrap();
+    bed.start_agent().unwrap();
+    for node in 0..2 {
+        assert_eq!(
+            cluster_ip(&bed, node, "zzz").as_ref(),
+            Some(&ip),
+            "node {node}"
+        );
+        assert_eq!(cluster_ip(&bed, node, "aaa"), None, "node {node}");
+    }
+    assert_eq!(
+        curl(&bed, &client, &format!("http://{ip}/")).unwrap(),
+        "web-1"
+    );
+}

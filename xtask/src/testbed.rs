@@ -350,6 +350,54 @@ impl Testbed {
         })
     }
 
+    /// Serves bulk transfers on `port`: `GET <n>\n` is answered with `n` bytes, then the
+    /// connection closes; `PUT <n>\n` followed by `n` bytes is answered with `<n>\n` once
+    /// they have all arrived.
+    pub fn serve_bytes(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
+        self.serve_tcp(pod, Ipv4Addr::UNSPECIFIED, port, move |stream| {
+            let mut writer = match stream.try_clone() {
+                Ok(w) => w,
+                Err(_) => return,
+            };
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                return;
+            }
+            let mut words = line.split_whitespace();
+            let (Some(verb), Some(Ok(n))) = (words.next(), words.next().map(str::parse::<u64>))
+            else {
+                return;
+            };
+            match verb {
+                "GET" => {
+                    let chunk = vec![b'x'; 16 * 1024];
+                    let mut left = n;
+                    while left > 0 {
+                        let take = left.min(chunk.len() as u64) as usize;
+                        if writer.write_all(&chunk[..take]).is_err() {
+                            return;
+                        }
+                        left -= take as u64;
+                    }
+                }
+                "PUT" => {
+                    let got = std::io::copy(&mut (&mut reader).take(n), &mut std::io::sink());
+                    if let Ok(got) = got {
+                        let _ = writer.write_all(format!("{got}\n").as_bytes());
+                    }
+                }
+                _ => {}
+            }
+        })
+    }
+
+    /// Sets the MTU of a link in a namespace (a pod's, a node's or the LAN's).
+    pub fn set_mtu(&self, netns: &str, iface: &str, mtu: u32) -> anyhow::Result<()> {
+        sh(&format!("ip -n {netns} link set {iface} mtu {mtu}"))?;
+        Ok(())
+    }
+
     fn serve_tcp(
         &mut self,
         pod: &Pod,
@@ -414,7 +462,7 @@ impl Testbed {
             let socket =
                 UdpSocket::bind((ip, port)).with_context(|| format!("bind udp {ip}:{port}"))?;
             socket.set_read_timeout(Some(Duration::from_millis(20)))?;
-            let mut buf = [0u8; 2048];
+            let mut buf = vec![0u8; 65536];
             while !stop.load(Ordering::Relaxed) {
                 if let Ok((n, from)) = socket.recv_from(&mut buf) {
                     let mut reply = format!("{name}: ").into_bytes();
