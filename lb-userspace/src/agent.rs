@@ -454,6 +454,8 @@ fn record_cluster_ips(
             }
         }
     }
+    // Releases first: an address one Service gave up may be the one another just took.
+    writes.sort_by_key(|(_, holder)| holder.is_some());
     writes
         .into_iter()
         .filter_map(|(ip, holder)| {
