@@ -165,6 +165,21 @@ pub struct CtKey {
     pub _pad: [u8; 3],
 }
 
+impl CtKey {
+    /// The key of a packet going the other way between the same ends.
+    #[inline(always)]
+    pub fn reversed(&self) -> CtKey {
+        CtKey {
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            protocol: self.protocol,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// The flow was sent to a service address: rewrite the destination to the backend.
 pub const CT_FORWARD: u8 = 1;
 /// The flow is a backend's reply: rewrite the source back to the service address (and, for a

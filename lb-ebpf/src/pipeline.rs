@@ -219,13 +219,14 @@ pub fn decide_egress(flow: &Flow) -> Result<Translation, Verdict> {
 pub fn icmp_error_target(quoted: &Quoted, ingress: bool) -> Option<([u8; 4], u16)> {
     // The quoted datagram went the other way: its reverse is the key of the entry we want.
     let key = CtKey {
-        src: quoted.dst,
-        dst: quoted.src,
-        sport: quoted.dport,
-        dport: quoted.sport,
+        src: quoted.src,
+        dst: quoted.dst,
+        sport: quoted.sport,
+        dport: quoted.dport,
         protocol: quoted.protocol,
         _pad: [0; 3],
-    };
+    }
+    .reversed();
     // SAFETY: copied out at once.
     let entry = unsafe { *LB_CONNTRACK4_V2.get(&key)? };
     let wanted = if ingress {
@@ -284,14 +285,7 @@ fn forget_replaced_reply(flow: &Flow, key: &CtKey) {
     if !opens {
         return;
     }
-    let reverse = CtKey {
-        src: key.dst,
-        dst: key.src,
-        sport: key.dport,
-        dport: key.sport,
-        protocol: key.protocol,
-        _pad: [0; 3],
-    };
+    let reverse = key.reversed();
     // SAFETY: copied out at once.
     if let Some(entry) = unsafe { LB_CONNTRACK4_V2.get(&reverse) }
         && entry.kind == CT_REPLY
