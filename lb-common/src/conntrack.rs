@@ -47,7 +47,8 @@ pub fn peer_key(key: &CtKey, entry: &CtEntry) -> CtKey {
             sport: entry.nat_port,
             dport: key.sport,
             protocol: key.protocol,
-            _pad: [0; 3],
+            _pad1: 0,
+            _pad2: 0,
         }
     } else {
         let client = if is_hairpin_reply(key, entry) {
@@ -61,7 +62,8 @@ pub fn peer_key(key: &CtKey, entry: &CtEntry) -> CtKey {
             sport: key.dport,
             dport: entry.nat_port,
             protocol: key.protocol,
-            _pad: [0; 3],
+            _pad1: 0,
+            _pad2: 0,
         }
     }
 }
@@ -165,7 +167,8 @@ mod tests {
             sport,
             dport,
             protocol: PROTO_TCP,
-            _pad: [0; 3],
+            _pad1: 0,
+            _pad2: 0,
         }
     }
 

@@ -27,8 +27,9 @@ pub const BACKENDS_MAP: &str = "LB_BACKENDS_V1";
 pub const CONNTRACK_MAP: &str = "LB_CONNTRACK4_V2";
 /// Counter index ([`stats::Counter`]) -> per-CPU packet count.
 pub const STATS_MAP: &str = "LB_STATS_V3";
-/// 0 -> [`Config`]: conntrack timeouts and the ICMP reply rate, written by the agent at load.
-pub const CONFIG_MAP: &str = "LB_CONFIG_V1";
+/// 0 -> [`Config`]: conntrack timeouts, the ICMP reply rate and the clock's tick, written by
+/// the agent at load.
+pub const CONFIG_MAP: &str = "LB_CONFIG_V2";
 /// 0 -> per-CPU [`TokenBucket`] limiting the ICMP replies for Services without endpoints.
 pub const ICMP_BUCKET_MAP: &str = "LB_ICMP_BUCKET_V1";
 /// IPv4 fragment of a translated datagram ([`FragKey`]) -> its ports ([`FragPorts`]), written
@@ -54,11 +55,12 @@ pub const ALL_MAPS: [&str; 9] = [
 ];
 
 /// Maps of earlier layouts that an upgraded agent removes (their flows start over).
-pub const LEGACY_MAPS: [&str; 4] = [
+pub const LEGACY_MAPS: [&str; 5] = [
     "LB_FRONTENDS4_V1",
     "LB_CONNTRACK4_V1",
     "LB_STATS_V1",
     "LB_STATS_V2",
+    "LB_CONFIG_V1",
 ];
 
 pub const MAX_FRONTENDS: u32 = 131_072;
@@ -162,7 +164,9 @@ pub struct CtKey {
     /// Network byte order.
     pub dport: u16,
     pub protocol: u8,
-    pub _pad: [u8; 3],
+    // Two fields, not [u8; 3]: a 3-byte array is zeroed by a call to memset in BPF code.
+    pub _pad1: u8,
+    pub _pad2: u16,
 }
 
 impl CtKey {
@@ -175,7 +179,8 @@ impl CtKey {
             sport: self.dport,
             dport: self.sport,
             protocol: self.protocol,
-            _pad: [0; 3],
+            _pad1: 0,
+            _pad2: 0,
         }
     }
 }
@@ -200,8 +205,8 @@ pub struct CtEntry {
     pub state: u8,
     pub backend_id: u32,
     pub service_id: u32,
-    /// When a packet of the flow (either direction) was last seen, CLOCK_MONOTONIC ns (as
-    /// bpf_ktime_get_coarse_ns), refreshed at most every [`conntrack::REFRESH_NS`].
+    /// When a packet of the flow (either direction) was last seen, by the datapath's clock
+    /// ([`Config::clock_ns`]), refreshed at most every [`conntrack::REFRESH_NS`].
     pub last_seen_ns: u64,
 }
 
@@ -259,6 +264,10 @@ pub struct Config {
     pub udp_ns: u64,
     /// ICMP replies for Services without endpoints, per second and CPU (also the burst).
     pub icmp_replies_per_sec: u64,
+    /// Length of the kernel's tick (1 s / CONFIG_HZ), measured by the agent.
+    pub tick_ns: u64,
+    /// The kernel's tick count at boot (INITIAL_JIFFIES, 2^32 - 300 s of ticks).
+    pub tick_base: u64,
 }
 
 impl Config {
@@ -268,7 +277,28 @@ impl Config {
         tcp_closing_ns: 10 * 1_000_000_000,
         udp_ns: 60 * 1_000_000_000,
         icmp_replies_per_sec: 1000,
+        tick_ns: 1_000_000_000 / Self::DEFAULT_HZ,
+        tick_base: Self::initial_ticks(Self::DEFAULT_HZ),
     };
+    /// The tick rate assumed until the agent has measured it.
+    pub const DEFAULT_HZ: u64 = 250;
+
+    /// What the tick counter (jiffies) holds at boot with `hz` ticks a second.
+    pub const fn initial_ticks(hz: u64) -> u64 {
+        (1 << 32) - 300 * hz
+    }
+
+    /// The datapath's clock, ns since boot to a tick, from the tick counter: the counter is
+    /// read without a helper call (the verifier inlines bpf_jiffies64), where
+    /// bpf_ktime_get_coarse_ns is a call into the kernel on every tracked packet. It tracks
+    /// CLOCK_MONOTONIC_COARSE to within a few ticks, so entries written with that clock by an
+    /// earlier agent age correctly.
+    #[inline(always)]
+    pub fn clock_ns(&self, ticks: u64) -> u64 {
+        ticks
+            .wrapping_sub(self.tick_base)
+            .wrapping_mul(self.tick_ns)
+    }
 }
 
 /// A per-CPU token bucket: `tokens` left at `updated_ns`.
@@ -287,7 +317,7 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 24);
     assert!(core::mem::size_of::<CtKey>() == 16);
     assert!(core::mem::size_of::<CtEntry>() == 24);
-    assert!(core::mem::size_of::<Config>() == 40);
+    assert!(core::mem::size_of::<Config>() == 56);
     assert!(core::mem::size_of::<TokenBucket>() == 16);
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragPorts>() == 4);

@@ -6,8 +6,13 @@ mod parse;
 mod pipeline;
 mod tc;
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_UNSPEC},
+    macros::classifier,
+    programs::TcContext,
+};
 use lb_common::stats::Counter;
+use parse::{Packet, parse};
 
 /// The result of a stage that ends the pipeline early.
 pub enum Verdict {
@@ -32,6 +37,33 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
 /// Returns at once: the floor that benchmarks subtract.
 #[classifier]
 pub fn lb_tc_floor(_ctx: TcContext) -> i32 {
+    TC_ACT_OK as i32
+}
+
+/// Parses the packet and looks its flow up in conntrack, nothing more: the reference that
+/// benchmarks express every path's cost in, on whatever machine they run.
+#[classifier]
+pub fn lb_tc_reference(ctx: TcContext) -> i32 {
+    if let Ok(Packet::L4(flow)) = parse(ctx.data(), ctx.data_end(), ctx.len() as usize)
+        && maps::LB_CONNTRACK4_V2
+            .get_ptr(pipeline::ct_key(&flow))
+            .is_some()
+    {
+        return TC_ACT_OK as i32;
+    }
+    TC_ACT_UNSPEC as i32
+}
+
+/// Writes the kernel's tick counter (jiffies) into the first 8 bytes of the packet: run by the
+/// agent with BPF_PROG_TEST_RUN to measure the tick and read the datapath's clock.
+#[classifier]
+pub fn lb_tc_clock(ctx: TcContext) -> i32 {
+    let data = ctx.data();
+    if data + 8 > ctx.data_end() {
+        return TC_ACT_UNSPEC as i32;
+    }
+    // SAFETY: 8 bytes in bounds, checked above; a helper without arguments.
+    unsafe { *(data as *mut u64) = aya_ebpf::helpers::bpf_jiffies64() };
     TC_ACT_OK as i32
 }
 

@@ -32,9 +32,9 @@ pub static LB_CONNTRACK4_V2: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize
 #[btf_map]
 pub static LB_STATS_V3: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
 
-/// 0 -> timeouts and rates, written by the agent at load.
+/// 0 -> timeouts, rates and the clock's tick, written by the agent at load.
 #[btf_map]
-pub static LB_CONFIG_V1: Array<Config, 1> = Array::new();
+pub static LB_CONFIG_V2: Array<Config, 1> = Array::new();
 
 /// 0 -> per-CPU token bucket of ICMP replies for Services without endpoints.
 #[btf_map]
@@ -54,7 +54,7 @@ pub static LB_CLUSTERIPS_V1: HashMap<AllocationKey, ServiceName, { MAX_FRONTENDS
 /// The agent's settings (the defaults until it has written them).
 #[inline(always)]
 pub fn config() -> Config {
-    LB_CONFIG_V1.get(0).copied().unwrap_or(Config::DEFAULT)
+    LB_CONFIG_V2.get(0).copied().unwrap_or(Config::DEFAULT)
 }
 
 #[inline(always)]

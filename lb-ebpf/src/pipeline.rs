@@ -1,6 +1,6 @@
 //! Stages 2-4, shared by every entry point: conntrack, service lookup, backend selection.
 //! They only read and update maps; rewriting the packet is the entry point's job.
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CT_FORWARD, CT_REPLY, Config, CtEntry, CtKey,
     FragKey, FragPorts, FrontendKey, PROTO_TCP, PROTO_UDP, SCOPE_CLUSTER, SlotKey,
@@ -46,15 +46,23 @@ fn first4(a: &[u8; 16]) -> [u8; 4] {
     [a[0], a[1], a[2], a[3]]
 }
 
+/// The conntrack clock (see [`Config::clock_ns`]).
 #[inline(always)]
-fn ct_key(flow: &Flow) -> CtKey {
+fn now(config: &Config) -> u64 {
+    // SAFETY: a helper without arguments.
+    config.clock_ns(unsafe { bpf_jiffies64() })
+}
+
+#[inline(always)]
+pub fn ct_key(flow: &Flow) -> CtKey {
     CtKey {
         src: flow.saddr.to_ne_bytes(),
         dst: flow.daddr.to_ne_bytes(),
         sport: flow.sport,
         dport: flow.dport,
         protocol: flow.protocol,
-        _pad: [0; 3],
+        _pad1: 0,
+        _pad2: 0,
     }
 }
 
@@ -106,8 +114,7 @@ pub fn decide_ingress(flow: &Flow) -> Result<Translation, Verdict> {
         }
         // Settings and clock only where an entry is found: packets of no flow skip them.
         let config = config();
-        // SAFETY: a helper without arguments.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        let now = now(&config);
         // An expired entry counts as absent: a forward one gets a new pick below, a reply
         // one passes untranslated.
         if !expired(&config, flow.protocol, &entry, now) {
@@ -158,8 +165,7 @@ pub fn decide_ingress(flow: &Flow) -> Result<Translation, Verdict> {
 
     let (backend_id, backend) = select(frontend.service_id, frontend.backend_count)?;
     let state = next_state(0, flow.protocol, flow.tcp_flags);
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = now(&config());
     track(&key, frontend.service_id, backend_id, &backend, state, now)?;
     Ok(dnat(
         flow,
@@ -198,8 +204,7 @@ pub fn decide_egress(flow: &Flow) -> Result<Translation, Verdict> {
         return Err(Verdict::Pass(Counter::PassNoService));
     }
     let config = config();
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = now(&config);
     if expired(&config, flow.protocol, &entry, now) {
         return Err(Verdict::Pass(Counter::PassNoService));
     }
@@ -224,7 +229,8 @@ pub fn icmp_error_target(quoted: &Quoted, ingress: bool) -> Option<([u8; 4], u16
         sport: quoted.sport,
         dport: quoted.dport,
         protocol: quoted.protocol,
-        _pad: [0; 3],
+        _pad1: 0,
+        _pad2: 0,
     }
     .reversed();
     // SAFETY: copied out at once.

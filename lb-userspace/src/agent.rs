@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 use crate::{
     api::{self, AdminState, SharedState, StatusView},
     controlplane::{ControlPlane, ServiceChange},
-    dataplane::{self, Dataplane, LinkPatterns},
+    dataplane::{Dataplane, LinkPatterns},
     desired::{DesiredDataplane, Frontend},
     diff::{self, ActualDataplane},
     model::ObjectName,
@@ -84,6 +84,8 @@ impl AgentConfig {
             tcp_closing_ns: ns(self.conntrack_tcp_timeout_close),
             udp_ns: ns(self.conntrack_udp_timeout),
             icmp_replies_per_sec: self.icmp_rate_limit,
+            // The tick is measured by the dataplane when it writes the settings.
+            ..lb_common::Config::DEFAULT
         }
     }
 
@@ -267,10 +269,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 
 impl Agent {
     fn collect_conntrack_garbage(&mut self) {
-        match self
+        let collected = self
             .dataplane
-            .collect_conntrack_garbage(dataplane::monotonic_ns())
-        {
+            .clock_ns()
+            .and_then(|now| self.dataplane.collect_conntrack_garbage(now));
+        match collected {
             Ok(gc) => {
                 let mut status = self.shared.status_mut();
                 status.conntrack_entries = gc.entries;

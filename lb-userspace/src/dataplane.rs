@@ -9,7 +9,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
     programs::{
-        SchedClassifier, TcAttachType,
+        SchedClassifier, TcAttachType, TestRun, TestRunOptions,
         links::{FdLink, LinkOrder},
         tc::TcAttachOptions,
     },
@@ -28,6 +28,10 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const TC_INGRESS_PROGRAM: &str = "lb_tc_ingress";
 pub const TC_EGRESS_PROGRAM: &str = "lb_tc_egress";
 pub const TC_FLOOR_PROGRAM: &str = "lb_tc_floor";
+/// Parse and one conntrack lookup: what benchmarks express the other paths' costs in.
+pub const TC_REFERENCE_PROGRAM: &str = "lb_tc_reference";
+/// Reads the kernel's tick counter, run with BPF_PROG_TEST_RUN (never attached).
+pub const TC_CLOCK_PROGRAM: &str = "lb_tc_clock";
 const LINKS_DIR: &str = "links";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -59,6 +63,7 @@ type Result<T> = std::result::Result<T, DataplaneError>;
 
 pub struct Dataplane {
     ebpf: Ebpf,
+    /// As written to the config map, the clock's tick included.
     config: Config,
     bpffs: Option<PathBuf>,
     /// Hooks this process attached to: (ifindex, hook) -> interface name.
@@ -143,6 +148,7 @@ impl Dataplane {
             bpffs: Some(bpffs.to_path_buf()),
             attached: HashMap::new(),
         };
+        dp.load_program(TC_CLOCK_PROGRAM)?;
         dp.set_config(config)?;
         dp.load_program(TC_INGRESS_PROGRAM)?;
         dp.load_program(TC_EGRESS_PROGRAM)?;
@@ -159,20 +165,67 @@ impl Dataplane {
             bpffs: None,
             attached: HashMap::new(),
         };
+        dp.load_program(TC_CLOCK_PROGRAM)?;
         dp.set_config(Config::DEFAULT)?;
         dp.load_program(TC_INGRESS_PROGRAM)?;
         dp.load_program(TC_EGRESS_PROGRAM)?;
         dp.load_program(TC_FLOOR_PROGRAM)?;
+        dp.load_program(TC_REFERENCE_PROGRAM)?;
         Ok(dp)
     }
 
-    /// Writes the datapath's settings (timeouts, rates); they apply from the next packet.
+    /// Writes the datapath's settings (timeouts, rates); they apply from the next packet. The
+    /// clock's tick is this kernel's, whatever `config` says.
     pub fn set_config(&mut self, config: Config) -> Result<()> {
+        let hz = self.tick_rate()?;
+        let config = Config {
+            tick_ns: 1_000_000_000 / hz,
+            tick_base: Config::initial_ticks(hz),
+            ..config
+        };
         let mut map: Array<_, Config> =
             Array::try_from(self.map_mut(CONFIG_MAP)?).map_err(map_err(CONFIG_MAP))?;
         map.set(0, config, 0).map_err(map_err(CONFIG_MAP))?;
         self.config = config;
         Ok(())
+    }
+
+    /// The kernel's tick counter (jiffies), as the datapath reads it.
+    pub fn ticks(&mut self) -> Result<u64> {
+        let mut out = [0u8; 64];
+        let program = self.classifier(TC_CLOCK_PROGRAM)?;
+        let options = TestRunOptions {
+            data_in: Some(&[0u8; 64]),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        program
+            .test_run(options)
+            .map_err(|source| DataplaneError::Program {
+                name: TC_CLOCK_PROGRAM,
+                source,
+            })?;
+        Ok(u64::from_ne_bytes(out[..8].try_into().expect("8 bytes")))
+    }
+
+    /// The datapath's clock now (conntrack times), as [`Config::clock_ns`] reads it.
+    pub fn clock_ns(&mut self) -> Result<u64> {
+        let ticks = self.ticks()?;
+        Ok(self.config.clock_ns(ticks))
+    }
+
+    /// This kernel's tick rate, counted once per process over 100 ms.
+    fn tick_rate(&mut self) -> Result<u64> {
+        static RATE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        if let Some(rate) = RATE.get() {
+            return Ok(*rate);
+        }
+        let start = std::time::Instant::now();
+        let first = self.ticks()?;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let last = self.ticks()?;
+        let rate = crate::tick::nearest_rate(last.wrapping_sub(first), start.elapsed());
+        Ok(*RATE.get_or_init(|| rate))
     }
 
     fn load_program(&mut self, name: &'static str) -> Result<()> {
@@ -322,7 +375,7 @@ impl Dataplane {
     }
 
     /// Deletes the conntrack entries idle longer than their state allows at `now_ns`
-    /// (CLOCK_MONOTONIC, the datapath's clock). The datapath already ignores them; this gives
+    /// (the datapath's clock, [`Dataplane::clock_ns`]). The datapath already ignores them; this gives
     /// their room back before the LRU would.
     pub fn collect_conntrack_garbage(&mut self, now_ns: u64) -> Result<ConntrackGc> {
         let config = self.config;
@@ -460,14 +513,6 @@ impl StatsReader {
             .map(|i| Ok(self.0.get(&i, 0).map_err(map_err(STATS_MAP))?.iter().sum()))
             .collect()
     }
-}
-
-/// The clock of the datapath's conntrack times (bpf_ktime_get_coarse_ns).
-pub fn monotonic_ns() -> u64 {
-    // SAFETY: clock_gettime writes the timespec we own.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn ignore_missing(

@@ -7,6 +7,7 @@ pub mod desired;
 pub mod diff;
 pub mod model;
 pub mod sources;
+pub mod tick;
 pub mod views;
 
 /// A small deterministic random sequence (xorshift64) for the randomized unit tests.

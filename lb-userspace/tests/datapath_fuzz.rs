@@ -211,6 +211,7 @@ fn random_and_mutated_frames_keep_every_invariant() {
         tcp_closing_ns: hours,
         udp_ns: hours,
         icmp_replies_per_sec: 1_000_000_000,
+        ..lb_common::Config::DEFAULT
     })
     .unwrap();
     let services = vec![

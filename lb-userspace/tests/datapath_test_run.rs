@@ -292,15 +292,6 @@ fn full_conntrack_evicts_old_flows_and_new_flows_keep_working() {
     assert_eq!(t.counter("dnat_established") - before, 1000);
 }
 
-/// A TCP frame of `src` -> `dst` with `flags`, all checksums valid.
-fn tcp_with_flags(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
-    let mut f = ipv4_frame(TCP, src, dst, b"");
-    f[47] = flags;
-    let csum = l4_checksum(&f);
-    f[50..52].copy_from_slice(&csum.to_be_bytes());
-    f
-}
-
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 const FIN: u8 = 0x01;
@@ -397,9 +388,8 @@ fn tcp_states_and_timeouts_decide_what_a_flow_keeps() {
     );
     let before = t.dp.conntrack_len().unwrap();
     assert!(before > 0);
-    let gc =
-        t.dp.collect_conntrack_garbage(lb::dataplane::monotonic_ns())
-            .unwrap();
+    let now = t.dp.clock_ns().unwrap();
+    let gc = t.dp.collect_conntrack_garbage(now).unwrap();
     assert_eq!((gc.entries, gc.deleted), (0, before));
 }
 

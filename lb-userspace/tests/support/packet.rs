@@ -59,6 +59,15 @@ pub fn ipv4_frame(
     f
 }
 
+/// A TCP frame of `src` -> `dst` with `flags`, all checksums valid.
+pub fn tcp_with_flags(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
+    let mut f = ipv4_frame(TCP, src, dst, b"");
+    f[47] = flags;
+    let csum = l4_checksum(&f);
+    f[50..52].copy_from_slice(&csum.to_be_bytes());
+    f
+}
+
 /// The L4 checksum a correct sender would put in `frame` (its field taken as zero).
 pub fn l4_checksum(frame: &[u8]) -> u16 {
     let protocol = frame[23];
