@@ -248,7 +248,9 @@ fn main() -> anyhow::Result<()> {
         iptables_nft_restore_ms,
         nft_ms,
     };
-    let text = serde_json::to_string_pretty(&results)?;
+    let mut json = serde_json::to_value(&results)?;
+    json["machine"] = serde_json::to_value(xtask::machine::Machine::read())?;
+    let text = serde_json::to_string_pretty(&json)?;
     println!("{text}");
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out)?;

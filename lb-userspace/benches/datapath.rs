@@ -1,10 +1,18 @@
-//! Per-packet cost of the TC program with BPF_PROG_TEST_RUN, as ns above a program that only
-//! returns, with 1, 1,000 and 100,000 Services in the maps.
+//! Per-packet cost of the TC programs with BPF_PROG_TEST_RUN, as ns above a program that only
+//! returns and as a multiple of a reference program's cost (parse + one conntrack lookup),
+//! with 1, 1,000 and 100,000 Services in the maps.
 //!
 //! With `repeat` > 1 the kernel reruns the program on the buffer it already rewrote (a DNAT
 //! program would time its own output), so every figure comes from single runs (repeat = 1)
 //! in a loop, read two ways: the kernel's per-program run-time statistics (run_time_ns /
 //! run_cnt, BPF_ENABLE_STATS), and the duration BPF_PROG_TEST_RUN reports for each run.
+//!
+//! The cases take turns, a slice of runs each per round, so that a slow spell of the machine
+//! falls on all of them; each figure is the median over the rounds. After every slice the
+//! datapath's counters must show that each run took the path the case names.
+//!
+//! `LB_BENCH_CASE=<prefix>` times only the cases whose name starts with it (the floor and the
+//! reference always run), e.g. under `perf record`.
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -14,17 +22,27 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb::dataplane::{TC_EGRESS_PROGRAM, TC_FLOOR_PROGRAM, TC_INGRESS_PROGRAM};
+use lb::dataplane::{
+    TC_EGRESS_PROGRAM, TC_FLOOR_PROGRAM, TC_INGRESS_PROGRAM, TC_REFERENCE_PROGRAM,
+};
 use support::{
     datapath::{TestDatapath, tcp_frontend},
     packet::{TCP, ipv4_frame},
 };
+use xtask::machine::Machine;
 
-const RUNS: usize = 200_000;
-const ROUNDS: usize = 5;
-/// Distinct new flows per round: both conntrack entries of each fit in the LRU map, so no
-/// run pays for eviction.
-const NEW_FLOWS: usize = 100_000;
+const ROUNDS: usize = 15;
+/// Runs of each case per round.
+const RUNS: usize = 30_000;
+/// New flows per round, each a 5-tuple not seen before, on a datapath with an empty
+/// conntrack map (rebuilt every round): both entries of each fit in the LRU map, so no run
+/// pays for eviction.
+const NEW_FLOWS: usize = 30_000;
+const SCALES: [u32; 3] = [1, 1_000, 100_000];
+const FLOOR: &str = "floor (returns at once)";
+const REFERENCE: &str = "reference (parse + one lookup)";
+/// The target of the established path, as a multiple of the reference's cost.
+const ESTABLISHED_TARGET: f64 = 1.5;
 
 fn service_ip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + 1 + i)
@@ -35,6 +53,24 @@ fn backend_addr(i: u32, j: u32) -> SocketAddrV4 {
         Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + 256 + 2 * i + j),
         8080,
     )
+}
+
+/// Which datapath a case runs on.
+#[derive(Clone, Copy, PartialEq)]
+enum On {
+    /// Programmed once; the measured flows are in its conntrack map.
+    Steady,
+    /// Rebuilt before every round, so that every run is a new flow.
+    Fresh,
+}
+
+struct Case {
+    name: &'static str,
+    program: &'static str,
+    frames: Vec<Vec<u8>>,
+    on: On,
+    /// The counter every run must add one to (none for the floor and the reference).
+    counter: Option<&'static str>,
 }
 
 /// ns per run of `frames` (cycled) through `program`, by kernel stats and by test-run duration.
@@ -71,6 +107,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 struct Row {
     services: u32,
     case: &'static str,
+    /// Absolute ns per run, median over the rounds.
     stats: f64,
     loop_: f64,
 }
@@ -78,9 +115,9 @@ struct Row {
 fn main() {
     support::datapath::require_root();
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+    let only_case = std::env::var("LB_BENCH_CASE").ok();
     let mut rows = Vec::new();
-    for services in [1u32, 1_000, 100_000] {
-        let mut t = TestDatapath::new();
+    for services in SCALES {
         let mut frontends: Vec<_> = (0..services)
             .map(|i| {
                 (
@@ -96,94 +133,162 @@ fn main() {
             tcp_frontend(same_port_vip, 8080),
             frontends[(services / 2) as usize].1.clone(),
         ));
-        t.program(&frontends);
+        let mut steady = rebuild(&frontends);
         // The measured Service: one in the middle of the table.
-        let target = services / 2;
-        let vip = service_ip(target);
+        let vip = service_ip(services / 2);
         let client = Ipv4Addr::new(198, 18, 255, 1);
-        let established = ipv4_frame(TCP, (client, 10000), (vip, 80), b"");
-        let backend = {
-            let out = t.run(&established);
-            let d = support::packet::dst(&out.frame);
-            (d.0, d.1)
-        };
-        let reply = ipv4_frame(TCP, backend, (client, 10000), b"");
-        let same_port = ipv4_frame(TCP, (client, 10001), (same_port_vip, 8080), b"");
-        t.run(&same_port);
-        let other = vec![ipv4_frame(
-            TCP,
-            (client, 10000),
-            (Ipv4Addr::new(198, 18, 254, 254), 80),
-            b"",
-        )];
-        // New flows: every run a 5-tuple not seen before (source ports over several clients).
+        // ACK segments: what an established connection carries.
+        let established = tcp_segment((client, 10000), (vip, 80));
+        let backend = support::packet::dst(&steady.run(&established).frame);
+        let reply = tcp_segment(backend, (client, 10000));
+        let same_port = tcp_segment((client, 10001), (same_port_vip, 8080));
+        steady.run(&same_port);
+        let other = tcp_segment((client, 10000), (Ipv4Addr::new(198, 18, 254, 254), 80));
         let new_flows: Vec<Vec<u8>> = (0..NEW_FLOWS as u32)
             .map(|i| {
                 let src = Ipv4Addr::new(198, 18, 200 + (i / 60_000) as u8, 1);
                 ipv4_frame(TCP, (src, 1024 + (i % 60_000) as u16), (vip, 80), b"")
             })
             .collect();
-        let cases: [(&'static str, &'static str, Vec<Vec<u8>>); 6] = [
-            (
-                "floor (returns at once)",
-                TC_FLOOR_PROGRAM,
-                vec![established.clone()],
-            ),
-            ("new flow", TC_INGRESS_PROGRAM, new_flows),
-            (
-                "established flow",
-                TC_INGRESS_PROGRAM,
-                vec![established.clone()],
-            ),
-            (
-                "established, same port",
-                TC_INGRESS_PROGRAM,
-                vec![same_port],
-            ),
+        let cases = [
+            Case {
+                name: FLOOR,
+                program: TC_FLOOR_PROGRAM,
+                frames: vec![established.clone()],
+                on: On::Steady,
+                counter: None,
+            },
+            Case {
+                name: REFERENCE,
+                program: TC_REFERENCE_PROGRAM,
+                frames: vec![established.clone()],
+                on: On::Steady,
+                counter: None,
+            },
+            Case {
+                name: "new flow",
+                program: TC_INGRESS_PROGRAM,
+                frames: new_flows,
+                on: On::Fresh,
+                counter: Some("dnat_new"),
+            },
+            Case {
+                name: "established flow",
+                program: TC_INGRESS_PROGRAM,
+                frames: vec![established.clone()],
+                on: On::Steady,
+                counter: Some("dnat_established"),
+            },
+            Case {
+                name: "established, same port",
+                program: TC_INGRESS_PROGRAM,
+                frames: vec![same_port],
+                on: On::Steady,
+                counter: Some("dnat_established"),
+            },
             // Replies are translated on their way out to the client (TC egress of its link).
-            ("reply", TC_EGRESS_PROGRAM, vec![reply]),
-            ("non-service packet", TC_INGRESS_PROGRAM, other),
+            Case {
+                name: "reply",
+                program: TC_EGRESS_PROGRAM,
+                frames: vec![reply],
+                on: On::Steady,
+                counter: Some("reverse_nat"),
+            },
+            Case {
+                name: "non-service packet",
+                program: TC_INGRESS_PROGRAM,
+                frames: vec![other],
+                on: On::Steady,
+                counter: Some("pass_no_service"),
+            },
         ];
-        for (case, program, frames) in &cases {
-            let mut stats = Vec::new();
-            let mut loops = Vec::new();
-            for _ in 0..ROUNDS {
-                if *case == "new flow" {
-                    // Fresh conntrack each round, so every run really is a new flow.
-                    t = rebuild(&frontends);
+        let cases: Vec<Case> = cases
+            .into_iter()
+            .filter(|c| {
+                c.name == FLOOR
+                    || c.name == REFERENCE
+                    || only_case.as_deref().is_none_or(|p| c.name.starts_with(p))
+            })
+            .collect();
+        let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![Default::default(); cases.len()];
+        let mut fresh = None;
+        for _ in 0..ROUNDS {
+            for (case, (stats, loops)) in cases.iter().zip(samples.iter_mut()) {
+                let t = match case.on {
+                    On::Steady => &mut steady,
+                    On::Fresh => fresh.insert(rebuild(&frontends)),
+                };
+                let before = case.counter.map(|c| t.counter(c));
+                let runs = match case.on {
+                    On::Steady => RUNS,
+                    On::Fresh => NEW_FLOWS,
+                };
+                let (s, l) = time(t, case.program, &case.frames, runs);
+                if let (Some(name), Some(before)) = (case.counter, before) {
+                    let counted = t.counter(name) - before;
+                    assert_eq!(
+                        counted, runs as u64,
+                        "{}: {counted} of {runs} runs counted as {name}",
+                        case.name
+                    );
                 }
-                let runs = if *case == "new flow" { NEW_FLOWS } else { RUNS };
-                let (s, l) = time(&mut t, program, frames, runs);
                 stats.push(s);
                 loops.push(l);
             }
+        }
+        for (case, (stats, loops)) in cases.iter().zip(samples) {
             rows.push(Row {
                 services,
-                case,
+                case: case.name,
                 stats: median(stats),
                 loop_: median(loops),
             });
         }
     }
-    print_report(&rows);
-    write_json(&rows);
+    let machine = Machine::read();
+    print_report(&rows, &machine);
+    write_json(&rows, &machine);
+}
+
+fn tcp_segment(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
+    support::packet::tcp_with_flags(src, dst, 0x10)
+}
+
+fn rebuild(frontends: &[(lb::desired::Frontend, Vec<SocketAddrV4>)]) -> TestDatapath {
+    let mut t = TestDatapath::new();
+    t.program(frontends);
+    t
+}
+
+/// Cost above the floor, and as a multiple of the reference's cost above the floor.
+fn relative(rows: &[Row], r: &Row) -> (f64, f64, f64) {
+    let find = |case: &str| {
+        rows.iter()
+            .find(|x| x.services == r.services && x.case == case)
+    };
+    let floor = find(FLOOR).expect("floor row");
+    let reference = find(REFERENCE).expect("reference row");
+    let above = r.stats - floor.stats;
+    let loop_above = r.loop_ - floor.loop_;
+    (above, loop_above, above / (reference.stats - floor.stats))
 }
 
 /// target/bench/datapath.json for `cargo xtask bench --report`: ns above the floor (the floor
-/// itself in absolute ns).
-fn write_json(rows: &[Row]) {
+/// itself in absolute ns) and multiples of the reference.
+fn write_json(rows: &[Row], machine: &Machine) {
     let json: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| {
-            let floor = rows.iter().find(|f| f.services == r.services && f.case.starts_with("floor")).unwrap();
-            let (stats, loop_) = if r.case.starts_with("floor") {
-                (r.stats, r.loop_)
+            let (stats, loop_, times) = if r.case == FLOOR {
+                (r.stats, r.loop_, 0.0)
             } else {
-                (r.stats - floor.stats, r.loop_ - floor.loop_)
+                relative(rows, r)
             };
-            serde_json::json!({"services": r.services, "case": r.case, "stats_ns": stats, "loop_ns": loop_})
+            serde_json::json!({"services": r.services, "case": r.case, "stats_ns": stats,
+                "loop_ns": loop_, "x_reference": times})
         })
         .collect();
+    let json = serde_json::json!({"machine": machine, "rows": json});
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out).expect("target/bench");
     std::fs::write(
@@ -193,53 +298,47 @@ fn write_json(rows: &[Row]) {
     .expect("write datapath.json");
 }
 
-fn rebuild(frontends: &[(lb::desired::Frontend, Vec<SocketAddrV4>)]) -> TestDatapath {
-    let mut t = TestDatapath::new();
-    t.program(frontends);
-    t
-}
-
-fn print_report(rows: &[Row]) {
+fn print_report(rows: &[Row], machine: &Machine) {
     println!(
-        "\nTC program, BPF_PROG_TEST_RUN, 54-byte TCP SYN, {RUNS} single runs x {ROUNDS} rounds, median; new flows: {NEW_FLOWS} distinct flows per round on an empty conntrack map"
+        "\nTC programs, BPF_PROG_TEST_RUN, 54-byte TCP segments, {ROUNDS} rounds of {RUNS} single runs per case, cases taking turns, median"
     );
-    println!("ns above the floor; the floor itself in absolute ns\n");
+    println!("{}", machine.describe());
+    println!("ns above the floor (the floor itself in absolute ns) and x the reference's cost\n");
     println!(
-        "{:<22} {:>10} {:>16} {:>16}",
-        "case", "services", "stats (ns)", "loop (ns)"
+        "{:<32} {:>8} {:>12} {:>12} {:>12}",
+        "case", "services", "stats (ns)", "loop (ns)", "x reference"
     );
-    for services in [1u32, 1_000, 100_000] {
-        let floor = rows
-            .iter()
-            .find(|r| r.services == services && r.case.starts_with("floor"))
-            .unwrap();
-        for r in rows.iter().filter(|r| r.services == services) {
-            let (s, l) = if r.case.starts_with("floor") {
-                (format!("{:.1} abs", r.stats), format!("{:.1} abs", r.loop_))
-            } else {
-                (
-                    format!("{:+.1}", r.stats - floor.stats),
-                    format!("{:+.1}", r.loop_ - floor.loop_),
-                )
-            };
-            println!("{:<24} {:>10} {:>16} {:>16}", r.case, services, s, l);
+    for r in rows {
+        if r.case == FLOOR {
+            println!(
+                "{:<32} {:>8} {:>12} {:>12} {:>12}",
+                r.case,
+                r.services,
+                format!("{:.1} abs", r.stats),
+                format!("{:.1} abs", r.loop_),
+                ""
+            );
+        } else {
+            let (above, loop_above, times) = relative(rows, r);
+            println!(
+                "{:<32} {:>8} {:>12} {:>12} {:>12}",
+                r.case,
+                r.services,
+                format!("{above:+.1}"),
+                format!("{loop_above:+.1}"),
+                format!("{times:.2}x")
+            );
         }
     }
-    let est = |n: u32| {
-        let floor = rows
-            .iter()
-            .find(|r| r.services == n && r.case.starts_with("floor"))
-            .unwrap()
-            .stats;
-        rows.iter()
-            .find(|r| r.services == n && r.case == "established flow")
-            .unwrap()
-            .stats
-            - floor
-    };
-    let (one, many) = (est(1), est(100_000));
-    println!(
-        "\nestablished flow above floor (stats): {one:.1} ns at 1 service, {many:.1} ns at 100,000 ({:+.0}%); target <= 40 ns, flat within 10%",
-        (many - one) / one * 100.0
-    );
+    let established: Vec<_> = rows
+        .iter()
+        .filter(|r| r.case == "established flow")
+        .map(|r| (r.services, relative(rows, r)))
+        .collect();
+    if let (Some(first), Some(last)) = (established.first(), established.last()) {
+        println!(
+            "\nestablished flow: {:.2}x the reference at {} Services, {:.2}x at {} (target <= {ESTABLISHED_TARGET}x); {:.1} ns and {:.1} ns above the floor",
+            first.1.2, first.0, last.1.2, last.0, first.1.0, last.1.0
+        );
+    }
 }

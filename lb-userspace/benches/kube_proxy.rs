@@ -1,9 +1,11 @@
-//! Side by side on one simulated node: a client pod sends HTTP to a ClusterIP whose 10
-//! endpoints are addresses of one server pod, through this project's datapath, through the
-//! rules kube-proxy's iptables mode (legacy and nft back ends) and nftables mode would
-//! program, and directly to the server (the ceiling), with 1, 1,000 and 10,000 Services of
-//! 10 endpoints each, the measured Service a random one. Load: wrk, bounded in connections
-//! and time, over new connections (`Connection: close`) and over kept-alive connections.
+//! Side by side on two simulated nodes: a client pod on node 0 sends HTTP to a ClusterIP
+//! whose 10 endpoints are addresses of one server pod on node 1, through this project's
+//! datapath, through the rules kube-proxy's iptables mode (legacy and nft back ends) and
+//! nftables mode would program on the client's node, and directly to the server (the
+//! ceiling), with 1, 1,000 and 10,000 Services of 10 endpoints each, the measured Service a
+//! random one. Every request and reply crosses the link between the nodes, as in a cluster
+//! where the backend runs elsewhere. Load: wrk, bounded in connections and time, over new
+//! connections (`Connection: close`) and over kept-alive connections.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
@@ -157,9 +159,9 @@ fn main() -> anyhow::Result<()> {
             "== {n} Services, measuring svc-{measured} at {}",
             vip(measured)
         );
-        let mut bed = Testbed::new("lbbench", lb)?;
-        let client = bed.add_pod("client", CLIENT_IP)?;
-        let server = bed.add_pod("server", server_ip(0))?;
+        let mut bed = Testbed::with_nodes("lbbench", lb, 2)?;
+        let client = bed.add_pod_on(0, "client", CLIENT_IP)?;
+        let server = bed.add_pod_on(1, "server", server_ip(0))?;
         for k in 1..ENDPOINTS {
             bed.add_address(&server, server_ip(k))?;
         }
@@ -201,8 +203,10 @@ fn main() -> anyhow::Result<()> {
                     eprintln!("   {what}: ss -K state time-wait: {e}");
                 }
             }
-            if let Err(e) = bed.exec_node(&["conntrack", "-F"]) {
-                eprintln!("   conntrack -F: {e}");
+            for node in 0..2 {
+                if let Err(e) = bed.exec_on_node(node, &["conntrack", "-F"]) {
+                    eprintln!("   node {node}: conntrack -F: {e}");
+                }
             }
             let mut runs: Vec<Vec<Wrk>> = vec![Vec::new(), Vec::new()];
             let mut retransmits = [0u64; 2];
@@ -255,7 +259,19 @@ fn main() -> anyhow::Result<()> {
         // own work costs the traffic.
         bed.stop_agent(false)?;
         measure("lb, agent stopped", &service_url, &bed)?;
-        bed.lb(&["reset", "--bpffs", &bed.bpffs.to_string_lossy()])?;
+        for node in 0..2 {
+            bed.lb_on(
+                node,
+                &["reset", "--bpffs", &bed.bpffs_of(node).to_string_lossy()],
+            )?;
+        }
+        // kube-proxy programs every node: the server's node sees each new connection too.
+        let on_both = |args: &[&str]| -> anyhow::Result<()> {
+            for node in 0..2 {
+                bed.exec_on_node(node, args)?;
+            }
+            Ok(())
+        };
 
         let rules_file = bed.dir.join("rules");
         std::fs::write(&rules_file, iptables_restore(&services))?;
@@ -272,23 +288,25 @@ fn main() -> anyhow::Result<()> {
                 continue;
             }
             let started = Instant::now();
-            bed.exec_node(&[restore, &rules])?;
+            on_both(&[restore, &rules])?;
             eprintln!("   {mode}: rules loaded in {:.1?}", started.elapsed());
             measure(mode, &service_url, &bed)?;
-            bed.exec_node(&[flush, "-t", "nat", "-F"])?;
-            bed.exec_node(&[flush, "-t", "nat", "-X"])?;
+            on_both(&[flush, "-t", "nat", "-F"])?;
+            on_both(&[flush, "-t", "nat", "-X"])?;
         }
         if wanted("nftables") {
             std::fs::write(&rules_file, nft_ruleset(&services))?;
             let started = Instant::now();
-            bed.exec_node(&["nft", "-f", &rules])?;
+            on_both(&["nft", "-f", &rules])?;
             eprintln!("   nftables: rules loaded in {:.1?}", started.elapsed());
             measure("nftables", &service_url, &bed)?;
-            bed.exec_node(&["nft", "flush", "ruleset"])?;
+            on_both(&["nft", "flush", "ruleset"])?;
         }
         drop(bed);
     }
-    let text = serde_json::to_string_pretty(&results)?;
+    let text = serde_json::to_string_pretty(
+        &serde_json::json!({"machine": xtask::machine::Machine::read(), "rows": results}),
+    )?;
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("kube-proxy.json"), &text)?;

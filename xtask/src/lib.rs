@@ -2,4 +2,5 @@
 //! namespace tests. Holds no logic the load balancer needs at run time.
 pub mod cmd;
 pub mod kubeproxy;
+pub mod machine;
 pub mod testbed;

@@ -5,7 +5,7 @@ use std::{fmt::Write as _, path::Path, process::Command};
 use anyhow::Context as _;
 use serde_json::Value;
 
-use xtask::cmd::run;
+use xtask::{cmd::run, machine::Machine};
 
 /// A grouped bar chart as SVG: one group per category, one bar per series.
 pub fn bar_chart_svg(
@@ -164,7 +164,8 @@ shared and noisy): compare figures measured side by side in one run, not across 
 
     if let Some(kp) = read(&data.join("kube-proxy.json")) {
         md.push_str(KUBE_PROXY_INTRO);
-        let rows = kp.as_array().cloned().unwrap_or_default();
+        md.push_str(&measured_on(&kp));
+        let rows = kp["rows"].as_array().cloned().unwrap_or_default();
         let mut modes: Vec<&str> = Vec::new();
         for mode in rows.iter().filter_map(|r| r["mode"].as_str()) {
             if !modes.contains(&mode) {
@@ -235,6 +236,7 @@ shared and noisy): compare figures measured side by side in one run, not across 
 
     if let Some(cp) = read(&data.join("controlplane.json")) {
         md.push_str(CONTROL_PLANE_INTRO);
+        md.push_str(&measured_on(&cp));
         let f = |k: &str| cp[k].as_f64();
         let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
         let _ = writeln!(md, "| what | time (ms) |\n|---|---:|");
@@ -315,27 +317,34 @@ shared and noisy): compare figures measured side by side in one run, not across 
 
     if let Some(dp) = read(&data.join("datapath.json")) {
         md.push_str(DATAPATH_INTRO);
-        md.push_str("| case | Services | ns above floor (kernel stats) | ns above floor (test-run durations) |\n|---|---:|---:|---:|\n");
-        let rows = dp.as_array().cloned().unwrap_or_default();
+        md.push_str(&measured_on(&dp));
+        md.push_str("| case | Services | ns above floor (kernel stats) | ns above floor (test-run durations) | x reference |\n|---|---:|---:|---:|---:|\n");
+        let rows = dp["rows"].as_array().cloned().unwrap_or_default();
         let mut cases: Vec<String> = Vec::new();
         let mut scales: Vec<u64> = Vec::new();
         for r in &rows {
             let case = r["case"].as_str().unwrap_or("").to_string();
             if !cases.contains(&case) {
-                cases.push(case);
+                cases.push(case.clone());
             }
             if let Some(n) = r["services"].as_u64()
                 && !scales.contains(&n)
             {
                 scales.push(n);
             }
+            let times = if case.starts_with("floor") {
+                String::new()
+            } else {
+                format!("{:.2}", r["x_reference"].as_f64().unwrap_or(0.0))
+            };
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.1} | {:.1} |",
-                r["case"].as_str().unwrap_or(""),
+                "| {} | {} | {:.1} | {:.1} | {} |",
+                case,
                 r["services"],
                 r["stats_ns"].as_f64().unwrap_or(0.0),
-                r["loop_ns"].as_f64().unwrap_or(0.0)
+                r["loop_ns"].as_f64().unwrap_or(0.0),
+                times
             );
         }
         let series: Vec<(String, Vec<Option<f64>>)> = scales
@@ -373,16 +382,25 @@ shared and noisy): compare figures measured side by side in one run, not across 
     Ok(())
 }
 
+/// The machine a benchmark's JSON says its figures came from.
+fn measured_on(json: &serde_json::Value) -> String {
+    match serde_json::from_value::<Machine>(json["machine"].clone()) {
+        Ok(machine) => format!("\nMeasured on: {}.\n\n", machine.describe()),
+        Err(_) => "\nMeasured on: (not recorded with these figures).\n\n".to_string(),
+    }
+}
+
 const KUBE_PROXY_INTRO: &str = "
 ## Datapath against kube-proxy, side by side
 
-A client pod sends HTTP to a ClusterIP whose 10 endpoints are addresses of one server pod,
-on a simulated node in network namespaces. The same Services (each with 10 endpoints; the
+A client pod on one simulated node sends HTTP to a ClusterIP whose 10 endpoints are
+addresses of one server pod on a second node (network namespaces routed to each other over
+a veth pair): every request and reply crosses from node to node. The same Services (each with 10 endpoints; the
 measured one chosen at random) are programmed in turn as this project's eBPF maps, as
 kube-proxy's iptables mode would write them (KUBE-SERVICES, a KUBE-SVC chain per Service
 with statistic-random jumps to KUBE-SEP chains that DNAT), loaded through iptables-legacy and
 through iptables-nft, and as its nftables mode would (a verdict map on address . protocol .
-port); `direct` is the client talking to the server pod's address, no Service at all;
+port), on both nodes as kube-proxy would; `direct` is the client talking to the server pod's address, no Service at all;
 `lb, agent stopped` is the same eBPF datapath with the agent not running (what the agent's
 own work costs the traffic).
 Load: wrk, 1 thread, 8 connections, 3 s, over new connections (the server closes each after
@@ -415,11 +433,40 @@ equal to what a full plan from scratch makes. Source: `lb-userspace/benches/cont
 ";
 
 const DATAPATH_INTRO: &str = "
-## Per packet: the TC program with BPF_PROG_TEST_RUN
+## Per packet: the TC programs with BPF_PROG_TEST_RUN
 
 Single runs (repeat = 1) in a loop: with repeat > 1 the kernel reruns the program on the
-buffer it already rewrote, so a DNAT program would time its own output. Figures are ns
-above a program that only returns, timed the same way. Source:
-`lb-userspace/benches/datapath.rs`.
+buffer it already rewrote, so a DNAT program would time its own output. The cases take turns
+(15 rounds of 30,000 runs each), so a slow spell of the machine falls on all of them; each
+figure is the median round. After every round the datapath's counters must show that each
+run took the path the case names (the replies measured before this check was added went
+half the time untranslated: the new-flow rounds rebuilt the datapath and re-picked the
+established flow's backend, which made the reply figure bimodal). Figures are ns above a
+program that only returns, timed the same way, and multiples of a reference program's cost
+above that floor: the reference parses the packet and looks its flow up in the conntrack
+map, nothing more, so the multiple says what a path adds to the least any load balancer
+does, on whatever machine it runs. Source: `lb-userspace/benches/datapath.rs`.
+
+Where the time goes on a machine with return-thunk mitigations (AMD EPYC under KVM,
+retpolines and SRSO \"Safe RET\": every return in the kernel and in JIT-compiled BPF goes
+through a thunk). `LB_BENCH_CASE=established perf record -e cpu-clock -a -g
+target/release/deps/datapath-*` with the JIT's symbols (`net.core.bpf_jit_kallsyms=1`),
+samples inside the ingress program on the established path: 49 % in the program's own
+instructions, most of them on the instruction after each call (the return thunk's cost
+lands there) and at its entry; 32 % in `bpf_l4_csum_replace` (two calls: the address and
+the port; each enters `skb_ensure_writable` and `inet_proto_csum_replace*`, three returns);
+19 % in the conntrack lookup (`__htab_map_lookup_elem`, `lookup_nulls_elem_raw`, `memcmp`).
+Each call into the kernel costs some 20-50 ns there, against a few ns on a CPU without
+such thunks, which is why the same build measures several times slower above the floor on
+such a machine. What was taken out of that path: a call to a BPF `memset` subprogram
+(zeroing a 3-byte padding array of the conntrack key) and the clock helper (the conntrack
+clock is now the kernel's tick counter, `bpf_jiffies64`, which the verifier inlines into a
+load; the agent measures the tick). What stays: the two checksum helpers. The L4 checksum
+must change one way for a packet the kernel will checksum later (CHECKSUM_PARTIAL, what
+every pod's own socket sends) and the other way for one already checksummed, and
+`skb->csum` must follow for CHECKSUM_COMPLETE; a TC program cannot read `ip_summed`, so
+only the helper can do it right, and address and port changes take one call each (Cilium's
+datapath makes the same two calls). The established path therefore stays near 3x the
+reference on such a machine; the XDP path (no skb checksum states) will not need them.
 
 ";
