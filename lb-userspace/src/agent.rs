@@ -1,5 +1,5 @@
-//! `lb agent`: standalone mode wiring: manifest folder -> control plane -> desired -> diff ->
-//! dataplane, plus the admin endpoint.
+//! `lb agent`: objects (a manifest folder, or the API server's watches) -> control plane ->
+//! desired -> diff -> dataplane, plus the admin endpoint.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
@@ -16,12 +16,12 @@ use tracing::{error, info, warn};
 
 use crate::{
     api::{self, AdminState, SharedState, StatusView},
-    controlplane::{ControlPlane, ServiceChange},
+    controlplane::{Change, ControlPlane, ServiceChange},
     dataplane::{Dataplane, LinkPatterns},
     desired::{DesiredDataplane, Frontend},
     diff::{self, ActualDataplane},
     model::ObjectName,
-    sources::manifests::ManifestStore,
+    sources::{cluster, manifests::ManifestStore},
 };
 
 /// Where `lb get` and the agent meet by default.
@@ -31,9 +31,14 @@ pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/lb";
 /// `lb agent`'s flags.
 #[derive(clap::Args)]
 pub struct AgentConfig {
-    /// Folder of Service, Pod, Endpoints and EndpointSlice manifests (*.yaml, *.yml, *.json).
+    /// Standalone mode: a folder of Service, Pod, Endpoints and EndpointSlice manifests
+    /// (*.yaml, *.yml, *.json). Without it the agent watches the API server.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    pub manifests: Option<PathBuf>,
+    /// Cluster mode: the kubeconfig to reach the API server with. Default: $KUBECONFIG, then
+    /// ~/.kube/config, then the in-cluster service account.
     #[arg(long)]
-    pub manifests: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
     /// This node's name.
     #[arg(long, env = "NODE_NAME", default_value_t = hostname())]
     pub node_name: String,
@@ -45,7 +50,8 @@ pub struct AgentConfig {
     /// egress).
     #[arg(long = "external-iface", value_name = "IFACE")]
     pub external_ifaces: Vec<String>,
-    /// Range that ClusterIPs are allocated from and must lie in.
+    /// Standalone mode: the range that ClusterIPs are allocated from and must lie in (in
+    /// cluster mode the API server allocates them).
     #[arg(long, default_value = "10.96.0.0/12")]
     pub service_cidr: Ipv4Net,
     /// Directory on a bpf filesystem where maps and links are pinned.
@@ -147,10 +153,25 @@ const LINK_SCAN_EVERY: Duration = Duration::from_millis(500);
 /// Events of one editor save come in bursts: wait this long for the burst to end.
 const DEBOUNCE: Duration = Duration::from_millis(50);
 
+/// Where the agent's objects come from.
+enum Source {
+    /// Standalone mode: a manifest folder and the objects parsed from it.
+    Folder { dir: PathBuf, store: ManifestStore },
+    /// Cluster mode: the API server's watches; they send their changes to the agent's loop.
+    Cluster {
+        /// Problems of watched objects, by object.
+        problems: BTreeMap<String, String>,
+    },
+}
+
+/// Kinds a cluster-mode agent waits to have listed before it first writes the maps: a sync
+/// with Services but not yet their endpoints would empty every Service.
+const LISTED_KINDS: [&str; 2] = ["Service", "EndpointSlice"];
+
 struct Agent {
     config: AgentConfig,
     patterns: LinkPatterns,
-    store: ManifestStore,
+    source: Source,
     desired: DesiredDataplane,
     /// Frontends a full map kept out: tried again at every sync.
     unprogrammed: BTreeSet<Frontend>,
@@ -169,12 +190,18 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // SAFETY: mallopt only changes allocator tuning.
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024) };
     let patterns = config.link_patterns()?;
-    if !config.manifests.is_dir() {
-        anyhow::bail!(
-            "--manifests {}: not a directory",
-            config.manifests.display()
-        );
+    if let Some(dir) = &config.manifests
+        && !dir.is_dir()
+    {
+        anyhow::bail!("--manifests {}: not a directory", dir.display());
     }
+    // In cluster mode the client is made before the datapath is touched: a kubeconfig that
+    // cannot be read is an error at once, an API server that cannot be reached is not (the
+    // watches retry while the pinned datapath keeps serving).
+    let client = match &config.manifests {
+        Some(_) => None,
+        None => Some(kube_client(config.kubeconfig.as_deref()).await?),
+    };
     let dataplane = Dataplane::load_pinned(&config.bpffs, config.datapath_config())?;
     let actual = dataplane.read_actual()?;
     info!(
@@ -190,7 +217,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             None
         }
     };
-    let mut control = ControlPlane::new(config.service_cidr);
+    let mut control = if client.is_some() {
+        ControlPlane::following_api_server()
+    } else {
+        ControlPlane::new(config.service_cidr)
+    };
     let held = dataplane.read_cluster_ips()?;
     control.held_before(held.iter().filter_map(|(ip, holder)| {
         let (namespace, name) = holder.split_once('/')?;
@@ -205,29 +236,21 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let shared: SharedState = Arc::new(AdminState::new(control, counters));
     let admin = config.admin;
     let server_state = shared.clone();
-    let mut server = tokio::spawn(async move { api::serve(admin, server_state).await });
-
-    // Paths that changed; an empty list asks for a scan of the whole folder.
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<PathBuf>>();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let paths = match event {
-            // Reading the files (our own sync) raises access events: only changes count, or
-            // every sync would trigger the next one.
-            Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => return,
-            // The watcher may have missed changes.
-            Ok(e) if e.need_rescan() => Vec::new(),
-            Ok(e) => e.paths,
-            Err(_) => Vec::new(),
-        };
-        let _ = tx.send(paths);
-    })?;
-    watcher.watch(&config.manifests, notify::RecursiveMode::NonRecursive)?;
-
+    let server = tokio::spawn(async move { api::serve(admin, server_state).await });
+    let source = match &config.manifests {
+        Some(dir) => Source::Folder {
+            dir: dir.clone(),
+            store: ManifestStore::default(),
+        },
+        None => Source::Cluster {
+            problems: BTreeMap::new(),
+        },
+    };
     let mut agent = Agent {
         desired: DesiredDataplane::default(),
         unprogrammed: BTreeSet::new(),
         patterns,
-        store: ManifestStore::default(),
+        source,
         dataplane,
         actual,
         shared,
@@ -236,38 +259,157 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         config,
     };
     agent.scan_links();
-    agent.sync(Read::Folder, true);
-    info!(admin = %admin, manifests = %agent.config.manifests.display(), "agent running");
-
-    let mut links = tokio::time::interval(LINK_SCAN_EVERY);
-    let mut conntrack_gc = tokio::time::interval(agent.config.conntrack_gc_interval);
-    // The first full resync comes one period after start (the start-up sync just ran).
-    let mut resync =
-        tokio::time::interval_at(tokio::time::Instant::now() + RESYNC_EVERY, RESYNC_EVERY);
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        tokio::select! {
-            Some(paths) = rx.recv() => {
-                tokio::time::sleep(DEBOUNCE).await;
-                let mut read = Read::Paths(BTreeSet::new());
-                for paths in std::iter::once(paths).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
-                    read.add(&agent.config.manifests, paths);
-                }
-                agent.sync(read, false);
-            }
-            _ = links.tick() => agent.scan_links(),
-            _ = conntrack_gc.tick() => agent.collect_conntrack_garbage(),
-            _ = resync.tick() => agent.resync(),
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
-            served = &mut server => return served?,
-        }
-    }
+    match client {
+        None => agent.run_standalone(server).await,
+        Some(client) => agent.run_in_cluster(client, server).await,
+    }?;
     info!("agent stopping; programs stay attached and maps pinned (`lb reset` removes them)");
     Ok(())
 }
 
+/// The API server client: from `kubeconfig`, or as kube infers it ($KUBECONFIG,
+/// ~/.kube/config, the in-cluster service account).
+async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .with_context(|| format!("--kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no API server to watch: give --manifests (standalone mode), --kubeconfig, or run in a Pod",
+        )?,
+    };
+    kube::Client::try_from(config).context("API server client")
+}
+
+type AdminServer = tokio::task::JoinHandle<anyhow::Result<()>>;
+
 impl Agent {
+    /// Standalone mode: the maps follow the manifest folder.
+    async fn run_standalone(&mut self, mut server: AdminServer) -> anyhow::Result<()> {
+        let Source::Folder { dir, .. } = &self.source else {
+            unreachable!("standalone mode reads a folder")
+        };
+        let dir = dir.clone();
+        // Paths that changed; an empty list asks for a scan of the whole folder.
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<PathBuf>>();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let paths = match event {
+                    // Reading the files (our own sync) raises access events: only changes
+                    // count, or every sync would trigger the next one.
+                    Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => return,
+                    // The watcher may have missed changes.
+                    Ok(e) if e.need_rescan() => Vec::new(),
+                    Ok(e) => e.paths,
+                    Err(_) => Vec::new(),
+                };
+                let _ = tx.send(paths);
+            })?;
+        watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+        self.sync_folder(Read::Folder, true);
+        info!(admin = %self.config.admin, manifests = %dir.display(), "agent running");
+
+        let mut links = tokio::time::interval(LINK_SCAN_EVERY);
+        let mut conntrack_gc = tokio::time::interval(self.config.conntrack_gc_interval);
+        // The first full resync comes one period after start (the start-up sync just ran).
+        let mut resync =
+            tokio::time::interval_at(tokio::time::Instant::now() + RESYNC_EVERY, RESYNC_EVERY);
+        let mut sigterm =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        loop {
+            tokio::select! {
+                Some(paths) = rx.recv() => {
+                    tokio::time::sleep(DEBOUNCE).await;
+                    let mut read = Read::Paths(BTreeSet::new());
+                    for paths in std::iter::once(paths).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                        read.add(&dir, paths);
+                    }
+                    self.sync_folder(read, false);
+                }
+                _ = links.tick() => self.scan_links(),
+                _ = conntrack_gc.tick() => self.collect_conntrack_garbage(),
+                _ = resync.tick() => {
+                    self.reread_maps();
+                    self.sync_folder(Read::Folder, true);
+                }
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = sigterm.recv() => return Ok(()),
+                served = &mut server => return served?,
+            }
+        }
+    }
+
+    /// Cluster mode: the maps follow the API server's Services and EndpointSlices. Nothing is
+    /// written before both kinds are listed; until then the pinned datapath serves as it was.
+    async fn run_in_cluster(
+        &mut self,
+        client: kube::Client,
+        mut server: AdminServer,
+    ) -> anyhow::Result<()> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<cluster::Update>();
+        let _stores = cluster::watch(client, tx);
+        info!(admin = %self.config.admin, "agent running; watching the API server");
+        let mut listed: BTreeSet<&'static str> = BTreeSet::new();
+        let mut pending: Vec<Change> = Vec::new();
+        let mut links = tokio::time::interval(LINK_SCAN_EVERY);
+        let mut conntrack_gc = tokio::time::interval(self.config.conntrack_gc_interval);
+        let mut resync =
+            tokio::time::interval_at(tokio::time::Instant::now() + RESYNC_EVERY, RESYNC_EVERY);
+        let mut sigterm =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        loop {
+            tokio::select! {
+                Some(update) = rx.recv() => {
+                    // A burst of events becomes one sync: whatever is queued joins this one.
+                    let first_list_done = listed.len() == LISTED_KINDS.len();
+                    for update in std::iter::once(update).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                        match update {
+                            cluster::Update::Changes(changes) => pending.extend(changes),
+                            cluster::Update::Listed(kind) => {
+                                listed.insert(kind);
+                            }
+                            cluster::Update::Problem { object, problem } => self.set_problem(object, problem),
+                        }
+                    }
+                    if listed.len() == LISTED_KINDS.len() {
+                        if !first_list_done {
+                            info!("Services and EndpointSlices listed; programming the datapath");
+                        }
+                        // The first sync compares every frontend with the pinned maps.
+                        self.sync(std::mem::take(&mut pending), Vec::new(), !first_list_done);
+                    }
+                }
+                _ = links.tick() => self.scan_links(),
+                _ = conntrack_gc.tick() => self.collect_conntrack_garbage(),
+                _ = resync.tick(), if listed.len() == LISTED_KINDS.len() => {
+                    self.reread_maps();
+                    self.sync(Vec::new(), Vec::new(), true);
+                }
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = sigterm.recv() => return Ok(()),
+                served = &mut server => return served?,
+            }
+        }
+    }
+
+    fn set_problem(&mut self, object: String, problem: Option<String>) {
+        let Source::Cluster { problems } = &mut self.source else {
+            return;
+        };
+        match problem {
+            Some(p) => {
+                problems.insert(object, p);
+            }
+            None => {
+                problems.remove(&object);
+            }
+        }
+    }
+
     fn collect_conntrack_garbage(&mut self) {
         let collected = self
             .dataplane
@@ -298,26 +440,27 @@ impl Agent {
         }
     }
 
-    /// Re-reads the maps, then syncs them whole: anything orphaned or changed behind our back
-    /// is mended.
-    fn resync(&mut self) {
+    /// Re-reads the maps before a full sync: anything orphaned or changed behind our back is
+    /// then mended.
+    fn reread_maps(&mut self) {
         match self.dataplane.read_actual() {
             Ok(actual) => self.actual = actual,
             Err(e) => error!("reading maps for resync: {e}"),
         }
-        self.sync(Read::Folder, true);
     }
 
-    /// Brings the maps up to date with the manifest folder. Only the frontends that changed
-    /// (and those a full map kept out before) are compared with the maps, unless `full`.
-    fn sync(&mut self, read: Read, full: bool) {
+    /// Reads the manifest folder (all of it, or the files the watcher reported) and brings the
+    /// maps up to date with it.
+    fn sync_folder(&mut self, read: Read, full: bool) {
         let started = Instant::now();
+        let Source::Folder { dir, store } = &mut self.source else {
+            return;
+        };
         let mut errors = Vec::new();
         // Parsing builds large short-lived trees. Done on a thread of its own, it allocates from
         // another heap arena; the store is then copied back here and that arena is left empty
         // for malloc_trim to return, instead of fragmenting the heap the agent lives in.
-        let dir = &self.config.manifests;
-        let store = &mut self.store;
+        let dir = &*dir;
         let parsed = std::thread::scope(|scope| {
             scope
                 .spawn(|| {
@@ -339,12 +482,38 @@ impl Agent {
                 errors.push("parsing the manifests panicked; objects kept as they were".into())
             }
         }
-        let big_parse = self.store.parsed_bytes_last_update() > BIG_PARSE_BYTES;
+        let big_parse = store.parsed_bytes_last_update() > BIG_PARSE_BYTES;
         if big_parse {
-            self.store = self.store.clone();
+            *store = store.clone();
+        }
+        let changes = store.take_changes();
+        self.sync_from(started, changes, errors, full);
+        if big_parse {
+            // Parsing and copying freed a lot: hand it back to the system rather than keeping
+            // the peak resident (glibc keeps freed heap otherwise).
+            // SAFETY: malloc_trim only releases free memory.
+            unsafe { libc::malloc_trim(0) };
+        }
+    }
+
+    /// Applies `changes` and brings the maps up to date. Only the frontends that changed (and
+    /// those a full map kept out before) are compared with the maps, unless `full`.
+    fn sync(&mut self, changes: Vec<Change>, errors: Vec<String>, full: bool) {
+        self.sync_from(Instant::now(), changes, errors, full);
+    }
+
+    fn sync_from(
+        &mut self,
+        started: Instant,
+        changes: Vec<Change>,
+        mut errors: Vec<String>,
+        full: bool,
+    ) {
+        if let Source::Cluster { problems } = &self.source {
+            errors.extend(problems.iter().map(|(object, p)| format!("{object}: {p}")));
         }
         let mut control = self.shared.control_mut();
-        for change in self.store.take_changes() {
+        for change in changes {
             control.apply(change);
         }
         let changed = control.compute(SystemTime::now());
@@ -386,12 +555,6 @@ impl Agent {
         }
         self.syncs += 1;
         let took_us = started.elapsed().as_micros() as u64;
-        if big_parse {
-            // Parsing and copying freed a lot: hand it back to the system rather than keeping
-            // the peak resident (glibc keeps freed heap otherwise).
-            // SAFETY: malloc_trim only releases free memory.
-            unsafe { libc::malloc_trim(0) };
-        }
         if !ops.is_empty() {
             info!(
                 ops = ops.len(),

@@ -89,7 +89,9 @@ type LabelKey = (String, String, String);
 /// change can affect are computed again, from indexes kept between computations. One endpoint
 /// change among 10,000 Services costs what one Service costs.
 pub struct ControlPlane {
-    cidr: Ipv4Net,
+    /// Where this agent allocates ClusterIPs from; `None` when the API server allocates them
+    /// (cluster mode: every address it gave is taken as it is).
+    cidr: Option<Ipv4Net>,
     /// The latest version of every Service, as given.
     services: HashMap<ObjectName, Service>,
     /// Services with a selector, by the selector's first pair: only such a Service can select a
@@ -112,7 +114,18 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
+    /// Standalone mode: this agent allocates ClusterIPs from `cidr`.
     pub fn new(cidr: Ipv4Net) -> Self {
+        Self::with_cidr(Some(cidr))
+    }
+
+    /// Cluster mode: the API server has allocated every ClusterIP; a Service without one (which
+    /// the API server never stores) is rejected, not given an address.
+    pub fn following_api_server() -> Self {
+        Self::with_cidr(None)
+    }
+
+    fn with_cidr(cidr: Option<Ipv4Net>) -> Self {
         Self {
             cidr,
             services: HashMap::new(),
@@ -131,10 +144,6 @@ impl ControlPlane {
     /// Service may ask for it. Holders that are gone leave their address free.
     pub fn held_before(&mut self, holders: impl IntoIterator<Item = (Ipv4Addr, ObjectName)>) {
         self.held_before = holders.into_iter().map(|(ip, name)| (name, ip)).collect();
-    }
-
-    pub fn cidr(&self) -> Ipv4Net {
-        self.cidr
     }
 
     /// Takes in one change; the Services it affects are computed at the next `compute`.
@@ -365,7 +374,7 @@ impl ControlPlane {
             let message = match self.owners.entry(ip) {
                 _ if !usable => format!(
                     "Invalid value: \"{ip}\": provided IP is not in the valid range. The range of valid IPs is {}",
-                    self.cidr
+                    self.cidr.map_or("none".to_string(), |c| c.to_string())
                 ),
                 Entry::Occupied(_) => {
                     format!("Invalid value: \"{ip}\": provided IP is already allocated")
@@ -386,8 +395,25 @@ impl ControlPlane {
         }
         // 3. Allocation: a slot derived from the name, so an agent restarted on the same
         //    manifests gives every Service the address it had.
-        let size = 1u64 << (32 - self.cidr.prefix_len());
-        let base = u32::from(self.cidr.network()) as u64;
+        let Some(cidr) = self.cidr else {
+            for (name, svc) in present() {
+                if !result.contains_key(name)
+                    && svc.cluster_ip == ClusterIpRequest::Allocate
+                    && wants_ip(svc)
+                {
+                    errors.insert(
+                        name.clone(),
+                        FieldError {
+                            field: "spec.clusterIP".into(),
+                            message: "Required value: not allocated yet (the API server allocates ClusterIPs)".into(),
+                        },
+                    );
+                }
+            }
+            return (result, errors);
+        };
+        let size = 1u64 << (32 - cidr.prefix_len());
+        let base = u32::from(cidr.network()) as u64;
         for (name, svc) in present() {
             if result.contains_key(name)
                 || svc.cluster_ip != ClusterIpRequest::Allocate
@@ -409,7 +435,7 @@ impl ControlPlane {
                         name.clone(),
                         FieldError {
                             field: "spec.clusterIP".into(),
-                            message: format!("Internal error: no address left in {}", self.cidr),
+                            message: format!("Internal error: no address left in {cidr}"),
                         },
                     );
                 }
@@ -419,10 +445,13 @@ impl ControlPlane {
     }
 
     /// In the CIDR, and neither its network nor (for prefixes up to /30) broadcast address.
+    /// Any address the API server gave.
     fn usable(&self, ip: Ipv4Addr) -> bool {
-        self.cidr.contains(&ip)
-            && (self.cidr.prefix_len() >= 31
-                || (ip != self.cidr.network() && ip != self.cidr.broadcast()))
+        let Some(cidr) = self.cidr else {
+            return !ip.is_unspecified();
+        };
+        cidr.contains(&ip)
+            && (cidr.prefix_len() >= 31 || (ip != cidr.network() && ip != cidr.broadcast()))
     }
 
     /// Every Service with its address and endpoints, by namespace and name.

@@ -19,8 +19,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent in standalone mode: program the datapath from a folder of manifests.
-    Agent(AgentConfig),
+    /// Run the agent: program the datapath from the API server's Services and EndpointSlices,
+    /// or (standalone mode, --manifests) from a folder of manifests.
+    Agent(Box<AgentConfig>),
     /// Show Services or Endpoints as the running agent sees them, like kubectl get.
     Get {
         resource: Resource,
@@ -62,8 +63,19 @@ enum Output {
     Json,
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+/// An error is one line, `lb: ` and its causes, whatever RUST_BACKTRACE says: anyhow's own
+/// report would add a stack trace when it is set.
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(config) => {
             tracing_subscriber::fmt()
@@ -78,7 +90,7 @@ fn main() -> anyhow::Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            runtime.block_on(agent::run(config))
+            runtime.block_on(agent::run(*config))
         }
         Command::Get {
             resource,

@@ -84,6 +84,9 @@ pub struct Testbed {
     accepted: std::collections::HashMap<String, Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>>,
     /// CPU the next TCP server's threads are kept on.
     pin_next_server: Option<usize>,
+    /// Cluster mode: agents watch the API server this kubeconfig names instead of reading
+    /// their manifest folders.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 static SEQUENCE: AtomicU32 = AtomicU32::new(0);
@@ -140,6 +143,7 @@ impl Testbed {
             next_iface: 0,
             accepted: Default::default(),
             pin_next_server: None,
+            kubeconfig: None,
         };
         for node in nodes {
             fs::create_dir_all(&node.manifests)?;
@@ -516,6 +520,30 @@ impl Testbed {
         .map_err(|_| anyhow::anyhow!("thread in {} panicked", pod.netns))?
     }
 
+    /// A TCP socket listening on `addr` in node `node`'s namespace (for a service the agents
+    /// reach, such as a stand-in API server).
+    pub fn listen_on_node(
+        &self,
+        node: usize,
+        addr: std::net::SocketAddr,
+    ) -> anyhow::Result<std::net::TcpListener> {
+        let path = format!("/run/netns/{}", self.nodes[node].netns);
+        std::thread::spawn(move || -> anyhow::Result<std::net::TcpListener> {
+            enter_netns(&path)?;
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(128)?;
+            Ok(socket.into())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("listening thread panicked"))?
+    }
+
     /// Writes a manifest into every node's folder (each node's agent reads the same objects).
     pub fn write_manifest(&self, name: &str, content: &str) -> anyhow::Result<()> {
         for node in &self.nodes {
@@ -564,8 +592,12 @@ impl Testbed {
         command
             .arg(format!("--net=/run/netns/{}", node.netns))
             .arg(&self.lb)
-            .args(["agent", "--manifests"])
-            .arg(&node.manifests)
+            .arg("agent");
+        match &self.kubeconfig {
+            Some(kubeconfig) => command.arg("--kubeconfig").arg(kubeconfig),
+            None => command.arg("--manifests").arg(&node.manifests),
+        };
+        command
             .arg("--bpffs")
             .arg(&node.bpffs)
             .args([

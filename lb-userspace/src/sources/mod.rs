@@ -1,2 +1,4 @@
-//! Where objects come from. Standalone mode reads a folder of manifests.
+//! Where objects come from: a folder of manifests (standalone mode) or the API server (cluster
+//! mode).
+pub mod cluster;
 pub mod manifests;

@@ -1,4 +1,5 @@
 //! Shared helpers of the privileged integration tests.
+pub mod apiserver;
 pub mod bed;
 pub mod datapath;
 pub mod packet;

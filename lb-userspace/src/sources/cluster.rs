@@ -1,0 +1,209 @@
+//! Cluster mode: Services and EndpointSlices watched on the API server with kube's runtime
+//! (watcher streams feeding reflector stores), turned into the same control-plane changes the
+//! manifest folder gives. A relist (at start, after a broken or expired watch) upserts what it
+//! finds and deletes only what is gone: the maps are never flushed.
+use std::collections::HashSet;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
+use kube::{
+    Api, Client, Resource, ResourceExt as _,
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store},
+        watcher::{self, Event},
+    },
+};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::{
+    controlplane::Change,
+    model::{self, Object, ObjectName},
+};
+
+/// Services with this label belong to another proxy (kube-proxy skips them too).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Services with this label get no proxying (kube-proxy skips them too).
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// What the watchers report to the agent.
+#[derive(Debug)]
+pub enum Update {
+    /// Changes to apply, in order.
+    Changes(Vec<Change>),
+    /// A kind finished a (re)list: its objects are all known from here on.
+    Listed(&'static str),
+    /// An object that cannot be used (the version before it stays in force), or (`None`) that
+    /// can again.
+    Problem {
+        object: String,
+        problem: Option<String>,
+    },
+}
+
+/// The readers of the watchers' stores.
+pub struct Stores {
+    pub services: Store<core::Service>,
+    pub endpoint_slices: Store<discovery::EndpointSlice>,
+}
+
+/// Starts watching Services and EndpointSlices in every namespace. Watches retry with backoff
+/// for as long as the agent runs, an unreachable API server included.
+pub fn watch(client: Client, tx: mpsc::UnboundedSender<Update>) -> Stores {
+    let (services, service_writer) = reflector::store();
+    let (endpoint_slices, slice_writer) = reflector::store();
+    let config = watcher::Config::default().any_semantic();
+    let stream = watcher::watcher(Api::<core::Service>::all(client.clone()), config.clone())
+        .default_backoff()
+        .reflect(service_writer);
+    tokio::spawn(forward("Service", stream, convert_service, tx.clone()));
+    let stream = watcher::watcher(Api::<discovery::EndpointSlice>::all(client), config)
+        .default_backoff()
+        .reflect(slice_writer);
+    tokio::spawn(forward("EndpointSlice", stream, convert_slice, tx));
+    Stores {
+        services,
+        endpoint_slices,
+    }
+}
+
+/// What a watched object becomes: an upsert, a delete (a Service another proxy owns), or a
+/// problem.
+type Converted = Result<Option<Object>, String>;
+
+fn convert_service(svc: &core::Service) -> Converted {
+    if !proxied(svc) {
+        return Ok(None);
+    }
+    let mut service = model::service(svc).map_err(|e| e.to_string())?;
+    // Endpoints come from EndpointSlices, which the cluster's controller keeps for Services
+    // with a selector too: the control plane must not look for Pods.
+    service.selector = None;
+    Ok(Some(Object::Service(service)))
+}
+
+/// Whether kube-proxy would proxy this Service.
+pub fn proxied(svc: &core::Service) -> bool {
+    let labels = svc.labels();
+    !labels.contains_key(SERVICE_PROXY_NAME_LABEL) && !labels.contains_key(HEADLESS_LABEL)
+}
+
+fn convert_slice(slice: &discovery::EndpointSlice) -> Converted {
+    // IPv6 slices are not served yet: they are not an error.
+    if slice.address_type != "IPv4" {
+        return Ok(None);
+    }
+    let endpoints = model::endpoint_slice(slice).map_err(|e| e.to_string())?;
+    Ok(Some(Object::EndpointSlice(endpoints)))
+}
+
+fn name_of<K: Resource>(object: &K) -> ObjectName {
+    ObjectName {
+        namespace: object.meta().namespace.clone().unwrap_or_default(),
+        name: object.meta().name.clone().unwrap_or_default(),
+    }
+}
+
+/// Turns one kind's watch events into updates for the agent.
+async fn forward<K, S>(
+    kind: &'static str,
+    stream: S,
+    convert: fn(&K) -> Converted,
+    tx: mpsc::UnboundedSender<Update>,
+) where
+    K: Resource,
+    S: futures::Stream<Item = Result<Event<K>, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    // Objects of this kind the agent holds, and those a relist in progress has found.
+    let mut known: HashSet<ObjectName> = HashSet::new();
+    let mut relisted: Option<HashSet<ObjectName>> = None;
+    // Objects with a problem reported.
+    let mut troubled: HashSet<ObjectName> = HashSet::new();
+    let mut changes = Vec::new();
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(e) => {
+                // The backoff retries; the maps stay as they are meanwhile.
+                warn!("watching {kind}s: {e}");
+                continue;
+            }
+        };
+        // Problems found or cleared by this event: (object, problem).
+        let mut problems: Vec<(ObjectName, Option<String>)> = Vec::new();
+        let mut upsert = |object: &K, changes: &mut Vec<Change>, known: &mut HashSet<_>| {
+            let name = name_of(object);
+            match convert(object) {
+                Ok(Some(converted)) => {
+                    known.insert(name.clone());
+                    changes.push(Change::Upsert(converted));
+                    problems.push((name, None));
+                }
+                Ok(None) => {
+                    if known.remove(&name) {
+                        changes.push(Change::Delete((kind, name.clone())));
+                    }
+                    problems.push((name, None));
+                }
+                Err(problem) => {
+                    // Kept: the version before it stays in force.
+                    known.insert(name.clone());
+                    problems.push((name, Some(problem)));
+                }
+            }
+        };
+        match event {
+            Event::Init => relisted = Some(HashSet::new()),
+            Event::InitApply(object) => {
+                let seen = relisted.get_or_insert_with(HashSet::new);
+                seen.insert(name_of(&object));
+                upsert(&object, &mut changes, &mut known);
+            }
+            Event::InitDone => {
+                let seen = relisted.take().unwrap_or_default();
+                let gone: Vec<ObjectName> = known.difference(&seen).cloned().collect();
+                for name in gone {
+                    known.remove(&name);
+                    changes.push(Change::Delete((kind, name)));
+                }
+                send_changes(&tx, &mut changes);
+                let _ = tx.send(Update::Listed(kind));
+                continue;
+            }
+            Event::Apply(object) => upsert(&object, &mut changes, &mut known),
+            Event::Delete(object) => {
+                let name = name_of(&object);
+                if known.remove(&name) {
+                    changes.push(Change::Delete((kind, name.clone())));
+                }
+                problems.push((name, None));
+            }
+        }
+        for (name, problem) in problems {
+            let reported = troubled.contains(&name);
+            match problem {
+                Some(_) => {
+                    troubled.insert(name.clone());
+                }
+                None if reported => {
+                    troubled.remove(&name);
+                }
+                None => continue,
+            }
+            let object = format!("{kind} {}/{}", name.namespace, name.name);
+            let _ = tx.send(Update::Problem { object, problem });
+        }
+        // During a relist, changes wait for its end: a half-listed kind is never programmed.
+        if relisted.is_none() {
+            send_changes(&tx, &mut changes);
+        }
+    }
+}
+
+fn send_changes(tx: &mpsc::UnboundedSender<Update>, changes: &mut Vec<Change>) {
+    if !changes.is_empty() {
+        let _ = tx.send(Update::Changes(std::mem::take(changes)));
+    }
+}
