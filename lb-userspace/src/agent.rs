@@ -57,6 +57,9 @@ pub struct AgentConfig {
     /// Directory on a bpf filesystem where maps and links are pinned.
     #[arg(long, default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
+    /// Address of the health endpoint (/healthz, /livez), served as kube-proxy serves it.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind: SocketAddr,
     /// Address of the local admin endpoint that `lb get` reads.
     #[arg(long, default_value = DEFAULT_ADMIN)]
     pub admin: SocketAddr,
@@ -202,6 +205,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         Some(_) => None,
         None => Some(kube_client(config.kubeconfig.as_deref()).await?),
     };
+    for found in crate::coexistence::find_kube_proxy_rules() {
+        warn!(
+            "kube-proxy's rules are on this node ({found}): kube-proxy and this datapath would both act on Service traffic; remove kube-proxy and its rules (README, replacing kube-proxy)"
+        );
+    }
     let dataplane = Dataplane::load_pinned(&config.bpffs, config.datapath_config())?;
     let actual = dataplane.read_actual()?;
     info!(
@@ -237,6 +245,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let admin = config.admin;
     let server_state = shared.clone();
     let server = tokio::spawn(async move { api::serve(admin, server_state).await });
+    let health_state = shared.clone();
+    let healthz = config.healthz_bind;
+    tokio::spawn(async move {
+        if let Err(e) = api::serve_health(healthz, health_state).await {
+            error!("health endpoint: {e}");
+        }
+    });
     let source = match &config.manifests {
         Some(dir) => Source::Folder {
             dir: dir.clone(),
@@ -351,10 +366,11 @@ impl Agent {
         mut server: AdminServer,
     ) -> anyhow::Result<()> {
         let (tx, mut rx) = mpsc::unbounded_channel::<cluster::Update>();
-        let _stores = cluster::watch(client, tx);
+        let _stores = cluster::watch(client, &self.config.node_name, tx);
         info!(admin = %self.config.admin, "agent running; watching the API server");
         let mut listed: BTreeSet<&'static str> = BTreeSet::new();
         let mut pending: Vec<Change> = Vec::new();
+        let mut triggers: Vec<SystemTime> = Vec::new();
         let mut links = tokio::time::interval(LINK_SCAN_EVERY);
         let mut conntrack_gc = tokio::time::interval(self.config.conntrack_gc_interval);
         let mut resync =
@@ -368,11 +384,20 @@ impl Agent {
                     let first_list_done = listed.len() == LISTED_KINDS.len();
                     for update in std::iter::once(update).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
                         match update {
-                            cluster::Update::Changes(changes) => pending.extend(changes),
+                            cluster::Update::Changes { changes, triggers: t } => {
+                                self.shared.health().queued(Instant::now());
+                                pending.extend(changes);
+                                triggers.extend(t);
+                            }
                             cluster::Update::Listed(kind) => {
                                 listed.insert(kind);
                             }
                             cluster::Update::Problem { object, problem } => self.set_problem(object, problem),
+                            cluster::Update::Zone(zone) => {
+                                info!(zone = zone.as_deref().unwrap_or("<none>"), "this node's zone");
+                                self.shared.control_mut().set_zone(zone);
+                                self.shared.health().queued(Instant::now());
+                            }
                         }
                     }
                     if listed.len() == LISTED_KINDS.len() {
@@ -381,6 +406,12 @@ impl Agent {
                         }
                         // The first sync compares every frontend with the pinned maps.
                         self.sync(std::mem::take(&mut pending), Vec::new(), !first_list_done);
+                        let written = SystemTime::now();
+                        for t in triggers.drain(..) {
+                            if let Ok(took) = written.duration_since(t) {
+                                self.shared.metrics.network_programming_duration.observe(took.as_secs_f64());
+                            }
+                        }
                     }
                 }
                 _ = links.tick() => self.scan_links(),
@@ -512,6 +543,21 @@ impl Agent {
         if let Source::Cluster { problems } = &self.source {
             errors.extend(problems.iter().map(|(object, p)| format!("{object}: {p}")));
         }
+        if !changes.is_empty() {
+            self.shared.health().queued(started);
+        }
+        let metrics = &self.shared.metrics;
+        for change in &changes {
+            let kind = match change {
+                Change::Upsert(object) => object.kind(),
+                Change::Delete((kind, _)) => kind,
+            };
+            if kind == "Service" {
+                metrics.service_changes.inc();
+            } else {
+                metrics.endpoint_changes.inc();
+            }
+        }
         let mut control = self.shared.control_mut();
         for change in changes {
             control.apply(change);
@@ -546,6 +592,15 @@ impl Agent {
             }
         } else {
             diff::apply(&mut self.actual, &ops);
+            let now = SystemTime::now();
+            self.shared.health().updated(now);
+            let metrics = &self.shared.metrics;
+            metrics
+                .sync_duration
+                .observe(started.elapsed().as_secs_f64());
+            if let Ok(since_epoch) = now.duration_since(SystemTime::UNIX_EPOCH) {
+                metrics.last_sync_timestamp.set(since_epoch.as_secs_f64());
+            }
         }
         if errors != self.last_errors {
             for e in &errors {

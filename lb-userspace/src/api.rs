@@ -1,7 +1,8 @@
 //! The agent's local admin endpoint, read by `lb get`.
 use std::{
     net::SocketAddr,
-    sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    time::{Duration, Instant, SystemTime},
 };
 
 use crate::{
@@ -9,11 +10,22 @@ use crate::{
     dataplane::StatsReader,
     views::{self, EndpointsView, ServiceView},
 };
-use axum::{Json, Router, extract::State, routing::get};
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
 use lb_common::stats::COUNTER_NAMES;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 use serde::{Deserialize, Serialize};
@@ -38,6 +50,71 @@ pub struct StatusView {
     pub conntrack_gc_deleted: u64,
 }
 
+/// The metrics kube-proxy exports under the same names and meanings, so that its dashboards
+/// and alerts work unchanged.
+#[derive(Clone)]
+pub struct ProxyMetrics {
+    /// kubeproxy_sync_proxy_rules_duration_seconds: one sync of the maps.
+    pub sync_duration: Histogram,
+    /// kubeproxy_network_programming_duration_seconds: from an EndpointSlice's
+    /// `endpoints.kubernetes.io/last-change-trigger-time` to the maps written.
+    pub network_programming_duration: Histogram,
+    /// kubeproxy_sync_proxy_rules_last_timestamp_seconds.
+    pub last_sync_timestamp: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// kubeproxy_sync_proxy_rules_endpoint_changes_total.
+    pub endpoint_changes: Counter,
+    /// kubeproxy_sync_proxy_rules_service_changes_total.
+    pub service_changes: Counter,
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        // kube-proxy's buckets: 1 ms doubling to about 16 s; 0.25 s doubling to 8 min.
+        Self {
+            sync_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            network_programming_duration: Histogram::new(exponential_buckets(0.25, 2.0, 12)),
+            last_sync_timestamp: Gauge::default(),
+            endpoint_changes: Counter::default(),
+            service_changes: Counter::default(),
+        }
+    }
+}
+
+/// kube-proxy's health rule: unhealthy once a change has waited longer than the timeout
+/// without the maps being written.
+pub struct Health {
+    timeout: Duration,
+    /// The oldest change not yet in the maps.
+    oldest_pending: Option<Instant>,
+    last_updated: Option<SystemTime>,
+}
+
+impl Health {
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            oldest_pending: None,
+            last_updated: None,
+        }
+    }
+
+    /// Changes arrived that are not in the maps yet.
+    pub fn queued(&mut self, at: Instant) {
+        self.oldest_pending.get_or_insert(at);
+    }
+
+    /// The maps hold every change queued so far.
+    pub fn updated(&mut self, at: SystemTime) {
+        self.oldest_pending = None;
+        self.last_updated = Some(at);
+    }
+
+    pub fn healthy(&self, now: Instant) -> bool {
+        self.oldest_pending
+            .is_none_or(|queued| now.duration_since(queued) < self.timeout)
+    }
+}
+
 /// What the admin endpoint serves: the control plane itself (Services are rendered when asked,
 /// not kept twice) and the agent's status. Locks are held briefly and never across an await.
 pub struct AdminState {
@@ -45,15 +122,31 @@ pub struct AdminState {
     status: RwLock<StatusView>,
     /// The datapath counters, read from the kernel at each request.
     counters: Option<StatsReader>,
+    pub metrics: ProxyMetrics,
+    health: Mutex<Health>,
 }
 
 impl AdminState {
     pub fn new(control: ControlPlane, counters: Option<StatsReader>) -> Self {
+        Self::with_health_timeout(control, counters, DEFAULT_HEALTH_TIMEOUT)
+    }
+
+    pub fn with_health_timeout(
+        control: ControlPlane,
+        counters: Option<StatsReader>,
+        health_timeout: Duration,
+    ) -> Self {
         Self {
             control: RwLock::new(control),
             status: RwLock::new(StatusView::default()),
             counters,
+            metrics: ProxyMetrics::default(),
+            health: Mutex::new(Health::new(health_timeout)),
         }
+    }
+
+    pub fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The agent's status with the datapath counters as they are now.
@@ -105,6 +198,8 @@ pub const SERVICES_PATH: &str = "/v1/services";
 pub const ENDPOINTS_PATH: &str = "/v1/endpoints";
 pub const STATUS_PATH: &str = "/v1/status";
 pub const METRICS_PATH: &str = "/metrics";
+/// kube-proxy's: twice its default sync period.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabel {
@@ -116,6 +211,33 @@ fn metrics(state: &AdminState) -> String {
     let services = state.control().services_len();
     let status = state.current_status();
     let mut registry = Registry::default();
+    let m = &state.metrics;
+    registry.register(
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "SyncProxyRules latency in seconds",
+        m.sync_duration.clone(),
+    );
+    registry.register(
+        "kubeproxy_network_programming_duration_seconds",
+        "In Cluster Network Programming Latency in seconds",
+        m.network_programming_duration.clone(),
+    );
+    registry.register(
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "The last time proxy rules were successfully synced",
+        m.last_sync_timestamp.clone(),
+    );
+    // Registered without the suffix: the encoder adds `_total` to counters.
+    registry.register(
+        "kubeproxy_sync_proxy_rules_endpoint_changes",
+        "Cumulative proxy rules Endpoint changes",
+        m.endpoint_changes.clone(),
+    );
+    registry.register(
+        "kubeproxy_sync_proxy_rules_service_changes",
+        "Cumulative proxy rules Service changes",
+        m.service_changes.clone(),
+    );
     let packets = Family::<VerdictLabel, Counter>::default();
     for (name, value) in &status.counters {
         packets
@@ -200,6 +322,45 @@ pub fn router(state: SharedState) -> Router {
         .with_state(state)
 }
 
+/// kube-proxy's health endpoint: `/healthz` and `/livez`, 200 or 503 with the same JSON body.
+pub fn health_router(state: SharedState) -> Router {
+    let answer = |State(s): State<SharedState>| async move {
+        let (healthy, last_updated) = {
+            let health = s.health();
+            (health.healthy(Instant::now()), health.last_updated)
+        };
+        let rfc3339 = |t: SystemTime| humantime::format_rfc3339_millis(t).to_string();
+        let body = serde_json::json!({
+            "lastUpdated": last_updated.map(rfc3339).unwrap_or_default(),
+            "currentTime": rfc3339(SystemTime::now()),
+            "nodeEligible": true,
+        });
+        let code = if healthy {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (
+            code,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response()
+    };
+    Router::new()
+        .route("/healthz", get(answer))
+        .route("/livez", get(answer))
+        .with_state(state)
+}
+
+pub async fn serve_health(addr: SocketAddr, state: SharedState) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("--healthz-bind {addr}: {e}"))?;
+    axum::serve(listener, health_router(state)).await?;
+    Ok(())
+}
+
 pub async fn serve(addr: SocketAddr, state: SharedState) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -217,4 +378,26 @@ pub fn fetch<T: for<'de> Deserialize<'de>>(admin: &str, path: &str) -> anyhow::R
         )
     })?;
     Ok(response.body_mut().read_json()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_fails_only_when_a_change_waits_longer_than_the_timeout() {
+        let start = Instant::now();
+        let mut health = Health::new(Duration::from_secs(60));
+        assert!(health.healthy(start), "nothing queued");
+        health.queued(start);
+        assert!(health.healthy(start + Duration::from_secs(59)));
+        health.queued(start + Duration::from_secs(30));
+        assert!(
+            !health.healthy(start + Duration::from_secs(61)),
+            "the oldest change counts"
+        );
+        health.updated(SystemTime::now());
+        assert!(health.healthy(start + Duration::from_secs(3600)));
+        assert!(health.last_updated.is_some());
+    }
 }

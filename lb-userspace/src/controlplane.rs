@@ -111,6 +111,8 @@ pub struct ControlPlane {
     /// Addresses Services held before this agent started (from the pinned record): kept for
     /// them through the first computation, as if they had been accepted here.
     held_before: HashMap<ObjectName, Ipv4Addr>,
+    /// This node's zone (its `topology.kubernetes.io/zone` label), for topology hints.
+    zone: Option<String>,
 }
 
 impl ControlPlane {
@@ -136,6 +138,16 @@ impl ControlPlane {
             states: BTreeMap::new(),
             dirty: BTreeSet::new(),
             held_before: HashMap::new(),
+            zone: None,
+        }
+    }
+
+    /// This node's zone: Services whose endpoints carry topology hints send new connections
+    /// to the endpoints meant for it. Every Service is computed again when it changes.
+    pub fn set_zone(&mut self, zone: Option<String>) {
+        if self.zone != zone {
+            self.zone = zone;
+            self.dirty.extend(self.services.keys().cloned());
         }
     }
 
@@ -290,7 +302,7 @@ impl ControlPlane {
             };
             // Without a creation time (a manifest), a Service is as old as its first state.
             let created = svc.created.or(old.map(|s| s.created)).unwrap_or(now);
-            let ports = resolve_ports(svc, &self.endpoints);
+            let ports = resolve_ports(svc, &self.endpoints, self.zone.as_deref());
             let unchanged = old.is_some_and(|old| {
                 old.cluster_ip == cluster_ip
                     && old.created == created
@@ -600,7 +612,11 @@ impl EndpointSources {
     }
 }
 
-fn resolve_ports(svc: &Service, sources: &EndpointSources) -> Vec<ResolvedPort> {
+fn resolve_ports(
+    svc: &Service,
+    sources: &EndpointSources,
+    zone: Option<&str>,
+) -> Vec<ResolvedPort> {
     if svc.service_type == ServiceType::ExternalName {
         return Vec::new();
     }
@@ -610,6 +626,7 @@ fn resolve_ports(svc: &Service, sources: &EndpointSources) -> Vec<ResolvedPort> 
             let mut ready = BTreeSet::new();
             let mut terminating = BTreeSet::new();
             let mut not_ready = BTreeSet::new();
+            let mut hinted: BTreeMap<SocketAddrV4, &[String]> = BTreeMap::new();
             let mut add = |addr: SocketAddrV4, c: EndpointConditions| {
                 // publishNotReadyAddresses: the endpoint controller reports every one ready.
                 if c.ready || svc.publish_not_ready_addresses {
@@ -648,11 +665,30 @@ fn resolve_ports(svc: &Service, sources: &EndpointSources) -> Vec<ResolvedPort> 
                                 continue;
                             };
                             for (ip, conditions) in &group.addresses {
-                                add(SocketAddrV4::new(*ip, ep_port.port), *conditions);
+                                let addr = SocketAddrV4::new(*ip, ep_port.port);
+                                add(addr, *conditions);
+                                if let Some(zones) = group.zone_hints.get(ip) {
+                                    hinted.insert(addr, zones);
+                                }
                             }
                         }
                     }
                 }
+            }
+            // Topology hints, as kube-proxy reads them: when every ready endpoint has zone hints
+            // and some are meant for this node's zone, only those take new connections; the
+            // others keep their established ones. Otherwise the hints are ignored.
+            let for_zone = |a: &SocketAddrV4| {
+                hinted
+                    .get(a)
+                    .is_some_and(|zones| zone.is_some_and(|z| zones.iter().any(|h| h == z)))
+            };
+            let all_hinted = ready.iter().all(|a| hinted.contains_key(a));
+            if all_hinted && ready.iter().any(for_zone) {
+                let (kept, elsewhere): (BTreeSet<_>, BTreeSet<_>) =
+                    ready.iter().copied().partition(|a| for_zone(a));
+                ready = kept;
+                not_ready.extend(elsewhere);
             }
             // An address in two states (two slices) counts in the better one.
             let terminating: BTreeSet<_> = terminating.difference(&ready).copied().collect();

@@ -168,6 +168,9 @@ pub struct EndpointPort {
 pub struct EndpointGroup {
     pub ports: Vec<EndpointPort>,
     pub addresses: Vec<(Ipv4Addr, EndpointConditions)>,
+    /// Topology hints: the zones each address is meant for (`hints.forZones`), for the
+    /// addresses that have any.
+    pub zone_hints: BTreeMap<Ipv4Addr, Vec<String>>,
 }
 
 /// A hand-written Endpoints object or EndpointSlice for a Service without selector.
@@ -489,7 +492,11 @@ pub fn endpoints(ep: &core::Endpoints) -> Result<ManualEndpoints, FieldError> {
                 ));
             }
         }
-        groups.push(EndpointGroup { ports, addresses });
+        groups.push(EndpointGroup {
+            ports,
+            addresses,
+            zone_hints: BTreeMap::new(),
+        });
     }
     Ok(ManualEndpoints {
         service: id.clone(),
@@ -536,7 +543,14 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<ManualEndpoint
         });
     }
     let mut addresses = Vec::new();
+    let mut zone_hints = BTreeMap::new();
     for (ei, e) in slice.endpoints.iter().enumerate() {
+        let zones: Vec<String> = e
+            .hints
+            .iter()
+            .flat_map(|h| h.for_zones.iter().flatten())
+            .map(|z| z.name.clone())
+            .collect();
         // Nil conditions mean "unknown": consumers take ready as true, serving as ready,
         // terminating as false.
         let c = e.conditions.as_ref();
@@ -547,10 +561,11 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<ManualEndpoint
             terminating: c.and_then(|c| c.terminating).unwrap_or(false),
         };
         for (ai, a) in e.addresses.iter().enumerate() {
-            addresses.push((
-                ipv4(a, &format!("endpoints[{ei}].addresses[{ai}]"))?,
-                conditions,
-            ));
+            let ip = ipv4(a, &format!("endpoints[{ei}].addresses[{ai}]"))?;
+            addresses.push((ip, conditions));
+            if !zones.is_empty() {
+                zone_hints.insert(ip, zones.clone());
+            }
         }
     }
     Ok(ManualEndpoints {
@@ -559,7 +574,11 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<ManualEndpoint
             name: service_name,
         },
         id,
-        groups: vec![EndpointGroup { ports, addresses }],
+        groups: vec![EndpointGroup {
+            ports,
+            addresses,
+            zone_hints,
+        }],
     })
 }
 

@@ -36,17 +36,34 @@ fn ready(ip: Ipv4Addr) -> Endpoint {
 }
 
 fn slice(service: &str, endpoints: &[Endpoint]) -> Value {
+    let hints: Vec<Option<&str>> = vec![None; endpoints.len()];
+    hinted_slice(service, endpoints, &hints)
+}
+
+/// An EndpointSlice whose endpoints carry the zone hints given (`None`: no hint).
+fn hinted_slice(service: &str, endpoints: &[Endpoint], zones: &[Option<&str>]) -> Value {
     json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": format!("{service}-abcde"), "namespace": "default",
                      "labels": {"kubernetes.io/service-name": service}},
         "addressType": "IPv4",
-        "endpoints": endpoints.iter().map(|(ip, ready, serving, terminating)| json!({
-            "addresses": [ip.to_string()],
-            "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
-        })).collect::<Vec<_>>(),
+        "endpoints": endpoints.iter().zip(zones).map(|((ip, ready, serving, terminating), zone)| {
+            let mut e = json!({
+                "addresses": [ip.to_string()],
+                "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+            });
+            if let Some(zone) = zone {
+                e["hints"] = json!({"forZones": [{"name": zone}]});
+            }
+            e
+        }).collect::<Vec<_>>(),
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
     })
+}
+
+fn node(zone: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node",
+           "metadata": {"name": "node-1", "labels": {"topology.kubernetes.io/zone": zone}}})
 }
 
 const API_ADDR: &str = "127.0.0.1:16443";
@@ -72,6 +89,7 @@ fn cluster() -> Cluster {
         .listen_on_node(0, API_ADDR.parse::<SocketAddr>().unwrap())
         .unwrap();
     let api = FakeApiServer::start(listener);
+    api.apply(node("zone-a"));
     api.apply(service("web", VIP, json!({})));
     api.apply(slice("web", &[ready(backend_ip(1))]));
     bed.kubeconfig = Some(api.write_kubeconfig(&bed.dir));
@@ -216,4 +234,64 @@ fn broken_and_expired_watches_and_an_api_outage_keep_the_datapath_serving() {
     c.api.apply(slice("web", &[ready(backend_ip(2))]));
     c.api.up(reopen(&c));
     c.answered_by("web-2", "the change made while the agent was restarting");
+}
+
+#[test]
+fn topology_hints_keep_new_connections_in_this_nodes_zone() {
+    let c = cluster();
+    let both = [ready(backend_ip(1)), ready(backend_ip(2))];
+    c.api.apply(slice("web", &both));
+    wait_for(
+        "both endpoints without hints",
+        Duration::from_secs(20),
+        || {
+            let seen: std::collections::BTreeSet<String> = (0..24)
+                .filter_map(|_| c.curl(&format!("http://{VIP}/")).ok())
+                .collect();
+            seen.len() == 2
+        },
+    );
+    // web-1 is meant for zone-a (this node's), web-2 for zone-b.
+    c.api.apply(hinted_slice(
+        "web",
+        &both,
+        &[Some("zone-a"), Some("zone-b")],
+    ));
+    wait_for("only zone-a's endpoint", Duration::from_secs(20), || {
+        (0..12).all(|_| {
+            c.curl(&format!("http://{VIP}/"))
+                .is_ok_and(|p| p == "web-1")
+        })
+    });
+    // The node moves to zone-b.
+    c.api.apply(node("zone-b"));
+    c.answered_by("web-2", "zone-b's endpoint after the node's zone changed");
+    for _ in 0..12 {
+        assert_eq!(c.curl(&format!("http://{VIP}/")).unwrap(), "web-2");
+    }
+    // An endpoint without hints: the hints are ignored and both take connections.
+    c.api
+        .apply(hinted_slice("web", &both, &[Some("zone-a"), None]));
+    wait_for("both endpoints again", Duration::from_secs(20), || {
+        let seen: std::collections::BTreeSet<String> = (0..24)
+            .filter_map(|_| c.curl(&format!("http://{VIP}/")).ok())
+            .collect();
+        seen.len() == 2
+    });
+    // No endpoint meant for this node's zone: every endpoint takes connections.
+    c.api.apply(hinted_slice(
+        "web",
+        &both,
+        &[Some("zone-a"), Some("zone-a")],
+    ));
+    wait_for(
+        "both endpoints when none is meant for zone-b",
+        Duration::from_secs(20),
+        || {
+            let seen: std::collections::BTreeSet<String> = (0..24)
+                .filter_map(|_| c.curl(&format!("http://{VIP}/")).ok())
+                .collect();
+            seen.len() == 2
+        },
+    );
 }

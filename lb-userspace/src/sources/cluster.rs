@@ -26,14 +26,24 @@ use crate::{
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Services with this label get no proxying (kube-proxy skips them too).
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The Node label naming its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// When the change an EndpointSlice reflects began (set by the EndpointSlice controller).
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// What the watchers report to the agent.
 #[derive(Debug)]
 pub enum Update {
-    /// Changes to apply, in order.
-    Changes(Vec<Change>),
+    /// Changes to apply, in order, and the times their EndpointSlices say the endpoint
+    /// changes began (for the network programming latency).
+    Changes {
+        changes: Vec<Change>,
+        triggers: Vec<std::time::SystemTime>,
+    },
     /// A kind finished a (re)list: its objects are all known from here on.
     Listed(&'static str),
+    /// This node's zone (its `topology.kubernetes.io/zone` label), as it is now.
+    Zone(Option<String>),
     /// An object that cannot be used (the version before it stays in force), or (`None`) that
     /// can again.
     Problem {
@@ -46,13 +56,21 @@ pub enum Update {
 pub struct Stores {
     pub services: Store<core::Service>,
     pub endpoint_slices: Store<discovery::EndpointSlice>,
+    pub node: Store<core::Node>,
 }
 
-/// Starts watching Services and EndpointSlices in every namespace. Watches retry with backoff
-/// for as long as the agent runs, an unreachable API server included.
-pub fn watch(client: Client, tx: mpsc::UnboundedSender<Update>) -> Stores {
+/// Starts watching Services and EndpointSlices in every namespace, and the Node `node_name`.
+/// Watches retry with backoff for as long as the agent runs, an unreachable API server
+/// included.
+pub fn watch(client: Client, node_name: &str, tx: mpsc::UnboundedSender<Update>) -> Stores {
     let (services, service_writer) = reflector::store();
     let (endpoint_slices, slice_writer) = reflector::store();
+    let (node, node_writer) = reflector::store();
+    let node_config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    let stream = watcher::watcher(Api::<core::Node>::all(client.clone()), node_config)
+        .default_backoff()
+        .reflect(node_writer);
+    tokio::spawn(forward_zone(stream, tx.clone()));
     let config = watcher::Config::default().any_semantic();
     let stream = watcher::watcher(Api::<core::Service>::all(client.clone()), config.clone())
         .default_backoff()
@@ -65,6 +83,33 @@ pub fn watch(client: Client, tx: mpsc::UnboundedSender<Update>) -> Stores {
     Stores {
         services,
         endpoint_slices,
+        node,
+    }
+}
+
+/// Reports this node's zone whenever its Node object says something new about it.
+async fn forward_zone<S>(stream: S, tx: mpsc::UnboundedSender<Update>)
+where
+    S: futures::Stream<Item = Result<Event<core::Node>, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut reported: Option<Option<String>> = None;
+    while let Some(event) = stream.next().await {
+        let zone = match event {
+            Ok(Event::Apply(node) | Event::InitApply(node)) => {
+                node.labels().get(ZONE_LABEL).cloned()
+            }
+            Ok(Event::Delete(_)) => None,
+            Ok(Event::Init | Event::InitDone) => continue,
+            Err(e) => {
+                warn!("watching this node's Node: {e}");
+                continue;
+            }
+        };
+        if reported.as_ref() != Some(&zone) {
+            reported = Some(zone.clone());
+            let _ = tx.send(Update::Zone(zone));
+        }
     }
 }
 
@@ -122,6 +167,7 @@ async fn forward<K, S>(
     // Objects with a problem reported.
     let mut troubled: HashSet<ObjectName> = HashSet::new();
     let mut changes = Vec::new();
+    let mut triggers = Vec::new();
     while let Some(event) = stream.next().await {
         let event = match event {
             Ok(event) => event,
@@ -168,11 +214,14 @@ async fn forward<K, S>(
                     known.remove(&name);
                     changes.push(Change::Delete((kind, name)));
                 }
-                send_changes(&tx, &mut changes);
+                send_changes(&tx, &mut changes, &mut triggers);
                 let _ = tx.send(Update::Listed(kind));
                 continue;
             }
-            Event::Apply(object) => upsert(&object, &mut changes, &mut known),
+            Event::Apply(object) => {
+                triggers.extend(trigger_time(&object));
+                upsert(&object, &mut changes, &mut known)
+            }
             Event::Delete(object) => {
                 let name = name_of(&object);
                 if known.remove(&name) {
@@ -197,13 +246,30 @@ async fn forward<K, S>(
         }
         // During a relist, changes wait for its end: a half-listed kind is never programmed.
         if relisted.is_none() {
-            send_changes(&tx, &mut changes);
+            send_changes(&tx, &mut changes, &mut triggers);
         }
     }
 }
 
-fn send_changes(tx: &mpsc::UnboundedSender<Update>, changes: &mut Vec<Change>) {
+fn send_changes(
+    tx: &mpsc::UnboundedSender<Update>,
+    changes: &mut Vec<Change>,
+    triggers: &mut Vec<std::time::SystemTime>,
+) {
     if !changes.is_empty() {
-        let _ = tx.send(Update::Changes(std::mem::take(changes)));
+        let _ = tx.send(Update::Changes {
+            changes: std::mem::take(changes),
+            triggers: std::mem::take(triggers),
+        });
     }
+}
+
+/// The time an object's trigger annotation gives, if any.
+fn trigger_time<K: Resource>(object: &K) -> Option<std::time::SystemTime> {
+    let text = object
+        .meta()
+        .annotations
+        .as_ref()?
+        .get(TRIGGER_TIME_ANNOTATION)?;
+    humantime::parse_rfc3339_weak(text).ok()
 }

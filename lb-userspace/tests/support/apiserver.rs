@@ -30,6 +30,8 @@ use tokio::sync::{broadcast, watch};
 pub enum Kind {
     Service,
     EndpointSlice,
+    /// Cluster-scoped: no namespace.
+    Node,
 }
 
 impl Kind {
@@ -37,13 +39,22 @@ impl Kind {
         match self {
             Kind::Service => "ServiceList",
             Kind::EndpointSlice => "EndpointSliceList",
+            Kind::Node => "NodeList",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
-            Kind::Service => "v1",
+            Kind::Service | Kind::Node => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
         }
     }
 
@@ -51,6 +62,7 @@ impl Kind {
         match object["kind"].as_str() {
             Some("Service") => Kind::Service,
             Some("EndpointSlice") => Kind::EndpointSlice,
+            Some("Node") => Kind::Node,
             other => panic!("the fake API server keeps Services and EndpointSlices, not {other:?}"),
         }
     }
@@ -125,6 +137,7 @@ impl FakeApiServer {
         let app = Router::new()
             .route("/api/v1/services", get(services))
             .route("/apis/discovery.k8s.io/v1/endpointslices", get(slices))
+            .route("/api/v1/nodes", get(nodes))
             .with_state(self.shared.clone());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         self.stop = Some(stop);
@@ -157,18 +170,24 @@ impl FakeApiServer {
     /// Creates or replaces an object (a Service or an EndpointSlice as JSON).
     pub fn apply(&self, mut object: Value) {
         let kind = Kind::of(&object);
-        let key = (
-            kind,
-            object["metadata"]["namespace"]
+        let namespace = match kind {
+            Kind::Node => String::new(),
+            _ => object["metadata"]["namespace"]
                 .as_str()
                 .unwrap_or("default")
                 .to_string(),
+        };
+        let key = (
+            kind,
+            namespace,
             object["metadata"]["name"]
                 .as_str()
                 .expect("metadata.name")
                 .to_string(),
         );
-        object["metadata"]["namespace"] = json!(key.1);
+        if kind != Kind::Node {
+            object["metadata"]["namespace"] = json!(key.1);
+        }
         let mut objects = self.shared.objects.lock().unwrap();
         objects.resource_version += 1;
         let rv = objects.resource_version;
@@ -286,6 +305,11 @@ async fn slices(state: State<Arc<Shared>>, query: RawQuery) -> Response {
     list_or_watch(Kind::EndpointSlice, state.0, ListOptions::parse(query.0)).await
 }
 
+/// Every Node (the field selector on the name is not applied: tests have one node).
+async fn nodes(state: State<Arc<Shared>>, query: RawQuery) -> Response {
+    list_or_watch(Kind::Node, state.0, ListOptions::parse(query.0)).await
+}
+
 fn json_response(value: Value) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -370,7 +394,7 @@ async fn list_or_watch(kind: Kind, shared: Arc<Shared>, options: ListOptions) ->
                     // Only as far as sent: a later mark could skip an event still on its way.
                     let rv = sent_up_to;
                     let mark = json!({"type": "BOOKMARK", "object": {
-                        "kind": match kind { Kind::Service => "Service", Kind::EndpointSlice => "EndpointSlice" },
+                        "kind": kind.name(),
                         "apiVersion": kind.api_version(),
                         "metadata": {"resourceVersion": rv.to_string()}}});
                     if tx.send(Ok(mark.to_string() + "\n")).await.is_err() {
