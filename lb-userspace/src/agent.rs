@@ -57,6 +57,10 @@ pub struct AgentConfig {
     /// Directory on a bpf filesystem where maps and links are pinned.
     #[arg(long, default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
+    /// How the TC programs are attached: TCX (Linux 6.6+), the clsact qdisc (older kernels),
+    /// or whichever this kernel supports.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub tc_attach: crate::dataplane::TcAttach,
     /// Address of the health endpoint (/healthz, /livez), served as kube-proxy serves it.
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind: SocketAddr,
@@ -210,7 +214,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             "kube-proxy's rules are on this node ({found}): kube-proxy and this datapath would both act on Service traffic; remove kube-proxy and its rules (README, replacing kube-proxy)"
         );
     }
-    let dataplane = Dataplane::load_pinned(&config.bpffs, config.datapath_config())?;
+    let mut dataplane = Dataplane::load_pinned(&config.bpffs, config.datapath_config())?;
+    dataplane.set_tc_attach(config.tc_attach);
+    info!(tc_attach = ?dataplane.tc_attach(), "attaching TC programs");
     let actual = dataplane.read_actual()?;
     info!(
         bpffs = %config.bpffs.display(),
@@ -451,6 +457,7 @@ impl Agent {
                 let mut status = self.shared.status_mut();
                 status.conntrack_entries = gc.entries;
                 status.conntrack_gc_deleted += gc.deleted as u64;
+                status.map_fill = map_fill(&self.actual, gc.entries);
             }
             Err(e) => warn!("conntrack garbage collection: {e}"),
         }
@@ -630,8 +637,23 @@ impl Agent {
             syncs: self.syncs,
             conntrack_entries: status.conntrack_entries,
             conntrack_gc_deleted: status.conntrack_gc_deleted,
+            map_fill: map_fill(&self.actual, status.conntrack_entries),
         };
     }
+}
+
+/// How full the maps are, from what the agent wrote and what the last GC counted.
+fn map_fill(actual: &ActualDataplane, conntrack_entries: usize) -> Vec<(String, usize, u32)> {
+    use lb_common::*;
+    [
+        (FRONTENDS_MAP, actual.frontends.len(), MAX_FRONTENDS),
+        (SLOTS_MAP, actual.slots.len(), MAX_SLOTS),
+        (BACKENDS_MAP, actual.backends.len(), MAX_BACKENDS),
+        (CONNTRACK_MAP, conntrack_entries, MAX_CONNTRACK),
+    ]
+    .into_iter()
+    .map(|(map, used, capacity)| (map.to_string(), used, capacity))
+    .collect()
 }
 
 /// Keeps the pinned record of which Service holds which ClusterIP equal to the control

@@ -48,6 +48,9 @@ pub struct StatusView {
     /// Expired conntrack entries the garbage collector deleted.
     #[serde(default)]
     pub conntrack_gc_deleted: u64,
+    /// How full each map is: (map, entries, capacity).
+    #[serde(default)]
+    pub map_fill: Vec<(String, usize, u32)>,
 }
 
 /// The metrics kube-proxy exports under the same names and meanings, so that its dashboards
@@ -206,6 +209,11 @@ struct VerdictLabel {
     verdict: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: String,
+}
+
 /// Prometheus text exposition of the agent's state and the datapath counters.
 fn metrics(state: &AdminState) -> String {
     let services = state.control().services_len();
@@ -250,6 +258,19 @@ fn metrics(state: &AdminState) -> String {
         "lb_datapath_packets",
         "Packets seen by the datapath, by verdict",
         packets,
+    );
+    let entries = Family::<MapLabel, Gauge>::default();
+    let capacity = Family::<MapLabel, Gauge>::default();
+    for (map, used, size) in &status.map_fill {
+        let label = MapLabel { map: map.clone() };
+        entries.get_or_create(&label).set(*used as i64);
+        capacity.get_or_create(&label).set(*size as i64);
+    }
+    registry.register("lb_map_entries", "Entries in each datapath map", entries);
+    registry.register(
+        "lb_map_capacity",
+        "Entries each datapath map can hold",
+        capacity,
     );
     let syncs = Counter::<u64>::default();
     syncs.inc_by(status.syncs);

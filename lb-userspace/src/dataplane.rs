@@ -11,7 +11,7 @@ use aya::{
     programs::{
         SchedClassifier, TcAttachType, TestRun, TestRunOptions,
         links::{FdLink, LinkOrder},
-        tc::TcAttachOptions,
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
     },
 };
 use lb_common::{
@@ -61,8 +61,40 @@ pub enum DataplaneError {
 
 type Result<T> = std::result::Result<T, DataplaneError>;
 
+/// How the TC programs are attached: `--tc-attach`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttach {
+    /// TCX where the kernel has it (6.6 and later), else the clsact qdisc.
+    Auto,
+    /// TCX links, pinned with the maps.
+    Tcx,
+    /// cls_bpf filters on the clsact qdisc, through netlink (kernels before 6.6).
+    Legacy,
+}
+
+impl TcAttach {
+    /// TCX or legacy for this kernel.
+    fn resolve(self) -> TcAttach {
+        match self {
+            TcAttach::Auto => {
+                let tcx = aya::util::KernelVersion::current()
+                    .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+                if tcx { TcAttach::Tcx } else { TcAttach::Legacy }
+            }
+            other => other,
+        }
+    }
+}
+
+/// The clsact filter the legacy path owns on every hook: replaced in place by a restarted
+/// agent, so no packet ever passes without a program.
+const LEGACY_PRIORITY: u16 = 1;
+const LEGACY_HANDLE: TcHandle = TcHandle::new(0, 0x1b);
+
 pub struct Dataplane {
     ebpf: Ebpf,
+    /// TCX or legacy, resolved for this kernel.
+    tc_attach: TcAttach,
     /// As written to the config map, the clock's tick included.
     config: Config,
     bpffs: Option<PathBuf>,
@@ -144,6 +176,7 @@ impl Dataplane {
         let ebpf = loader.load(EBPF_OBJECT)?;
         let mut dp = Self {
             ebpf,
+            tc_attach: TcAttach::Auto.resolve(),
             config,
             bpffs: Some(bpffs.to_path_buf()),
             attached: HashMap::new(),
@@ -161,6 +194,7 @@ impl Dataplane {
         let ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
         let mut dp = Self {
             ebpf,
+            tc_attach: TcAttach::Auto.resolve(),
             config: Config::DEFAULT,
             bpffs: None,
             attached: HashMap::new(),
@@ -433,7 +467,20 @@ impl Dataplane {
         Ok(newly)
     }
 
+    /// Chooses TCX or the clsact qdisc for the attachments made from now on.
+    pub fn set_tc_attach(&mut self, how: TcAttach) {
+        self.tc_attach = how.resolve();
+    }
+
+    /// TCX or legacy, as resolved for this kernel.
+    pub fn tc_attach(&self) -> TcAttach {
+        self.tc_attach
+    }
+
     fn attach(&mut self, ifindex: u32, name: &str, hook: Hook) -> Result<()> {
+        if self.tc_attach == TcAttach::Legacy {
+            return self.attach_legacy(ifindex, name, hook);
+        }
         let attach_err = |e: &dyn std::fmt::Display| DataplaneError::Attach {
             iface: name.to_string(),
             message: e.to_string(),
@@ -469,6 +516,51 @@ impl Dataplane {
             // Unpinned (tests): the attachment lives as long as this process.
             std::mem::forget(link);
         }
+        self.attached.insert((ifindex, hook), name.to_string());
+        Ok(())
+    }
+
+    /// The clsact qdisc path: a cls_bpf filter in direct-action mode at a fixed priority and
+    /// handle. The filter stays when the agent exits (as a pinned TCX link does); a restarted
+    /// agent replaces it in place.
+    fn attach_legacy(&mut self, ifindex: u32, name: &str, hook: Hook) -> Result<()> {
+        let attach_err = |e: &dyn std::fmt::Display| DataplaneError::Attach {
+            iface: name.to_string(),
+            message: e.to_string(),
+        };
+        match tc::qdisc_add_clsact(name) {
+            Ok(()) => {}
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(attach_err(&e)),
+        }
+        let prog = self.classifier(hook.program())?;
+        let options = TcAttachOptions::Netlink(NlOptions {
+            priority: LEGACY_PRIORITY,
+            handle: LEGACY_HANDLE,
+            classid: None,
+        });
+        let link_id = match prog.attach_with_options(name, hook.attach_type(), options) {
+            Ok(id) => id,
+            Err(aya::programs::ProgramError::TcError(TcError::NetlinkError(e)))
+                if e.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                // A previous agent's filter: the program is swapped in place.
+                let existing = SchedClassifierLink::attached(
+                    name,
+                    hook.attach_type(),
+                    LEGACY_PRIORITY,
+                    LEGACY_HANDLE,
+                    None,
+                )
+                .map_err(|e| attach_err(&e))?;
+                prog.attach_to_link(existing).map_err(|e| attach_err(&e))?
+            }
+            Err(e) => return Err(attach_err(&e)),
+        };
+        let link = prog.take_link(link_id).map_err(|e| attach_err(&e))?;
+        // Dropping the link would remove the filter: it is left to outlive the agent (`lb
+        // reset` removes it).
+        std::mem::forget(link);
         self.attached.insert((ifindex, hook), name.to_string());
         Ok(())
     }
@@ -619,6 +711,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
 /// Removes every link and map the agent pinned under `bpffs`: the programs detach.
 pub fn reset(bpffs: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
+    remove_legacy_filters();
     let links = bpffs.join(LINKS_DIR);
     for (_, _, path) in link_pins(&links)? {
         std::fs::remove_file(&path)?;
@@ -638,4 +731,38 @@ pub fn reset(bpffs: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(removed)
+}
+
+/// Removes the clsact filters of the legacy path from every interface, and the clsact qdisc
+/// where nothing else is left on it. Interfaces without them are left alone.
+fn remove_legacy_filters() {
+    for name in interfaces().into_values() {
+        let mut ours = false;
+        for hook in [Hook::Ingress, Hook::Egress] {
+            // Filters carry their program's name.
+            if tc::qdisc_detach_program(&name, hook.attach_type(), hook.program()).is_ok() {
+                ours = true;
+            }
+        }
+        if ours {
+            remove_empty_clsact(&name);
+        }
+    }
+}
+
+/// Deletes the clsact qdisc of `iface` if no filter is left on it (ours were the only ones).
+fn remove_empty_clsact(iface: &str) {
+    let filters = |direction: &str| {
+        std::process::Command::new("tc")
+            .args(["filter", "show", "dev", iface, direction])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| o.stdout.is_empty())
+    };
+    if filters("ingress") == Some(true) && filters("egress") == Some(true) {
+        let _ = std::process::Command::new("tc")
+            .args(["qdisc", "del", "dev", iface, "clsact"])
+            .status();
+    }
 }

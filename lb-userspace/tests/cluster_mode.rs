@@ -96,10 +96,30 @@ fn cluster() -> Cluster {
     bed.start_agent().unwrap();
     let cluster = Cluster { bed, api, client };
     cluster.answered_by("web-1", "the endpoint listed at start");
+    cluster.check_attach_mode();
     cluster
 }
 
 impl Cluster {
+    /// The programs sit where the attach mode says: as clsact filters with `legacy`, as TCX
+    /// links (no clsact filter) otherwise.
+    fn check_attach_mode(&self) {
+        let legacy = std::env::var("LB_TEST_TC_ATTACH").is_ok_and(|m| m == "legacy");
+        let link = &self.client.node_iface;
+        for (direction, program) in [("ingress", "lb_tc_ingress"), ("egress", "lb_tc_egress")] {
+            let filters = self
+                .bed
+                .exec_node(&["tc", "filter", "show", "dev", link, direction])
+                .unwrap_or_default();
+            assert_eq!(
+                filters.contains(program),
+                legacy,
+                "{link} {direction} filters with --tc-attach {}:\n{filters}",
+                if legacy { "legacy" } else { "auto" }
+            );
+        }
+    }
+
     fn curl(&self, url: &str) -> anyhow::Result<String> {
         Ok(self
             .bed
@@ -127,9 +147,52 @@ impl Cluster {
 #[test]
 fn services_and_endpoint_slices_from_the_api_server_reach_the_maps() {
     let c = cluster();
-    // An endpoint change moves new connections.
-    c.api.apply(slice("web", &[ready(backend_ip(2))]));
+    // An endpoint change moves new connections; its EndpointSlice's trigger time feeds
+    // kube-proxy's network programming latency.
+    let mut changed = slice("web", &[ready(backend_ip(2))]);
+    changed["metadata"]["annotations"] = json!({
+        "endpoints.kubernetes.io/last-change-trigger-time":
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+    });
+    c.api.apply(changed);
     c.answered_by("web-2", "the endpoint the slice now lists");
+    let metrics = c
+        .bed
+        .exec_node(&["curl", "-sS", "http://127.0.0.1:10249/metrics"])
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /metrics:\n{metrics}"))
+    };
+    assert!(value("kubeproxy_network_programming_duration_seconds_count") >= 1.0);
+    assert!(value("kubeproxy_sync_proxy_rules_duration_seconds_count") >= 2.0);
+    assert!(value("kubeproxy_sync_proxy_rules_endpoint_changes_total") >= 2.0);
+    assert!(value("kubeproxy_sync_proxy_rules_service_changes_total") >= 1.0);
+    assert!(value("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 1.7e9);
+    assert!(value("lb_map_entries{map=\"LB_FRONTENDS4_V2\"}") >= 1.0);
+    assert!(value("lb_map_capacity{map=\"LB_CONNTRACK4_V2\"}") > 0.0);
+    // kube-proxy's health answer on its port.
+    for path in ["healthz", "livez"] {
+        let health = c
+            .bed
+            .exec_node(&[
+                "curl",
+                "-sS",
+                "-f",
+                &format!("http://127.0.0.1:10256/{path}"),
+            ])
+            .unwrap();
+        let health: Value = serde_json::from_str(&health).unwrap();
+        assert!(
+            health["lastUpdated"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty()),
+            "{health}"
+        );
+        assert_eq!(health["nodeEligible"], true);
+    }
 
     // Terminating but still serving: used as the fallback when no endpoint is ready.
     c.api.apply(slice(
@@ -191,6 +254,41 @@ fn services_and_endpoint_slices_from_the_api_server_reach_the_maps() {
     wait_for("the deleted Service gone", Duration::from_secs(20), || {
         !c.services().contains(&"web".to_string()) && c.curl(&format!("http://{VIP}/")).is_err()
     });
+
+    // `lb reset` takes every program off the links, through whichever attach mode was used,
+    // and the clsact qdisc the legacy path added.
+    let mut c = c;
+    c.bed.stop_agent(false).unwrap();
+    let lb = support::bed::lb().to_string_lossy().into_owned();
+    let bpffs = c.bed.bpffs.to_string_lossy().into_owned();
+    // nsenter, not `ip netns exec`: that one mounts a /sys of its own, without bpffs.
+    let said = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", c.bed.node_netns))
+        .args([lb.as_str(), "reset", "--bpffs", bpffs.as_str()])
+        .output()
+        .unwrap();
+    assert!(said.status.success(), "lb reset: {said:?}");
+    let said = String::from_utf8_lossy(&said.stdout);
+    let link = c.client.node_iface.clone();
+    for direction in ["ingress", "egress"] {
+        let filters = c
+            .bed
+            .exec_node(&["tc", "filter", "show", "dev", &link, direction])
+            .unwrap();
+        assert!(!filters.contains("lb_tc_"), "{link} {direction}: {filters}");
+    }
+    let qdiscs = c
+        .bed
+        .exec_node(&["tc", "qdisc", "show", "dev", &link])
+        .unwrap();
+    assert!(!qdiscs.contains("clsact"), "{link}: {qdiscs}");
+    let left: Vec<_> = std::fs::read_dir(&bpffs)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        !std::path::Path::new(&bpffs).exists(),
+        "{bpffs} removed; left: {left:?}; reset said: {said}"
+    );
 }
 
 #[test]

@@ -75,6 +75,9 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<(u64, u64)> {
     Ok((passed, failed))
 }
 
+/// Test binaries that run agents in network namespaces (run once per TC attach mode).
+const NAMESPACE_TESTS: [&str; 4] = ["netns", "reliability", "multinode", "cluster_mode"];
+
 pub fn build() -> anyhow::Result<PathBuf> {
     cargo(&["build", "--release", "-p", "lb-userspace"])?;
     Ok(workspace_root().join("target/release/lb"))
@@ -125,7 +128,31 @@ fn main() -> anyhow::Result<()> {
                 "--test-threads=1",
             ]);
             testbed::cleanup_leftovers("lbt")?;
-            let (passed, failed) = result?;
+            let (mut passed, mut failed) = result?;
+            // The namespace tests again, with the programs attached through the clsact qdisc
+            // (the path of kernels before 6.6) instead of TCX.
+            eprintln!("==> namespace tests again with --tc-attach legacy");
+            // SAFETY: set before any thread of this process reads the environment again.
+            unsafe { std::env::set_var("LB_TEST_TC_ATTACH", "legacy") };
+            // The same package selection as above, so nothing is built again.
+            let mut args = vec![
+                "test",
+                "--release",
+                "--workspace",
+                "--exclude",
+                "lb-ebpf",
+                "--no-fail-fast",
+            ];
+            for test in NAMESPACE_TESTS {
+                args.extend(["--test", test]);
+            }
+            args.extend(["--", "--test-threads=1"]);
+            let legacy = cargo_test(&args);
+            unsafe { std::env::remove_var("LB_TEST_TC_ATTACH") };
+            testbed::cleanup_leftovers("lbt")?;
+            let (p, f) = legacy?;
+            passed += p;
+            failed += f;
             println!("{passed} passed, {failed} failed");
             anyhow::ensure!(failed == 0 && passed > 0, "tests failed");
             Ok(())

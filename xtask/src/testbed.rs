@@ -614,6 +614,13 @@ impl Testbed {
                 &[]
             })
             .args(extra)
+            // The namespace tests run once per attach mode (`cargo xtask test`).
+            .args(
+                std::env::var("LB_TEST_TC_ATTACH")
+                    .ok()
+                    .map(|mode| vec!["--tc-attach".to_string(), mode])
+                    .unwrap_or_default(),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
