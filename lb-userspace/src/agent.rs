@@ -308,6 +308,14 @@ async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> 
 
 type AdminServer = tokio::task::JoinHandle<anyhow::Result<()>>;
 
+/// Link scans, conntrack garbage collection, full resyncs, and SIGTERM.
+struct Timers {
+    links: tokio::time::Interval,
+    conntrack_gc: tokio::time::Interval,
+    resync: tokio::time::Interval,
+    sigterm: tokio::signal::unix::Signal,
+}
+
 impl Agent {
     /// Standalone mode: the maps follow the manifest folder.
     async fn run_standalone(&mut self, mut server: AdminServer) -> anyhow::Result<()> {
@@ -334,13 +342,12 @@ impl Agent {
         self.sync_folder(Read::Folder, true);
         info!(admin = %self.config.admin, manifests = %dir.display(), "agent running");
 
-        let mut links = tokio::time::interval(LINK_SCAN_EVERY);
-        let mut conntrack_gc = tokio::time::interval(self.config.conntrack_gc_interval);
-        // The first full resync comes one period after start (the start-up sync just ran).
-        let mut resync =
-            tokio::time::interval_at(tokio::time::Instant::now() + RESYNC_EVERY, RESYNC_EVERY);
-        let mut sigterm =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let Timers {
+            mut links,
+            mut conntrack_gc,
+            mut resync,
+            mut sigterm,
+        } = self.timers()?;
         loop {
             tokio::select! {
                 Some(paths) = rx.recv() => {
@@ -377,12 +384,12 @@ impl Agent {
         let mut listed: BTreeSet<&'static str> = BTreeSet::new();
         let mut pending: Vec<Change> = Vec::new();
         let mut triggers: Vec<SystemTime> = Vec::new();
-        let mut links = tokio::time::interval(LINK_SCAN_EVERY);
-        let mut conntrack_gc = tokio::time::interval(self.config.conntrack_gc_interval);
-        let mut resync =
-            tokio::time::interval_at(tokio::time::Instant::now() + RESYNC_EVERY, RESYNC_EVERY);
-        let mut sigterm =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let Timers {
+            mut links,
+            mut conntrack_gc,
+            mut resync,
+            mut sigterm,
+        } = self.timers()?;
         loop {
             tokio::select! {
                 Some(update) = rx.recv() => {
@@ -431,6 +438,21 @@ impl Agent {
                 served = &mut server => return served?,
             }
         }
+    }
+
+    /// The housekeeping both modes do besides following their objects.
+    fn timers(&self) -> anyhow::Result<Timers> {
+        Ok(Timers {
+            links: tokio::time::interval(LINK_SCAN_EVERY),
+            conntrack_gc: tokio::time::interval(self.config.conntrack_gc_interval),
+            // The first full resync comes one period after start (the start-up sync, or the
+            // first sync after listing, compares everything already).
+            resync: tokio::time::interval_at(
+                tokio::time::Instant::now() + RESYNC_EVERY,
+                RESYNC_EVERY,
+            ),
+            sigterm: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+        })
     }
 
     fn set_problem(&mut self, object: String, problem: Option<String>) {

@@ -152,6 +152,14 @@ impl LinkPatterns {
     }
 }
 
+/// An attach failure on `iface`, from whatever error the attach step gave.
+fn attach_error(iface: &str) -> impl Fn(&dyn std::fmt::Display) -> DataplaneError + '_ {
+    move |e| DataplaneError::Attach {
+        iface: iface.to_string(),
+        message: e.to_string(),
+    }
+}
+
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
@@ -481,10 +489,7 @@ impl Dataplane {
         if self.tc_attach == TcAttach::Legacy {
             return self.attach_legacy(ifindex, name, hook);
         }
-        let attach_err = |e: &dyn std::fmt::Display| DataplaneError::Attach {
-            iface: name.to_string(),
-            message: e.to_string(),
-        };
+        let attach_err = attach_error(name);
         let prog = self.classifier(hook.program())?;
         let prog_id = prog.info().map_err(|e| attach_err(&e))?.id();
         let link_id = prog
@@ -524,10 +529,7 @@ impl Dataplane {
     /// handle. The filter stays when the agent exits (as a pinned TCX link does); a restarted
     /// agent replaces it in place.
     fn attach_legacy(&mut self, ifindex: u32, name: &str, hook: Hook) -> Result<()> {
-        let attach_err = |e: &dyn std::fmt::Display| DataplaneError::Attach {
-            iface: name.to_string(),
-            message: e.to_string(),
-        };
+        let attach_err = attach_error(name);
         match tc::qdisc_add_clsact(name) {
             Ok(()) => {}
             Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}

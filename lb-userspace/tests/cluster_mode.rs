@@ -135,6 +135,17 @@ impl Cluster {
         });
     }
 
+    /// The pods answering `n` new connections to the ClusterIP (a failure counts as
+    /// "error").
+    fn answering(&self, n: usize) -> std::collections::BTreeSet<String> {
+        (0..n)
+            .map(|_| {
+                self.curl(&format!("http://{VIP}/"))
+                    .unwrap_or_else(|_| "error".to_string())
+            })
+            .collect()
+    }
+
     fn services(&self) -> Vec<String> {
         let json = self.bed.lb(&["get", "svc", "-A", "-o", "json"]).unwrap();
         let rows: Vec<Value> = serde_json::from_str(&json).unwrap();
@@ -338,16 +349,13 @@ fn broken_and_expired_watches_and_an_api_outage_keep_the_datapath_serving() {
 fn topology_hints_keep_new_connections_in_this_nodes_zone() {
     let c = cluster();
     let both = [ready(backend_ip(1)), ready(backend_ip(2))];
+    let both_pods: std::collections::BTreeSet<String> =
+        ["web-1".to_string(), "web-2".to_string()].into();
     c.api.apply(slice("web", &both));
     wait_for(
         "both endpoints without hints",
         Duration::from_secs(20),
-        || {
-            let seen: std::collections::BTreeSet<String> = (0..24)
-                .filter_map(|_| c.curl(&format!("http://{VIP}/")).ok())
-                .collect();
-            seen.len() == 2
-        },
+        || c.answering(24) == both_pods,
     );
     // web-1 is meant for zone-a (this node's), web-2 for zone-b.
     c.api.apply(hinted_slice(
@@ -356,10 +364,7 @@ fn topology_hints_keep_new_connections_in_this_nodes_zone() {
         &[Some("zone-a"), Some("zone-b")],
     ));
     wait_for("only zone-a's endpoint", Duration::from_secs(20), || {
-        (0..12).all(|_| {
-            c.curl(&format!("http://{VIP}/"))
-                .is_ok_and(|p| p == "web-1")
-        })
+        c.answering(12) == ["web-1".to_string()].into()
     });
     // The node moves to zone-b.
     c.api.apply(node("zone-b"));
@@ -371,10 +376,7 @@ fn topology_hints_keep_new_connections_in_this_nodes_zone() {
     c.api
         .apply(hinted_slice("web", &both, &[Some("zone-a"), None]));
     wait_for("both endpoints again", Duration::from_secs(20), || {
-        let seen: std::collections::BTreeSet<String> = (0..24)
-            .filter_map(|_| c.curl(&format!("http://{VIP}/")).ok())
-            .collect();
-        seen.len() == 2
+        c.answering(24) == both_pods
     });
     // No endpoint meant for this node's zone: every endpoint takes connections.
     c.api.apply(hinted_slice(
@@ -385,11 +387,6 @@ fn topology_hints_keep_new_connections_in_this_nodes_zone() {
     wait_for(
         "both endpoints when none is meant for zone-b",
         Duration::from_secs(20),
-        || {
-            let seen: std::collections::BTreeSet<String> = (0..24)
-                .filter_map(|_| c.curl(&format!("http://{VIP}/")).ok())
-                .collect();
-            seen.len() == 2
-        },
+        || c.answering(24) == both_pods,
     );
 }

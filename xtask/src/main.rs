@@ -50,12 +50,27 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
     )
 }
 
-/// Runs cargo test, echoing its output, and adds up its `test result:` lines.
-fn cargo_test(args: &[&str]) -> anyhow::Result<(u64, u64)> {
+/// `cargo test` of every crate but the eBPF one, every test binary run even after one fails
+/// (so the count covers them all). The same selection each time, so nothing is built twice.
+const TEST_ARGS: [&str; 6] = [
+    "test",
+    "--release",
+    "--workspace",
+    "--exclude",
+    "lb-ebpf",
+    "--no-fail-fast",
+];
+
+/// Runs cargo test with [`TEST_ARGS`], `extra` arguments and `env`, echoing its output, and
+/// adds up its `test result:` lines.
+fn cargo_test(extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(u64, u64)> {
     use std::io::{BufRead as _, BufReader};
-    eprintln!("==> cargo {}", args.join(" "));
+    let args: Vec<&str> = TEST_ARGS.iter().chain(extra).copied().collect();
+    let env_shown: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
+    eprintln!("==> {}cargo {}", env_shown.concat(), args.join(" "));
     let mut child = Command::new(env!("CARGO"))
-        .args(args)
+        .args(&args)
+        .envs(env.iter().copied())
         .current_dir(workspace_root())
         .stdout(std::process::Stdio::piped())
         .spawn()?;
@@ -116,39 +131,17 @@ fn main() -> anyhow::Result<()> {
                 "warnings",
             ])?;
             // Namespace tests time real connections: one test at a time keeps them honest.
-            // Every test binary runs even after one fails, so the count covers them all.
-            let result = cargo_test(&[
-                "test",
-                "--release",
-                "--workspace",
-                "--exclude",
-                "lb-ebpf",
-                "--no-fail-fast",
-                "--",
-                "--test-threads=1",
-            ]);
+            let result = cargo_test(&["--", "--test-threads=1"], &[]);
             testbed::cleanup_leftovers("lbt")?;
             let (mut passed, mut failed) = result?;
             // The namespace tests again, with the programs attached through the clsact qdisc
             // (the path of kernels before 6.6) instead of TCX.
-            eprintln!("==> namespace tests again with --tc-attach legacy");
-            // SAFETY: set before any thread of this process reads the environment again.
-            unsafe { std::env::set_var("LB_TEST_TC_ATTACH", "legacy") };
-            // The same package selection as above, so nothing is built again.
-            let mut args = vec![
-                "test",
-                "--release",
-                "--workspace",
-                "--exclude",
-                "lb-ebpf",
-                "--no-fail-fast",
-            ];
+            let mut args = Vec::new();
             for test in NAMESPACE_TESTS {
                 args.extend(["--test", test]);
             }
             args.extend(["--", "--test-threads=1"]);
-            let legacy = cargo_test(&args);
-            unsafe { std::env::remove_var("LB_TEST_TC_ATTACH") };
+            let legacy = cargo_test(&args, &[("LB_TEST_TC_ATTACH", "legacy")]);
             testbed::cleanup_leftovers("lbt")?;
             let (p, f) = legacy?;
             passed += p;
