@@ -41,8 +41,15 @@ pub const FRAGMENTS_MAP: &str = "LB_IPFRAG4_V1";
 /// the Service that held it, whoever else asks for it.
 pub const CLUSTER_IPS_MAP: &str = "LB_CLUSTERIPS_V1";
 
+/// Service id ([`Frontend::service_id`], an array index) -> per-CPU [`ServiceTraffic`]: the
+/// packets and bytes of each Service port, both ways.
+pub const SERVICE_TRAFFIC_MAP: &str = "LB_SERVICE_TRAFFIC_V1";
+/// 0 -> the datapath events wanted ([`EVENTS_OFF`], [`EVENTS_DROPS`], [`EVENTS_FLOWS`]),
+/// written by the agent at run time.
+pub const EVENTS_MAP: &str = "LB_EVENTS_V1";
+
 /// Every map the agent pins, in the order they are created.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 11] = [
     FRONTENDS_MAP,
     SLOTS_MAP,
     BACKENDS_MAP,
@@ -52,6 +59,8 @@ pub const ALL_MAPS: [&str; 9] = [
     ICMP_BUCKET_MAP,
     FRAGMENTS_MAP,
     CLUSTER_IPS_MAP,
+    SERVICE_TRAFFIC_MAP,
+    EVENTS_MAP,
 ];
 
 /// Maps of earlier layouts that an upgraded agent removes (their flows start over).
@@ -67,6 +76,9 @@ pub const MAX_FRONTENDS: u32 = 131_072;
 pub const MAX_SLOTS: u32 = 1_048_576;
 pub const MAX_BACKENDS: u32 = 262_144;
 pub const MAX_CONNTRACK: u32 = 262_144;
+/// Service ids run from 1 to this (one per frontend, so never more than [`MAX_FRONTENDS`]):
+/// they index [`SERVICE_TRAFFIC_MAP`].
+pub const MAX_SERVICE_ID: u32 = MAX_FRONTENDS;
 /// Datagrams being fragmented at once; more only evicts the oldest.
 pub const MAX_FRAGMENTS: u32 = 8_192;
 
@@ -301,6 +313,26 @@ impl Config {
     }
 }
 
+/// Traffic of one Service port on one CPU: "in" is what clients sent to the Service, "out" the
+/// backends' replies. Bytes are whole frames as the program sees them (Ethernet header
+/// included), as `ip -s link` counts them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServiceTraffic {
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+}
+
+/// No datapath events (the default).
+pub const EVENTS_OFF: u32 = 0;
+/// An event for every dropped packet, with its reason.
+pub const EVENTS_DROPS: u32 = 1;
+/// Drops, and the backend chosen for every new flow.
+pub const EVENTS_FLOWS: u32 = 2;
+
 /// A per-CPU token bucket: `tokens` left at `updated_ns`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -319,6 +351,7 @@ const _: () = {
     assert!(core::mem::size_of::<CtEntry>() == 24);
     assert!(core::mem::size_of::<Config>() == 56);
     assert!(core::mem::size_of::<TokenBucket>() == 16);
+    assert!(core::mem::size_of::<ServiceTraffic>() == 32);
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragPorts>() == 4);
     assert!(core::mem::size_of::<AllocationKey>() == 4);
@@ -340,6 +373,7 @@ mod user_pod {
     unsafe impl aya::Pod for super::FragPorts {}
     unsafe impl aya::Pod for super::AllocationKey {}
     unsafe impl aya::Pod for super::ServiceName {}
+    unsafe impl aya::Pod for super::ServiceTraffic {}
 }
 
 #[cfg(test)]

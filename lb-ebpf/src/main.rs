@@ -1,6 +1,7 @@
 #![no_std]
 #![no_main]
 
+mod events;
 mod maps;
 mod parse;
 mod pipeline;

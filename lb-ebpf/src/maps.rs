@@ -4,9 +4,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AllocationKey, Backend, Config, CtEntry, CtKey, FragKey, FragPorts, Frontend, FrontendKey,
-    MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_FRONTENDS, MAX_SLOTS, ServiceName, SlotKey,
-    TokenBucket, stats::COUNTER_COUNT,
+    AllocationKey, Backend, Config, CtEntry, CtKey, EVENTS_OFF, FragKey, FragPorts, Frontend,
+    FrontendKey, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_FRONTENDS, MAX_SERVICE_ID,
+    MAX_SLOTS, ServiceName, ServiceTraffic, SlotKey, TokenBucket, stats::COUNTER_COUNT,
 };
 
 /// IPv4 (service address, port, protocol) -> service id and backend counts.
@@ -50,6 +50,39 @@ pub static LB_IPFRAG4_V1: LruHashMap<FragKey, FragPorts, { MAX_FRAGMENTS as usiz
 #[btf_map]
 pub static LB_CLUSTERIPS_V1: HashMap<AllocationKey, ServiceName, { MAX_FRONTENDS as usize }> =
     HashMap::new();
+
+/// Service id -> per-CPU packets and bytes of the Service port, both ways.
+#[btf_map]
+pub static LB_SERVICE_TRAFFIC_V1: PerCpuArray<ServiceTraffic, { MAX_SERVICE_ID as usize + 1 }> =
+    PerCpuArray::new();
+
+/// 0 -> which datapath events to send (off, drops, new flows too).
+#[btf_map]
+pub static LB_EVENTS_V1: Array<u32, 1> = Array::new();
+
+/// The events the agent asked for.
+#[inline(always)]
+pub fn events_level() -> u32 {
+    LB_EVENTS_V1.get(0).copied().unwrap_or(EVENTS_OFF)
+}
+
+/// Adds a translated packet of `len` bytes to its Service port's traffic: `inbound` from a
+/// client, otherwise a backend's reply.
+#[inline(always)]
+pub fn count_traffic(service_id: u32, inbound: bool, len: u64) {
+    if let Some(t) = LB_SERVICE_TRAFFIC_V1.get_ptr_mut(service_id) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe {
+            if inbound {
+                (*t).packets_in += 1;
+                (*t).bytes_in += len;
+            } else {
+                (*t).packets_out += 1;
+                (*t).bytes_out += len;
+            }
+        }
+    }
+}
 
 /// The agent's settings (the defaults until it has written them).
 #[inline(always)]

@@ -3,7 +3,7 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CT_FORWARD, CT_REPLY, Config, CtEntry, CtKey,
-    FragKey, FragPorts, FrontendKey, PROTO_TCP, PROTO_UDP, SCOPE_CLUSTER, SlotKey,
+    EVENTS_FLOWS, FragKey, FragPorts, FrontendKey, PROTO_TCP, PROTO_UDP, SCOPE_CLUSTER, SlotKey,
     conntrack::{
         TCP_ACK, TCP_SYN, expired, is_hairpin_forward, is_hairpin_reply, needs_write, next_state,
         peer_key, reopens,
@@ -13,9 +13,10 @@ use lb_common::{
 };
 
 use crate::{
-    Verdict,
+    Verdict, events,
     maps::{
         LB_BACKENDS_V1, LB_CONNTRACK4_V2, LB_FRONTENDS4_V2, LB_IPFRAG4_V1, LB_SLOTS_V1, config,
+        events_level,
     },
     parse::Flow,
 };
@@ -27,18 +28,44 @@ pub enum Translation {
         addr: [u8; 4],
         port: u16,
         counter: Counter,
+        service_id: u32,
     },
     /// Rewrite the source back to the service address (reply of a translated flow).
-    Snat { addr: [u8; 4], port: u16 },
+    Snat {
+        addr: [u8; 4],
+        port: u16,
+        service_id: u32,
+    },
     /// The client is its own backend: swap the addresses (the backend sees the Service
     /// address as the client, so its reply comes back through the node), set the destination
     /// port, and send the packet back where it came from.
-    HairpinDnat { port: u16, counter: Counter },
+    HairpinDnat {
+        port: u16,
+        counter: Counter,
+        service_id: u32,
+    },
     /// Reply of a hairpin flow: swap the addresses, set the source port to the Service's, and
     /// send it back where it came from.
-    HairpinSnat { port: u16 },
+    HairpinSnat { port: u16, service_id: u32 },
     /// The service has no endpoints: answer ICMP port unreachable.
     Unreachable,
+}
+
+impl Translation {
+    /// The Service port whose traffic the packet is, and whether it goes to the Service (not
+    /// a reply).
+    #[inline(always)]
+    pub fn traffic(&self) -> Option<(u32, bool)> {
+        match *self {
+            Translation::Dnat { service_id, .. } | Translation::HairpinDnat { service_id, .. } => {
+                Some((service_id, true))
+            }
+            Translation::Snat { service_id, .. } | Translation::HairpinSnat { service_id, .. } => {
+                Some((service_id, false))
+            }
+            Translation::Unreachable => None,
+        }
+    }
 }
 
 #[inline(always)]
@@ -123,6 +150,7 @@ pub fn decide_ingress(flow: &Flow) -> Result<Translation, Verdict> {
                 touch(entry_ptr, &entry, &key, next, now);
                 return Ok(Translation::HairpinSnat {
                     port: entry.nat_port,
+                    service_id: entry.service_id,
                 });
             }
             if entry.kind == CT_FORWARD
@@ -132,9 +160,9 @@ pub fn decide_ingress(flow: &Flow) -> Result<Translation, Verdict> {
                 touch(entry_ptr, &entry, &key, next, now);
                 return Ok(dnat(
                     flow,
-                    entry.nat_addr,
-                    entry.nat_port,
+                    (entry.nat_addr, entry.nat_port),
                     Counter::DnatEstablished,
+                    entry.service_id,
                 ));
             }
         }
@@ -167,23 +195,27 @@ pub fn decide_ingress(flow: &Flow) -> Result<Translation, Verdict> {
     let state = next_state(0, flow.protocol, flow.tcp_flags);
     let now = now(&config());
     track(&key, frontend.service_id, backend_id, &backend, state, now)?;
-    Ok(dnat(
-        flow,
-        first4(&backend.addr),
-        backend.port,
-        Counter::DnatNew,
-    ))
+    let to = (first4(&backend.addr), backend.port);
+    if events_level() >= EVENTS_FLOWS {
+        events::new_flow(flow, to, frontend.service_id);
+    }
+    Ok(dnat(flow, to, Counter::DnatNew, frontend.service_id))
 }
 
 #[inline(always)]
-fn dnat(flow: &Flow, addr: [u8; 4], port: u16, counter: Counter) -> Translation {
+fn dnat(flow: &Flow, (addr, port): ([u8; 4], u16), counter: Counter, service_id: u32) -> Translation {
     if addr == flow.saddr.to_ne_bytes() {
-        Translation::HairpinDnat { port, counter }
+        Translation::HairpinDnat {
+            port,
+            counter,
+            service_id,
+        }
     } else {
         Translation::Dnat {
             addr,
             port,
             counter,
+            service_id,
         }
     }
 }
@@ -213,6 +245,7 @@ pub fn decide_egress(flow: &Flow) -> Result<Translation, Verdict> {
     Ok(Translation::Snat {
         addr: entry.nat_addr,
         port: entry.nat_port,
+        service_id: entry.service_id,
     })
 }
 

@@ -6,14 +6,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    PROTO_UDP, checksum,
+    EVENTS_DROPS, PROTO_UDP, checksum,
     icmp::{self, End, Headers},
     stats::Counter,
 };
 
 use crate::{
-    Verdict,
-    maps::{config, count},
+    Verdict, events,
+    maps::{config, count, count_traffic, events_level},
     parse::{
         ETH_LEN, FIRST_FRAGMENT, Flow, IPV4_LEN, L4_OFF, LATER_FRAGMENT, MAX_HEADERS, Packet, parse,
     },
@@ -41,27 +41,24 @@ pub fn run<const INGRESS: bool>(ctx: &TcContext) -> i32 {
     let mut flow = match parse(ctx.data(), ctx.data_end(), len) {
         Ok(Packet::L4(f)) => f,
         Ok(Packet::Icmp { total_len }) => {
-            return finish(icmp_error(ctx, total_len, INGRESS).map(|c| (TC_ACT_OK as i32, c)));
+            return finish(
+                icmp_error(ctx, total_len, INGRESS).map(|c| (TC_ACT_OK as i32, c)),
+                None,
+            );
         }
-        Err(v) => return finish(Err(v)),
+        Err(v) => return finish(Err(v), None),
     };
     if flow.fragment == LATER_FRAGMENT
         && let Err(v) = fragment_ports(&mut flow)
     {
-        return finish(Err(v));
+        return finish(Err(v), Some(&flow));
     }
     let decision = if INGRESS {
         decide_ingress(&flow)
     } else {
         decide_egress(&flow)
     };
-    let translates = matches!(
-        decision,
-        Ok(Translation::Dnat { .. }
-            | Translation::Snat { .. }
-            | Translation::HairpinDnat { .. }
-            | Translation::HairpinSnat { .. })
-    );
+    let traffic = decision.as_ref().ok().and_then(Translation::traffic);
     let source = (flow.saddr.to_ne_bytes(), flow.sport);
     let destination = (flow.daddr.to_ne_bytes(), flow.dport);
     let result = match decision {
@@ -69,14 +66,17 @@ pub fn run<const INGRESS: bool>(ctx: &TcContext) -> i32 {
             addr,
             port,
             counter,
+            ..
         }) => rewrite(ctx, &flow, source, (addr, port)).map(|()| (TC_ACT_OK as i32, counter)),
-        Ok(Translation::Snat { addr, port }) => rewrite(ctx, &flow, (addr, port), destination)
-            .map(|()| (TC_ACT_OK as i32, Counter::ReverseNat)),
-        Ok(Translation::HairpinDnat { port, counter }) => {
+        Ok(Translation::Snat { addr, port, .. }) => {
+            rewrite(ctx, &flow, (addr, port), destination)
+                .map(|()| (TC_ACT_OK as i32, Counter::ReverseNat))
+        }
+        Ok(Translation::HairpinDnat { port, counter, .. }) => {
             let to_client = ((destination.0, flow.sport), (source.0, port));
             hairpin(ctx, &flow, to_client).map(|action| (action, counter))
         }
-        Ok(Translation::HairpinSnat { port }) => {
+        Ok(Translation::HairpinSnat { port, .. }) => {
             let to_client = ((destination.0, port), (source.0, flow.dport));
             hairpin(ctx, &flow, to_client).map(|action| (action, Counter::ReverseNat))
         }
@@ -92,14 +92,18 @@ pub fn run<const INGRESS: bool>(ctx: &TcContext) -> i32 {
         }
         Err(v) => Err(v),
     };
-    if translates && result.is_ok() && flow.fragment == FIRST_FRAGMENT {
-        remember_fragment(&flow);
+    if let (Some((service_id, inbound)), Ok(_)) = (traffic, &result) {
+        count_traffic(service_id, inbound, len as u64);
+        if flow.fragment == FIRST_FRAGMENT {
+            remember_fragment(&flow);
+        }
     }
-    finish(result)
+    finish(result, Some(&flow))
 }
 
+/// Counts the verdict and acts on it; a drop is also an event when the agent asked for them.
 #[inline(always)]
-fn finish(result: Result<(i32, Counter), Verdict>) -> i32 {
+fn finish(result: Result<(i32, Counter), Verdict>, flow: Option<&Flow>) -> i32 {
     match result {
         Ok((action, counter)) => {
             count(counter);
@@ -111,6 +115,12 @@ fn finish(result: Result<(i32, Counter), Verdict>) -> i32 {
         }
         Err(Verdict::Drop(c)) => {
             count(c);
+            if events_level() >= EVENTS_DROPS {
+                match flow {
+                    Some(flow) => events::dropped(flow, c),
+                    None => events::dropped_unparsed(c),
+                }
+            }
             TC_ACT_SHOT as i32
         }
     }

@@ -7,7 +7,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{
         SchedClassifier, TcAttachType, TestRun, TestRunOptions,
         links::{FdLink, LinkOrder},
@@ -16,8 +16,9 @@ use aya::{
 };
 use lb_common::{
     ALL_MAPS, AllocationKey, BACKENDS_MAP, Backend, CLUSTER_IPS_MAP, CONFIG_MAP, CONNTRACK_MAP,
-    Config, CtEntry, CtKey, FRONTENDS_MAP, Frontend, FrontendKey, LEGACY_MAPS, SERVICE_NAME_LEN,
-    SLOTS_MAP, STATS_MAP, ServiceName, SlotKey, conntrack, stats::COUNTER_COUNT,
+    Config, CtEntry, CtKey, EVENTS_MAP, FRONTENDS_MAP, Frontend, FrontendKey, LEGACY_MAPS,
+    SERVICE_NAME_LEN, SERVICE_TRAFFIC_MAP, SLOTS_MAP, STATS_MAP, ServiceName, ServiceTraffic,
+    SlotKey, conntrack, stats::COUNTER_COUNT,
 };
 
 use crate::diff::{ActualDataplane, MapOp};
@@ -385,6 +386,16 @@ impl Dataplane {
                 MapOp::DeleteFrontend(k) => {
                     ignore_missing(self.frontends()?.remove(&k)).map_err(map_err(FRONTENDS_MAP))?
                 }
+                MapOp::ClearTraffic(id) => {
+                    let zeros = PerCpuValues::try_from(vec![
+                        ServiceTraffic::default();
+                        aya::util::nr_cpus()
+                            .map_err(|(_, e)| DataplaneError::Io(e))?
+                    ])?;
+                    self.traffic()?
+                        .set(id, zeros, 0)
+                        .map_err(map_err(SERVICE_TRAFFIC_MAP))?
+                }
             }
         }
         Ok(())
@@ -392,6 +403,19 @@ impl Dataplane {
 
     fn backends(&mut self) -> Result<Array<&mut aya::maps::MapData, Backend>> {
         Array::try_from(self.map_mut(BACKENDS_MAP)?).map_err(map_err(BACKENDS_MAP))
+    }
+
+    fn traffic(&mut self) -> Result<PerCpuArray<&mut aya::maps::MapData, ServiceTraffic>> {
+        PerCpuArray::try_from(self.map_mut(SERVICE_TRAFFIC_MAP)?)
+            .map_err(map_err(SERVICE_TRAFFIC_MAP))
+    }
+
+    /// Which datapath events the programs send ([`lb_common::EVENTS_OFF`] and the others);
+    /// applies from the next packet.
+    pub fn set_events(&mut self, level: u32) -> Result<()> {
+        let mut events: Array<_, u32> =
+            Array::try_from(self.map_mut(EVENTS_MAP)?).map_err(map_err(EVENTS_MAP))?;
+        events.set(0, level, 0).map_err(map_err(EVENTS_MAP))
     }
 
     fn slots(&mut self) -> Result<BpfHashMap<&mut aya::maps::MapData, SlotKey, u32>> {
@@ -445,14 +469,30 @@ impl Dataplane {
 
     /// A handle on the counters that reads them when asked, apart from the dataplane.
     pub fn stats_reader(&self) -> Result<StatsReader> {
-        let aya::maps::Map::PerCpuArray(map) = self.map(STATS_MAP)? else {
-            return Err(DataplaneError::MissingMap(STATS_MAP));
-        };
-        let info = map.info().map_err(map_err(STATS_MAP))?;
-        let data = MapData::from_id(info.id()).map_err(map_err(STATS_MAP))?;
-        Ok(StatsReader(
-            PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(map_err(STATS_MAP))?,
-        ))
+        Ok(StatsReader {
+            counters: PerCpuArray::try_from(self.reopen(STATS_MAP)?)
+                .map_err(map_err(STATS_MAP))?,
+            frontends: BpfHashMap::try_from(self.reopen(FRONTENDS_MAP)?)
+                .map_err(map_err(FRONTENDS_MAP))?,
+            traffic: PerCpuArray::try_from(self.reopen(SERVICE_TRAFFIC_MAP)?)
+                .map_err(map_err(SERVICE_TRAFFIC_MAP))?,
+        })
+    }
+
+    /// A second handle on one of the maps, owned apart from the dataplane.
+    fn reopen(&self, name: &'static str) -> Result<aya::maps::Map> {
+        let map = self.map(name)?;
+        let info = match map {
+            aya::maps::Map::PerCpuArray(m) => m.info(),
+            aya::maps::Map::HashMap(m) => m.info(),
+            _ => return Err(DataplaneError::MissingMap(name)),
+        }
+        .map_err(map_err(name))?;
+        let data = MapData::from_id(info.id()).map_err(map_err(name))?;
+        Ok(match map {
+            aya::maps::Map::PerCpuArray(_) => aya::maps::Map::PerCpuArray(data),
+            _ => aya::maps::Map::HashMap(data),
+        })
     }
 
     /// Attaches the TC programs to every interface matching `patterns` at the hooks it
@@ -598,14 +638,47 @@ pub struct ConntrackGc {
 }
 
 /// The datapath's packet counters, read from the kernel each time.
-pub struct StatsReader(PerCpuArray<MapData, u64>);
+pub struct StatsReader {
+    counters: PerCpuArray<MapData, u64>,
+    frontends: BpfHashMap<MapData, FrontendKey, Frontend>,
+    traffic: PerCpuArray<MapData, ServiceTraffic>,
+}
 
 impl StatsReader {
     /// Per-counter packet totals, summed over CPUs.
     pub fn read(&self) -> Result<Vec<u64>> {
         (0..COUNTER_COUNT)
-            .map(|i| Ok(self.0.get(&i, 0).map_err(map_err(STATS_MAP))?.iter().sum()))
+            .map(|i| {
+                Ok(self
+                    .counters
+                    .get(&i, 0)
+                    .map_err(map_err(STATS_MAP))?
+                    .iter()
+                    .sum())
+            })
             .collect()
+    }
+
+    /// The traffic of every programmed frontend, summed over CPUs.
+    pub fn traffic(&self) -> Result<HashMap<FrontendKey, ServiceTraffic>> {
+        let mut out = HashMap::new();
+        for entry in self.frontends.iter() {
+            let (key, frontend) = entry.map_err(map_err(FRONTENDS_MAP))?;
+            let per_cpu = match self.traffic.get(&frontend.service_id, 0) {
+                Ok(v) => v,
+                // An id past the array (written by an agent of before the counters).
+                Err(aya::maps::MapError::OutOfBounds { .. }) => continue,
+                Err(e) => return Err(map_err(SERVICE_TRAFFIC_MAP)(e)),
+            };
+            let sum = per_cpu.iter().fold(ServiceTraffic::default(), |a, t| ServiceTraffic {
+                packets_in: a.packets_in + t.packets_in,
+                bytes_in: a.bytes_in + t.bytes_in,
+                packets_out: a.packets_out + t.packets_out,
+                bytes_out: a.bytes_out + t.bytes_out,
+            });
+            out.insert(key, sum);
+        }
+        Ok(out)
     }
 }
 

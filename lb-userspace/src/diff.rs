@@ -10,7 +10,7 @@ use std::{
 
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, Backend, FAMILY_IPV4, Frontend, FrontendKey, MAX_BACKENDS,
-    MAX_FRONTENDS, MAX_SLOTS, SCOPE_CLUSTER, SlotKey, ipv4_addr, net_port,
+    MAX_FRONTENDS, MAX_SERVICE_ID, MAX_SLOTS, SCOPE_CLUSTER, SlotKey, ipv4_addr, net_port,
 };
 
 use crate::desired::{self, Backends, DesiredDataplane};
@@ -32,6 +32,8 @@ pub enum MapOp {
     DeleteFrontend(FrontendKey),
     DeleteSlot(SlotKey),
     ClearBackend(u32),
+    /// Zeroes a service id's traffic counters before a new frontend takes the id.
+    ClearTraffic(u32),
 }
 
 /// A frontend that could not be programmed because a map is full. The frontend keeps what
@@ -297,7 +299,13 @@ impl<'a> Planner<'a> {
                 // Only a new frontend needs this scan.
                 let used: HashSet<u32> = actual.frontends.values().map(|f| f.service_id).collect();
                 let highest = used.iter().max().copied();
-                IdAllocator::new(move |id| used.contains(&id), highest, 1, u32::MAX)
+                // Ids index the traffic counters: 1..=MAX_SERVICE_ID.
+                IdAllocator::new(
+                    move |id| used.contains(&id),
+                    highest,
+                    1,
+                    MAX_SERVICE_ID + 1,
+                )
             })
             .take()
     }
@@ -418,6 +426,9 @@ impl<'a> Planner<'a> {
             };
             self.shrink_frontends.push(MapOp::PutFrontend(key, shrunk));
         }
+        if old.is_none() {
+            self.put_frontends.push(MapOp::ClearTraffic(service_id));
+        }
         if old != Some(&wanted) {
             self.put_frontends.push(MapOp::PutFrontend(key, wanted));
         }
@@ -530,6 +541,7 @@ pub fn apply(actual: &mut ActualDataplane, ops: &[MapOp]) {
             MapOp::ClearBackend(id) => {
                 actual.backends.remove(&id);
             }
+            MapOp::ClearTraffic(_) => {}
         }
     }
 }
