@@ -203,7 +203,12 @@ pub fn decide_ingress(flow: &Flow) -> Result<Translation, Verdict> {
 }
 
 #[inline(always)]
-fn dnat(flow: &Flow, (addr, port): ([u8; 4], u16), counter: Counter, service_id: u32) -> Translation {
+fn dnat(
+    flow: &Flow,
+    (addr, port): ([u8; 4], u16),
+    counter: Counter,
+    service_id: u32,
+) -> Translation {
     if addr == flow.saddr.to_ne_bytes() {
         Translation::HairpinDnat {
             port,

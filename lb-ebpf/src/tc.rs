@@ -68,10 +68,8 @@ pub fn run<const INGRESS: bool>(ctx: &TcContext) -> i32 {
             counter,
             ..
         }) => rewrite(ctx, &flow, source, (addr, port)).map(|()| (TC_ACT_OK as i32, counter)),
-        Ok(Translation::Snat { addr, port, .. }) => {
-            rewrite(ctx, &flow, (addr, port), destination)
-                .map(|()| (TC_ACT_OK as i32, Counter::ReverseNat))
-        }
+        Ok(Translation::Snat { addr, port, .. }) => rewrite(ctx, &flow, (addr, port), destination)
+            .map(|()| (TC_ACT_OK as i32, Counter::ReverseNat)),
         Ok(Translation::HairpinDnat { port, counter, .. }) => {
             let to_client = ((destination.0, flow.sport), (source.0, port));
             hairpin(ctx, &flow, to_client).map(|action| (action, counter))

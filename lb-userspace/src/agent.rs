@@ -20,6 +20,7 @@ use crate::{
     dataplane::{Dataplane, LinkPatterns},
     desired::{DesiredDataplane, Frontend},
     diff::{self, ActualDataplane},
+    events::{self, EventsLevel},
     model::ObjectName,
     sources::{cluster, manifests::ManifestStore},
 };
@@ -82,6 +83,11 @@ pub struct AgentConfig {
     /// How often expired conntrack entries are deleted.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub conntrack_gc_interval: Duration,
+    /// Datapath events in the agent's log: drops with their reason, or drops and every new
+    /// flow's backend. Switched at run time with `lb events` (the admin endpoint's
+    /// /v1/events).
+    #[arg(long, value_enum, default_value = "off")]
+    pub datapath_events: EventsLevel,
     /// ICMP replies per second and CPU for Services without endpoints; more are dropped.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=1_000_000_000))]
     pub icmp_rate_limit: u64,
@@ -231,6 +237,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             None
         }
     };
+    dataplane.set_events(config.datapath_events)?;
+    let events = dataplane.events_switch()?;
+    let _event_reader = events::spawn_reader(dataplane.event_reader(events::DatapathLog)?)?;
     let mut control = if client.is_some() {
         ControlPlane::following_api_server()
     } else {
@@ -247,7 +256,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             },
         ))
     }));
-    let shared: SharedState = Arc::new(AdminState::new(control, counters));
+    let shared: SharedState = Arc::new(AdminState::new(control, counters, Some(events)));
+    shared.status_mut().datapath_events = config.datapath_events;
     let admin = config.admin;
     let server_state = shared.clone();
     let server = tokio::spawn(async move { api::serve(admin, server_state).await });
@@ -660,6 +670,7 @@ impl Agent {
             conntrack_entries: status.conntrack_entries,
             conntrack_gc_deleted: status.conntrack_gc_deleted,
             map_fill: map_fill(&self.actual, status.conntrack_entries),
+            datapath_events: status.datapath_events,
         };
     }
 }

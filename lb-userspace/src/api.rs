@@ -8,6 +8,9 @@ use std::{
 use crate::{
     controlplane::ControlPlane,
     dataplane::StatsReader,
+    desired,
+    diff::frontend_key,
+    events::{EventsLevel, EventsSwitch},
     views::{self, EndpointsView, ServiceView},
 };
 use axum::{
@@ -51,6 +54,9 @@ pub struct StatusView {
     /// How full each map is: (map, entries, capacity).
     #[serde(default)]
     pub map_fill: Vec<(String, usize, u32)>,
+    /// Which datapath events the programs send to the agent's log.
+    #[serde(default)]
+    pub datapath_events: EventsLevel,
 }
 
 /// The metrics kube-proxy exports under the same names and meanings, so that its dashboards
@@ -125,27 +131,39 @@ pub struct AdminState {
     status: RwLock<StatusView>,
     /// The datapath counters, read from the kernel at each request.
     counters: Option<StatsReader>,
+    /// Switches the datapath events at run time.
+    events: Option<Mutex<EventsSwitch>>,
     pub metrics: ProxyMetrics,
     health: Mutex<Health>,
 }
 
 impl AdminState {
-    pub fn new(control: ControlPlane, counters: Option<StatsReader>) -> Self {
-        Self::with_health_timeout(control, counters, DEFAULT_HEALTH_TIMEOUT)
-    }
-
-    pub fn with_health_timeout(
+    pub fn new(
         control: ControlPlane,
         counters: Option<StatsReader>,
-        health_timeout: Duration,
+        events: Option<EventsSwitch>,
     ) -> Self {
         Self {
             control: RwLock::new(control),
             status: RwLock::new(StatusView::default()),
             counters,
+            events: events.map(Mutex::new),
             metrics: ProxyMetrics::default(),
-            health: Mutex::new(Health::new(health_timeout)),
+            health: Mutex::new(Health::new(DEFAULT_HEALTH_TIMEOUT)),
         }
+    }
+
+    /// Switches the datapath events; the status shows the new level.
+    pub fn set_events(&self, level: EventsLevel) -> anyhow::Result<()> {
+        let Some(switch) = &self.events else {
+            anyhow::bail!("this agent has no datapath events map");
+        };
+        switch
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set(level)?;
+        self.status_mut().datapath_events = level;
+        Ok(())
     }
 
     pub fn health(&self) -> std::sync::MutexGuard<'_, Health> {
@@ -201,6 +219,8 @@ pub const SERVICES_PATH: &str = "/v1/services";
 pub const ENDPOINTS_PATH: &str = "/v1/endpoints";
 pub const STATUS_PATH: &str = "/v1/status";
 pub const METRICS_PATH: &str = "/metrics";
+/// GET: the datapath events level; PUT with `off`, `drops` or `flows`: switches it.
+pub const EVENTS_PATH: &str = "/v1/events";
 /// kube-proxy's: twice its default sync period.
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -212,6 +232,59 @@ struct VerdictLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabel {
     map: String,
+}
+
+/// A Service port as its traffic is labelled: the Service, the port (number and name), the
+/// protocol, the address it is reached at, and which way the packets went.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServicePortLabel {
+    namespace: String,
+    service: String,
+    port: u16,
+    port_name: String,
+    protocol: String,
+    address: String,
+    /// `in`: from clients to the Service; `out`: the backends' replies.
+    direction: &'static str,
+}
+
+/// Packets and bytes of every Service port, both ways.
+fn service_traffic(state: &AdminState, registry: &mut Registry) {
+    let Some(traffic) = state.counters.as_ref().and_then(|r| r.traffic().ok()) else {
+        return;
+    };
+    let packets = Family::<ServicePortLabel, Counter>::default();
+    let bytes = Family::<ServicePortLabel, Counter>::default();
+    for service in state.control().states() {
+        for (frontend, port) in desired::frontend_ports(service) {
+            let Some(t) = traffic.get(&frontend_key(&frontend)) else {
+                continue;
+            };
+            let label = |direction| ServicePortLabel {
+                namespace: service.service.id.namespace.clone(),
+                service: service.service.id.name.clone(),
+                port: port.port,
+                port_name: port.name.clone(),
+                protocol: port.protocol.as_str().to_string(),
+                address: frontend.ip.to_string(),
+                direction,
+            };
+            packets.get_or_create(&label("in")).inc_by(t.packets_in);
+            packets.get_or_create(&label("out")).inc_by(t.packets_out);
+            bytes.get_or_create(&label("in")).inc_by(t.bytes_in);
+            bytes.get_or_create(&label("out")).inc_by(t.bytes_out);
+        }
+    }
+    registry.register(
+        "lb_service_packets",
+        "Packets of each Service port translated by the datapath: in from clients, out the replies",
+        packets,
+    );
+    registry.register(
+        "lb_service_bytes",
+        "Bytes (whole frames) of each Service port translated by the datapath: in from clients, out the replies",
+        bytes,
+    );
 }
 
 /// Prometheus text exposition of the agent's state and the datapath counters.
@@ -259,6 +332,7 @@ fn metrics(state: &AdminState) -> String {
         "Packets seen by the datapath, by verdict",
         packets,
     );
+    service_traffic(state, &mut registry);
     let entries = Family::<MapLabel, Gauge>::default();
     let capacity = Family::<MapLabel, Gauge>::default();
     for (map, used, size) in &status.map_fill {
@@ -339,6 +413,20 @@ pub fn router(state: SharedState) -> Router {
             METRICS_PATH,
             get(|State(s): State<SharedState>| async move { metrics(&s) }),
         )
+        .route(
+            EVENTS_PATH,
+            get(|State(s): State<SharedState>| async move { s.status().datapath_events.as_str() })
+                .put(|State(s): State<SharedState>, body: String| async move {
+                    let level: EventsLevel = match body.parse() {
+                        Ok(l) => l,
+                        Err(e) => return (StatusCode::BAD_REQUEST, e),
+                    };
+                    match s.set_events(level) {
+                        Ok(()) => (StatusCode::OK, level.as_str().to_string()),
+                        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+                    }
+                }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state)
 }
@@ -390,15 +478,42 @@ pub async fn serve(addr: SocketAddr, state: SharedState) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Fetches one admin path from a running agent.
-pub fn fetch<T: for<'de> Deserialize<'de>>(admin: &str, path: &str) -> anyhow::Result<T> {
-    let url = format!("http://{admin}{path}");
-    let mut response = ureq::get(&url).call().map_err(|e| {
+fn unreachable(admin: &str) -> impl Fn(ureq::Error) -> anyhow::Error + '_ {
+    move |e| {
         anyhow::anyhow!(
             "cannot reach the agent at {admin} ({e}); is `lb agent` running with --admin {admin}?"
         )
-    })?;
+    }
+}
+
+/// Fetches one admin path from a running agent.
+pub fn fetch<T: for<'de> Deserialize<'de>>(admin: &str, path: &str) -> anyhow::Result<T> {
+    let url = format!("http://{admin}{path}");
+    let mut response = ureq::get(&url).call().map_err(unreachable(admin))?;
     Ok(response.body_mut().read_json()?)
+}
+
+/// Fetches one admin path that answers in plain text.
+pub fn fetch_text(admin: &str, path: &str) -> anyhow::Result<String> {
+    let url = format!("http://{admin}{path}");
+    let mut response = ureq::get(&url).call().map_err(unreachable(admin))?;
+    Ok(response.body_mut().read_to_string()?)
+}
+
+/// Sends `body` to one admin path; the agent's answer, or its refusal as the error.
+pub fn put_text(admin: &str, path: &str, body: &str) -> anyhow::Result<String> {
+    let url = format!("http://{admin}{path}");
+    let mut response = ureq::put(&url)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send(body)
+        .map_err(unreachable(admin))?;
+    let text = response.body_mut().read_to_string()?;
+    if !response.status().is_success() {
+        anyhow::bail!("the agent refused: {text}");
+    }
+    Ok(text)
 }
 
 #[cfg(test)]

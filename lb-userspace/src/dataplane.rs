@@ -21,7 +21,10 @@ use lb_common::{
     SlotKey, conntrack, stats::COUNTER_COUNT,
 };
 
-use crate::diff::{ActualDataplane, MapOp};
+use crate::{
+    diff::{ActualDataplane, MapOp},
+    events::{EventsLevel, EventsSwitch},
+};
 
 /// The eBPF object built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -389,8 +392,9 @@ impl Dataplane {
                 MapOp::ClearTraffic(id) => {
                     let zeros = PerCpuValues::try_from(vec![
                         ServiceTraffic::default();
-                        aya::util::nr_cpus()
-                            .map_err(|(_, e)| DataplaneError::Io(e))?
+                        aya::util::nr_cpus().map_err(
+                            |(_, e)| DataplaneError::Io(e)
+                        )?
                     ])?;
                     self.traffic()?
                         .set(id, zeros, 0)
@@ -410,12 +414,27 @@ impl Dataplane {
             .map_err(map_err(SERVICE_TRAFFIC_MAP))
     }
 
-    /// Which datapath events the programs send ([`lb_common::EVENTS_OFF`] and the others);
-    /// applies from the next packet.
-    pub fn set_events(&mut self, level: u32) -> Result<()> {
+    /// Which datapath events the programs send; applies from the next packet.
+    pub fn set_events(&mut self, level: EventsLevel) -> Result<()> {
         let mut events: Array<_, u32> =
             Array::try_from(self.map_mut(EVENTS_MAP)?).map_err(map_err(EVENTS_MAP))?;
-        events.set(0, level, 0).map_err(map_err(EVENTS_MAP))
+        events
+            .set(0, level.map_value(), 0)
+            .map_err(map_err(EVENTS_MAP))
+    }
+
+    /// A handle that switches the datapath events apart from the dataplane.
+    pub fn events_switch(&self) -> Result<EventsSwitch> {
+        Ok(EventsSwitch::new(
+            Array::try_from(self.reopen(EVENTS_MAP)?).map_err(map_err(EVENTS_MAP))?,
+        ))
+    }
+
+    /// The reader of the programs' events, handing them to `logger`. Once only: the reader
+    /// owns the events' ring buffer.
+    pub fn event_reader<L: log::Log>(&mut self, logger: L) -> Result<aya_log::EbpfLogger<L>> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
+            .map_err(|e| DataplaneError::Io(std::io::Error::other(format!("datapath events: {e}"))))
     }
 
     fn slots(&mut self) -> Result<BpfHashMap<&mut aya::maps::MapData, SlotKey, u32>> {
@@ -470,8 +489,7 @@ impl Dataplane {
     /// A handle on the counters that reads them when asked, apart from the dataplane.
     pub fn stats_reader(&self) -> Result<StatsReader> {
         Ok(StatsReader {
-            counters: PerCpuArray::try_from(self.reopen(STATS_MAP)?)
-                .map_err(map_err(STATS_MAP))?,
+            counters: PerCpuArray::try_from(self.reopen(STATS_MAP)?).map_err(map_err(STATS_MAP))?,
             frontends: BpfHashMap::try_from(self.reopen(FRONTENDS_MAP)?)
                 .map_err(map_err(FRONTENDS_MAP))?,
             traffic: PerCpuArray::try_from(self.reopen(SERVICE_TRAFFIC_MAP)?)
@@ -483,14 +501,16 @@ impl Dataplane {
     fn reopen(&self, name: &'static str) -> Result<aya::maps::Map> {
         let map = self.map(name)?;
         let info = match map {
-            aya::maps::Map::PerCpuArray(m) => m.info(),
-            aya::maps::Map::HashMap(m) => m.info(),
+            aya::maps::Map::PerCpuArray(m)
+            | aya::maps::Map::HashMap(m)
+            | aya::maps::Map::Array(m) => m.info(),
             _ => return Err(DataplaneError::MissingMap(name)),
         }
         .map_err(map_err(name))?;
         let data = MapData::from_id(info.id()).map_err(map_err(name))?;
         Ok(match map {
             aya::maps::Map::PerCpuArray(_) => aya::maps::Map::PerCpuArray(data),
+            aya::maps::Map::Array(_) => aya::maps::Map::Array(data),
             _ => aya::maps::Map::HashMap(data),
         })
     }
@@ -670,12 +690,14 @@ impl StatsReader {
                 Err(aya::maps::MapError::OutOfBounds { .. }) => continue,
                 Err(e) => return Err(map_err(SERVICE_TRAFFIC_MAP)(e)),
             };
-            let sum = per_cpu.iter().fold(ServiceTraffic::default(), |a, t| ServiceTraffic {
-                packets_in: a.packets_in + t.packets_in,
-                bytes_in: a.bytes_in + t.bytes_in,
-                packets_out: a.packets_out + t.packets_out,
-                bytes_out: a.bytes_out + t.bytes_out,
-            });
+            let sum = per_cpu
+                .iter()
+                .fold(ServiceTraffic::default(), |a, t| ServiceTraffic {
+                    packets_in: a.packets_in + t.packets_in,
+                    bytes_in: a.bytes_in + t.bytes_in,
+                    packets_out: a.packets_out + t.packets_out,
+                    bytes_out: a.bytes_out + t.bytes_out,
+                });
             out.insert(key, sum);
         }
         Ok(out)

@@ -6,7 +6,7 @@ use std::{
 
 use crate::{
     controlplane::{ControlPlane, ServiceChange, ServiceState},
-    model::Protocol,
+    model::{Protocol, ServicePort},
 };
 
 /// An address, port and protocol that a Service answers on.
@@ -85,8 +85,8 @@ impl DesiredDataplane {
     }
 }
 
-/// A Service's frontends, each with its backends in order.
-fn frontends_of(state: &ServiceState) -> impl Iterator<Item = (Frontend, Backends)> {
+/// A Service's frontends, each with the port it serves.
+pub fn frontend_ports(state: &ServiceState) -> impl Iterator<Item = (Frontend, &ServicePort)> {
     state.cluster_ip.into_iter().flat_map(|ip| {
         state.ports.iter().map(move |p| {
             let frontend = Frontend {
@@ -94,6 +94,16 @@ fn frontends_of(state: &ServiceState) -> impl Iterator<Item = (Frontend, Backend
                 port: p.port.port,
                 protocol: p.port.protocol,
             };
+            (frontend, &p.port)
+        })
+    })
+}
+
+/// A Service's frontends, each with its backends in order.
+fn frontends_of(state: &ServiceState) -> impl Iterator<Item = (Frontend, Backends)> {
+    frontend_ports(state)
+        .zip(&state.ports)
+        .map(|((frontend, _), p)| {
             let mut backends = Backends::serving(p.serving().to_vec());
             let mut draining: Vec<_> = p
                 .draining()
@@ -104,7 +114,6 @@ fn frontends_of(state: &ServiceState) -> impl Iterator<Item = (Frontend, Backend
             backends.draining = draining;
             (frontend, backends)
         })
-    })
 }
 
 #[cfg(test)]

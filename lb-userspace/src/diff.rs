@@ -300,12 +300,7 @@ impl<'a> Planner<'a> {
                 let used: HashSet<u32> = actual.frontends.values().map(|f| f.service_id).collect();
                 let highest = used.iter().max().copied();
                 // Ids index the traffic counters: 1..=MAX_SERVICE_ID.
-                IdAllocator::new(
-                    move |id| used.contains(&id),
-                    highest,
-                    1,
-                    MAX_SERVICE_ID + 1,
-                )
+                IdAllocator::new(move |id| used.contains(&id), highest, 1, MAX_SERVICE_ID + 1)
             })
             .take()
     }
@@ -660,6 +655,52 @@ mod tests {
         assert!(frontend_at < first_delete);
         apply_checked(&mut actual, &ops);
         assert_eq!(actual.slots.len(), 2);
+    }
+
+    #[test]
+    fn a_new_frontend_starts_its_traffic_counters_at_zero() {
+        let mut actual = ActualDataplane::default();
+        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).ops;
+        let put = ops
+            .iter()
+            .position(|o| matches!(o, MapOp::PutFrontend(..)))
+            .unwrap();
+        let MapOp::PutFrontend(_, f) = ops[put] else {
+            unreachable!()
+        };
+        assert!(
+            ops[..put].contains(&MapOp::ClearTraffic(f.service_id)),
+            "{ops:?}"
+        );
+        apply(&mut actual, &ops);
+        // A frontend that stays keeps its counters.
+        let ops = diff(&desired(&[(fe(1, 80), backends(3))]), &actual).ops;
+        assert!(
+            !ops.iter().any(|o| matches!(o, MapOp::ClearTraffic(..))),
+            "{ops:?}"
+        );
+    }
+
+    #[test]
+    fn service_ids_stay_within_the_traffic_counters() {
+        let mut actual = ActualDataplane::default();
+        actual.frontends.insert(
+            frontend_key(&fe(9, 80)),
+            Frontend {
+                service_id: MAX_SERVICE_ID,
+                ..Default::default()
+            },
+        );
+        let wanted = desired(&[(fe(9, 80), backends(0)), (fe(1, 80), backends(1))]);
+        let ops = diff(&wanted, &actual).ops;
+        let ids: Vec<u32> = ops
+            .iter()
+            .filter_map(|o| match o {
+                MapOp::PutFrontend(_, f) => Some(f.service_id),
+                _ => None,
+            })
+            .collect();
+        assert!(ids.contains(&1), "wraps to the first id: {ids:?}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod controlplane;
 pub mod dataplane;
 pub mod desired;
 pub mod diff;
+pub mod events;
 pub mod model;
 pub mod sources;
 pub mod tick;

@@ -6,6 +6,7 @@ use lb::{
     agent::{self, AgentConfig, DEFAULT_ADMIN, DEFAULT_BPFFS},
     api::{self, StatusView},
     dataplane,
+    events::EventsLevel,
     views::{self, EndpointsView, ServiceView},
 };
 
@@ -42,6 +43,13 @@ enum Command {
         admin: String,
         #[arg(short = 'o', long, value_enum)]
         output: Option<Output>,
+    },
+    /// Show or switch the datapath events the running agent logs: off, drops (every dropped
+    /// packet with its reason) or flows (drops and every new flow's backend).
+    Events {
+        level: Option<EventsLevel>,
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin: String,
     },
     /// Detach every program and remove every map and link the agent pinned.
     Reset {
@@ -128,7 +136,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "attached interfaces: {}",
                         status.attached_interfaces.join(" ")
                     );
-                    println!("manifest problems: {}", status.errors.len());
+                    println!("datapath events: {}", status.datapath_events.as_str());
+                    println!("object problems: {}", status.errors.len());
                     for e in &status.errors {
                         println!("  {e}");
                     }
@@ -140,6 +149,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     print!("{}", views::table(&["COUNTER", "PACKETS"], &rows));
                 }
             }
+            Ok(())
+        }
+        Command::Events { level, admin } => {
+            let now = match level {
+                Some(level) => api::put_text(&admin, api::EVENTS_PATH, level.as_str())?,
+                None => api::fetch_text(&admin, api::EVENTS_PATH)?,
+            };
+            println!("datapath events: {now}");
             Ok(())
         }
         Command::Reset { bpffs } => {

@@ -3,12 +3,18 @@ mod support;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+use lb::{
+    diff::frontend_key,
+    events::{CapturedEvents, EventsLevel},
+};
+use lb_common::ServiceTraffic;
 use support::{
     datapath::{TestDatapath, tcp_frontend, udp_frontend},
     packet::*,
 };
 
 const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -666,4 +672,92 @@ fn a_pod_picked_as_its_own_backend_gets_its_answer() {
     assert_eq!(t.counter("dnat_new"), 1);
     assert_eq!(t.counter("dnat_established"), 1);
     assert_eq!(t.counter("reverse_nat"), 1);
+}
+
+#[test]
+fn service_port_traffic_is_counted_both_ways_per_frontend() {
+    let mut t = TestDatapath::new();
+    let web = tcp_frontend(VIP, 80);
+    let dns = udp_frontend(VIP, 53);
+    t.program(&[(web, vec![backend(1, 8080)]), (dns, vec![backend(2, 5353)])]);
+    let request = ipv4_frame(TCP, (CLIENT, 40000), (VIP, 80), b"GET / HTTP/1.0\r\n\r\n");
+    let upload = ipv4_frame(TCP, (CLIENT, 40000), (VIP, 80), &[7u8; 300]);
+    let reply = ipv4_frame(TCP, (*backend(1, 8080).ip(), 8080), (CLIENT, 40000), b"200");
+    let query = ipv4_frame(UDP, (CLIENT, 5000), (VIP, 53), b"query");
+    t.run(&request);
+    t.run(&upload);
+    // Where the reply enters the node it passes as it is: counted once, where translated.
+    t.run(&reply);
+    t.run_egress(&reply);
+    t.run(&query);
+    let elsewhere = Ipv4Addr::new(198, 19, 0, 11);
+    t.run(&ipv4_frame(TCP, (CLIENT, 40001), (elsewhere, 80), b"x"));
+
+    let traffic = t.dp.stats_reader().unwrap().traffic().unwrap();
+    assert_eq!(traffic.len(), 2, "one entry per frontend: {traffic:?}");
+    assert_eq!(
+        traffic[&frontend_key(&web)],
+        ServiceTraffic {
+            packets_in: 2,
+            bytes_in: (request.len() + upload.len()) as u64,
+            packets_out: 1,
+            bytes_out: reply.len() as u64,
+        }
+    );
+    assert_eq!(
+        traffic[&frontend_key(&dns)],
+        ServiceTraffic {
+            packets_in: 1,
+            bytes_in: query.len() as u64,
+            ..Default::default()
+        }
+    );
+}
+
+#[test]
+fn drops_and_new_flows_are_logged_only_when_asked() {
+    let mut t = TestDatapath::new();
+    let captured = CapturedEvents::default();
+    let mut reader = t.dp.event_reader(captured.clone()).unwrap();
+    t.program(&[
+        (tcp_frontend(VIP, 80), vec![backend(1, 8080)]),
+        (tcp_frontend(VIP, 81), vec![]),
+    ]);
+    // No ICMP reply allowed: a SYN to the Service without endpoints is dropped.
+    t.dp.set_config(lb_common::Config {
+        icmp_replies_per_sec: 0,
+        ..lb_common::Config::DEFAULT
+    })
+    .unwrap();
+    let mut send = |t: &mut TestDatapath, port: u16| {
+        let dropped = t.run(&tcp_with_flags((CLIENT, port), (VIP, 81), SYN));
+        assert_eq!(dropped.action, TC_ACT_SHOT);
+        t.run(&tcp_with_flags((CLIENT, port), (VIP, 80), SYN));
+        reader.flush();
+        std::mem::take(&mut *captured.0.lock().unwrap())
+    };
+    assert_eq!(send(&mut t, 41000), Vec::<String>::new(), "off by default");
+
+    t.dp.set_events(EventsLevel::Drops).unwrap();
+    assert_eq!(
+        send(&mut t, 41001),
+        vec![
+            "drop: no endpoints, ICMP reply over the rate: TCP 198.18.1.1:41001 -> 198.19.0.10:81"
+                .to_string()
+        ]
+    );
+
+    t.dp.set_events(EventsLevel::Flows).unwrap();
+    let events = send(&mut t, 41002);
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events[0].starts_with("drop: "), "{events:?}");
+    assert!(
+        events[1].starts_with(
+            "new flow: TCP 198.18.1.1:41002 -> 198.19.0.10:80: backend 198.18.2.1:8080 (service id "
+        ),
+        "{events:?}"
+    );
+
+    t.dp.set_events(EventsLevel::Off).unwrap();
+    assert_eq!(send(&mut t, 41003), Vec::<String>::new(), "off again");
 }
