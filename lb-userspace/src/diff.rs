@@ -98,6 +98,7 @@ struct IdAllocator<'a> {
     next: u32,
     first: u32,
     limit: u32,
+    exhausted: bool,
 }
 
 impl<'a> IdAllocator<'a> {
@@ -117,10 +118,16 @@ impl<'a> IdAllocator<'a> {
             next,
             first,
             limit,
+            exhausted: false,
         }
     }
 
     fn take(&mut self) -> Option<u32> {
+        // Once a whole round found nothing, none frees up within this plan: without this,
+        // every frontend that does not fit would scan every id again.
+        if self.exhausted {
+            return None;
+        }
         for _ in self.first..self.limit {
             let id = self.next;
             self.next = if id + 1 >= self.limit {
@@ -132,6 +139,7 @@ impl<'a> IdAllocator<'a> {
                 return Some(id);
             }
         }
+        self.exhausted = true;
         None
     }
 }
@@ -792,6 +800,38 @@ mod tests {
         assert!(plan.skipped.is_empty());
         apply_checked(&mut actual, &plan.ops);
         assert_eq!(actual.frontends[&frontend_key(&fe(2, 80))].backend_count, 5);
+    }
+
+    #[test]
+    fn a_full_backend_map_skips_every_frontend_that_does_not_fit() {
+        let small = Capacity {
+            frontends: 10_000,
+            slots: 100_000,
+            backends: 20_000,
+        };
+        let wanted = DesiredDataplane {
+            frontends: (0..4_000u32)
+                .map(|i| {
+                    let ip = std::net::Ipv4Addr::from(0xc613_0000 + i);
+                    let f = Fe {
+                        ip,
+                        port: 80,
+                        protocol: Protocol::Tcp,
+                    };
+                    let b = (0..10u32)
+                        .map(|k| {
+                            SocketAddrV4::new(
+                                std::net::Ipv4Addr::from(0xc612_0000 + i * 10 + k),
+                                8080,
+                            )
+                        })
+                        .collect();
+                    (f, Backends::serving(b))
+                })
+                .collect(),
+        };
+        let plan = diff_with_capacity(&wanted, &ActualDataplane::default(), small);
+        assert_eq!(plan.skipped.len(), 2_000, "half fit");
     }
 
     #[test]

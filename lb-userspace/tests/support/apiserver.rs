@@ -277,6 +277,9 @@ struct ListOptions {
     watch: Option<String>,
     resource_version: Option<String>,
     timeout_seconds: Option<u64>,
+    limit: Option<usize>,
+    /// Where the page starts (this server's continue token: an offset into the list).
+    continue_from: Option<usize>,
 }
 
 impl ListOptions {
@@ -293,6 +296,8 @@ impl ListOptions {
             watch: value("watch"),
             resource_version: value("resourceVersion"),
             timeout_seconds: value("timeoutSeconds").and_then(|v| v.parse().ok()),
+            limit: value("limit").and_then(|v| v.parse().ok()),
+            continue_from: value("continue").and_then(|v| v.parse().ok()),
         }
     }
 }
@@ -321,16 +326,26 @@ fn json_response(value: Value) -> Response {
 async fn list_or_watch(kind: Kind, shared: Arc<Shared>, options: ListOptions) -> Response {
     let watching = matches!(options.watch.as_deref(), Some("true" | "1"));
     if !watching {
+        // As the real server: a list at resourceVersion 0 comes whole from its cache; other
+        // lists come in pages of `limit` with a continue token.
+        let paged = options.resource_version.as_deref() != Some("0");
+        let start = options.continue_from.unwrap_or(0);
+        let limit = options.limit.filter(|_| paged).unwrap_or(usize::MAX);
         let objects = shared.objects.lock().unwrap();
-        let items: Vec<Value> = objects
-            .current
-            .iter()
-            .filter(|((k, _, _), _)| *k == kind)
+        let mut matching = objects.current.iter().filter(|((k, _, _), _)| *k == kind);
+        let items: Vec<Value> = matching
+            .by_ref()
+            .skip(start)
+            .take(limit)
             .map(|(_, v)| v.clone())
             .collect();
+        let mut metadata = json!({"resourceVersion": objects.resource_version.to_string()});
+        if matching.next().is_some() {
+            metadata["continue"] = json!((start + items.len()).to_string());
+        }
         return json_response(json!({
             "kind": kind.list_kind(), "apiVersion": kind.api_version(),
-            "metadata": {"resourceVersion": objects.resource_version.to_string()},
+            "metadata": metadata,
             "items": items,
         }));
     }

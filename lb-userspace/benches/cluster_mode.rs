@@ -1,0 +1,209 @@
+//! Cluster mode at 100,000 Services x 10 endpoints, against the stand-in API server of the
+//! tests (the real list/watch protocol over HTTP, paged lists): the real `lb agent` from its
+//! start to every Service programmed, its resident memory then, and the time from one
+//! EndpointSlice change leaving the API server to the maps holding it.
+#[path = "../tests/support/apiserver.rs"]
+mod apiserver;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use lb_common::{FRONTENDS_MAP, Frontend, FrontendKey, PROTO_TCP, SCOPE_CLUSTER, net_port};
+use serde::Serialize;
+use serde_json::{Value, json};
+use xtask::testbed::Testbed;
+
+use apiserver::FakeApiServer;
+
+const DEFAULT_SERVICES: u32 = 100_000;
+const ENDPOINTS: u32 = 10;
+const API_ADDR: &str = "127.0.0.1:16443";
+const CHANGES: u32 = 101;
+
+fn vip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + 1 + i)
+}
+
+/// Endpoints live in 198.18.0.0/15 too: 1,000,000 distinct addresses from 198.18.16.0 on.
+fn endpoint(i: u32, k: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 16, 0)) + i * ENDPOINTS + k)
+}
+
+fn service(i: u32) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": format!("svc-{i}"), "namespace": "default"},
+           "spec": {"type": "ClusterIP", "clusterIP": vip(i).to_string(),
+                    "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}})
+}
+
+fn slice(i: u32, endpoints: u32) -> Value {
+    let endpoints: Vec<Value> = (0..endpoints)
+        .map(|k| {
+            json!({"addresses": [endpoint(i, k).to_string()],
+                   "conditions": {"ready": true, "serving": true, "terminating": false}})
+        })
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": format!("svc-{i}-abcde"), "namespace": "default",
+                        "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+           "addressType": "IPv4", "endpoints": endpoints,
+           "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
+}
+
+#[derive(Serialize)]
+struct Results {
+    services: u32,
+    endpoints_per_service: u32,
+    /// From `lb agent` started to every Service's frontend in the maps (process start, eBPF
+    /// load, paged lists of both kinds, conversion, one sync).
+    start_to_programmed_ms: f64,
+    /// The agent's own log of that first sync (compute, diff, map writes).
+    first_sync_logged_ms: Option<f64>,
+    agent_rss_mib: f64,
+    agent_peak_rss_mib: f64,
+    /// One EndpointSlice change (an 11th endpoint) from the API server's watch to the
+    /// frontend in the maps: median, 90th percentile and slowest of CHANGES.
+    event_to_maps_median_ms: f64,
+    event_to_maps_p90_ms: f64,
+    event_to_maps_slowest_ms: f64,
+    /// One scrape of /metrics with every Service port's traffic.
+    metrics_scrape_ms: f64,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn frontend_key(i: u32) -> FrontendKey {
+    FrontendKey {
+        addr: vip(i).octets(),
+        port: net_port(80),
+        protocol: PROTO_TCP,
+        scope: SCOPE_CLUSTER,
+    }
+}
+
+fn kib_field(status: &str, field: &str) -> f64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    // LB_BENCH_SERVICES: another size (to see how the times grow).
+    let services: u32 = std::env::var("LB_BENCH_SERVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_SERVICES);
+    // SAFETY: geteuid has no preconditions.
+    anyhow::ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "run as root (cargo xtask bench)"
+    );
+    let lb = Path::new(env!("CARGO_BIN_EXE_lb"));
+    let mut bed = Testbed::new("lbbench", lb)?;
+    let listener = bed.listen_on_node(0, API_ADDR.parse::<SocketAddr>()?)?;
+    let api = FakeApiServer::start(listener);
+    for i in 0..services {
+        api.apply(service(i));
+        api.apply(slice(i, ENDPOINTS));
+    }
+    // The objects were there before the agent: no watch history to replay.
+    api.compact();
+    bed.kubeconfig = Some(api.write_kubeconfig(&bed.dir));
+
+    let started = Instant::now();
+    bed.start_agent()?;
+    let frontends_pin = bed.bpffs_of(0).join(FRONTENDS_MAP);
+    let frontends: BpfHashMap<MapData, FrontendKey, Frontend> =
+        BpfHashMap::try_from(Map::HashMap(MapData::from_pin(&frontends_pin)?))?;
+    let last = frontend_key(services - 1);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // One sync writes the frontends last, in address order: the last Service's comes last.
+    loop {
+        if frontends.get(&last, 0).is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(bed.agent_log()).unwrap_or_default();
+            anyhow::bail!("the agent did not program {services} Services in 120 s; its log:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let start_to_programmed = started.elapsed();
+    let programmed = frontends.keys().count();
+    anyhow::ensure!(
+        programmed == services as usize,
+        "{programmed} frontends programmed, not {services}"
+    );
+    let pid = bed.agent_pid().expect("agent running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let log = std::fs::read_to_string(bed.agent_log())?;
+    let first_sync_logged_ms = log
+        .lines()
+        .find(|l| l.contains("maps updated"))
+        .and_then(|l| l.split("took_us=").nth(1)?.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|us| us / 1e3);
+
+    let mut times = Vec::new();
+    for round in 0..CHANGES {
+        let i = (round * 7919) % services;
+        let key = frontend_key(i);
+        let sent = Instant::now();
+        api.apply(slice(i, ENDPOINTS + 1));
+        let deadline = sent + Duration::from_secs(10);
+        loop {
+            if frontends
+                .get(&key, 0)
+                .is_ok_and(|f| f.backend_count == ENDPOINTS + 1)
+            {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the change to svc-{i} did not reach the maps in 10 s"
+            );
+            std::hint::spin_loop();
+        }
+        times.push(sent.elapsed());
+        // Apart, so that each change is a sync of its own.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    times.sort();
+
+    let scrape_started = Instant::now();
+    let metrics = bed.exec_node(&["curl", "-sS", "http://127.0.0.1:10249/metrics"])?;
+    let metrics_scrape = scrape_started.elapsed();
+    anyhow::ensure!(
+        metrics.contains("lb_service_packets_total{"),
+        "per Service port traffic in /metrics"
+    );
+
+    let results = Results {
+        services,
+        endpoints_per_service: ENDPOINTS,
+        start_to_programmed_ms: ms(start_to_programmed),
+        first_sync_logged_ms,
+        agent_rss_mib: kib_field(&status, "VmRSS:") / 1024.0,
+        agent_peak_rss_mib: kib_field(&status, "VmHWM:") / 1024.0,
+        event_to_maps_median_ms: ms(times[times.len() / 2]),
+        event_to_maps_p90_ms: ms(times[times.len() * 9 / 10]),
+        event_to_maps_slowest_ms: ms(times[times.len() - 1]),
+        metrics_scrape_ms: ms(metrics_scrape),
+    };
+    let mut json = serde_json::to_value(&results)?;
+    json["machine"] = serde_json::to_value(xtask::machine::Machine::read())?;
+    let text = serde_json::to_string_pretty(&json)?;
+    println!("{text}");
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("cluster_mode.json"), text)?;
+    drop(bed);
+    Ok(())
+}
