@@ -132,7 +132,9 @@ fn main() -> anyhow::Result<()> {
         }
         if Instant::now() > deadline {
             let log = std::fs::read_to_string(bed.agent_log()).unwrap_or_default();
-            anyhow::bail!("the agent did not program {services} Services in 120 s; its log:\n{log}");
+            anyhow::bail!(
+                "the agent did not program {services} Services in 120 s; its log:\n{log}"
+            );
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -144,12 +146,6 @@ fn main() -> anyhow::Result<()> {
     );
     let pid = bed.agent_pid().expect("agent running");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let log = std::fs::read_to_string(bed.agent_log())?;
-    let first_sync_logged_ms = log
-        .lines()
-        .find(|l| l.contains("maps updated"))
-        .and_then(|l| l.split("took_us=").nth(1)?.split_whitespace().next()?.parse::<f64>().ok())
-        .map(|us| us / 1e3);
 
     let mut times = Vec::new();
     for round in 0..CHANGES {
@@ -177,6 +173,19 @@ fn main() -> anyhow::Result<()> {
     }
     times.sort();
 
+    let log = std::fs::read_to_string(bed.agent_log())?;
+    let first_sync_logged_ms = log
+        .lines()
+        .find(|l| l.contains("maps updated"))
+        .and_then(|l| {
+            l.split("took_us=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|us| us / 1e3);
     let scrape_started = Instant::now();
     let metrics = bed.exec_node(&["curl", "-sS", "http://127.0.0.1:10249/metrics"])?;
     let metrics_scrape = scrape_started.elapsed();

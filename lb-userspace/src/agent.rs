@@ -389,7 +389,7 @@ impl Agent {
         mut server: AdminServer,
     ) -> anyhow::Result<()> {
         let (tx, mut rx) = mpsc::unbounded_channel::<cluster::Update>();
-        let _stores = cluster::watch(client, &self.config.node_name, tx);
+        cluster::watch(client, &self.config.node_name, tx);
         info!(admin = %self.config.admin, "agent running; watching the API server");
         let mut listed: BTreeSet<&'static str> = BTreeSet::new();
         let mut pending: Vec<Change> = Vec::new();
