@@ -577,6 +577,11 @@ impl Dataplane {
                     std::fs::remove_file(&old_pin)?;
                 }
             }
+            // An agent of before that used the clsact qdisc left its filter: both would act
+            // on every packet. The filter goes, and the qdisc if it was only there for it.
+            if tc::qdisc_detach_program(name, hook.attach_type(), hook.program()).is_ok() {
+                remove_empty_clsact(name);
+            }
         } else {
             // Unpinned (tests): the attachment lives as long as this process.
             std::mem::forget(link);
@@ -623,6 +628,15 @@ impl Dataplane {
         // Dropping the link would remove the filter: it is left to outlive the agent (`lb
         // reset` removes it).
         std::mem::forget(link);
+        // An agent of before that used TCX left its pinned link: both would act on every
+        // packet. Unpinned, the link (held by no process) detaches.
+        if let Some(bpffs) = &self.bpffs {
+            for (old_ifindex, old_hook, old_pin) in link_pins(&bpffs.join(LINKS_DIR))? {
+                if old_ifindex == ifindex && old_hook == hook {
+                    std::fs::remove_file(&old_pin)?;
+                }
+            }
+        }
         self.attached.insert((ifindex, hook), name.to_string());
         Ok(())
     }

@@ -184,6 +184,45 @@ fn services_and_endpoint_slices_from_the_api_server_reach_the_maps() {
     assert!(value("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 1.7e9);
     assert!(value("lb_map_entries{map=\"LB_FRONTENDS4_V2\"}") >= 1.0);
     assert!(value("lb_map_capacity{map=\"LB_CONNTRACK4_V2\"}") > 0.0);
+    // Packets and bytes of the Service port, both ways (every curl above went through it).
+    for family in ["lb_service_packets_total", "lb_service_bytes_total"] {
+        for direction in ["in", "out"] {
+            let labels = format!(
+                "{{namespace=\"default\",service=\"web\",port=\"80\",port_name=\"http\",protocol=\"TCP\",address=\"{VIP}\",direction=\"{direction}\"}}"
+            );
+            assert!(
+                value(&format!("{family}{labels}")) > 0.0,
+                "{family}{labels}"
+            );
+        }
+    }
+
+    // Datapath events, switched on at run time: every new flow's backend in the agent's log.
+    let switched = c.bed.lb(&["events", "flows"]).unwrap();
+    assert_eq!(switched.trim(), "datapath events: flows");
+    assert!(
+        c.bed
+            .lb(&["status"])
+            .unwrap()
+            .contains("datapath events: flows")
+    );
+    c.answered_by("web-2", "a flow with events on");
+    let client = format!("TCP {CLIENT_IP}:");
+    let to = format!(" -> {VIP}:80: backend {}:8080", backend_ip(2));
+    wait_for("the new flow's event", Duration::from_secs(5), || {
+        std::fs::read_to_string(c.bed.agent_log())
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("datapath: new flow: ") && l.contains(&client) && l.contains(&to))
+    });
+    assert_eq!(
+        c.bed.lb(&["events", "off"]).unwrap().trim(),
+        "datapath events: off"
+    );
+    assert!(
+        c.bed.lb(&["events", "loud"]).is_err(),
+        "an unknown level is refused"
+    );
     // kube-proxy's health answer on its port.
     for path in ["healthz", "livez"] {
         let health = c

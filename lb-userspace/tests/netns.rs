@@ -373,6 +373,63 @@ fn selectorless_service_uses_manual_endpoints() {
 }
 
 #[test]
+fn switching_the_attach_mode_across_a_restart_leaves_one_attachment() {
+    let mut bed = testbed();
+    let client = web_pods(&mut bed, 2);
+    write_web_service(&bed, 8080);
+    let link = client.node_iface.clone();
+    let ifindex = bed
+        .exec_node(&["ip", "-o", "link", "show", "dev", &link])
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
+    // Ingress programs of ours on the client's link: (TCX links pinned and alive, clsact
+    // filters). This bpftool predates TCX in `net show`: the links are found by their pins.
+    let attachments = |bed: &Testbed| {
+        let net = bed
+            .exec_node(&["bpftool", "net", "show", "dev", &link])
+            .unwrap();
+        let filters = net
+            .lines()
+            .filter(|l| l.contains("clsact/ingress lb_tc_ingress"))
+            .count();
+        let pins = std::fs::read_dir(bed.bpffs_of(0).join("links")).unwrap();
+        let tcx = pins
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("tc-ingress-{ifindex}-"))
+            })
+            // Run here, not in the node namespace: `ip netns exec` hides the bpffs.
+            .filter(|e| {
+                std::process::Command::new("bpftool")
+                    .args(["link", "show", "pinned"])
+                    .arg(e.path())
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+            .count();
+        (tcx, filters, net)
+    };
+    for (mode, expected) in [("legacy", (0, 1)), ("tcx", (1, 0)), ("legacy", (0, 1))] {
+        bed.start_agent_with(&["--tc-attach", mode]).unwrap();
+        let (tcx, filters, net) = attachments(&bed);
+        assert_eq!(
+            (tcx, filters),
+            expected,
+            "after a start with {mode}:\n{net}"
+        );
+        let seen = spread(&bed, &client, "http://198.19.0.10/", 10);
+        assert_eq!(seen.values().sum::<usize>(), 10, "{seen:?}");
+        bed.stop_agent(false).unwrap();
+    }
+}
+
+#[test]
 fn established_tcp_connection_survives_agent_restart() {
     let mut bed = testbed();
     let client = bed.add_pod("client", CLIENT_IP).unwrap();

@@ -157,6 +157,7 @@ fn main() -> anyhow::Result<()> {
             cargo(&["bench", "-p", "lb-userspace", "--bench", "datapath"])?;
             if report {
                 cargo(&["bench", "-p", "lb-userspace", "--bench", "controlplane"])?;
+                cargo(&["bench", "-p", "lb-userspace", "--bench", "cluster_mode"])?;
                 cargo(&["bench", "-p", "lb-userspace", "--bench", "kube_proxy"])?;
                 report::write(&workspace_root())?;
                 eprintln!("==> wrote BENCHMARKS.md and lb-userspace/benches/charts/");

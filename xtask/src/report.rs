@@ -315,6 +315,58 @@ shared and noisy): compare figures measured side by side in one run, not across 
         md.push_str("\n![control plane](lb-userspace/benches/charts/control-plane.png)\n");
     }
 
+    if let Some(cm) = read(&data.join("cluster_mode.json")) {
+        md.push_str(CLUSTER_MODE_INTRO);
+        md.push_str(&measured_on(&cm));
+        let f = |k: &str| cm[k].as_f64().unwrap_or(f64::NAN);
+        let _ = writeln!(
+            md,
+            "| what ({} Services x {} endpoints) | measured | target |\n|---|---:|---:|",
+            cm["services"], cm["endpoints_per_service"]
+        );
+        let rows = [
+            (
+                "`lb agent` started -> every Service in the maps (ms)",
+                f("start_to_programmed_ms"),
+                "2,000",
+            ),
+            (
+                "&nbsp;&nbsp;of which the first sync, as the agent logs it (ms)",
+                f("first_sync_logged_ms"),
+                "",
+            ),
+            (
+                "agent resident memory then (MiB)",
+                f("agent_rss_mib"),
+                "512",
+            ),
+            ("&nbsp;&nbsp;peak (MiB)", f("agent_peak_rss_mib"), ""),
+            (
+                "one EndpointSlice change, watch -> maps, median of 101 (ms)",
+                f("event_to_maps_median_ms"),
+                "1",
+            ),
+            (
+                "&nbsp;&nbsp;90th percentile (ms)",
+                f("event_to_maps_p90_ms"),
+                "",
+            ),
+            (
+                "&nbsp;&nbsp;slowest (ms)",
+                f("event_to_maps_slowest_ms"),
+                "",
+            ),
+            (
+                "one /metrics scrape with every Service port's traffic (ms)",
+                f("metrics_scrape_ms"),
+                "",
+            ),
+        ];
+        for (what, value, target) in rows {
+            let _ = writeln!(md, "| {what} | {value:.2} | {target} |");
+        }
+    }
+
     if let Some(dp) = read(&data.join("datapath.json")) {
         md.push_str(DATAPATH_INTRO);
         md.push_str(&measured_on(&dp));
@@ -429,6 +481,15 @@ fresh network namespace. One endpoint change goes the way the agent takes it: th
 plane recomputes only the Service the changed EndpointSlice belongs to, and only that
 Service's frontend is compared with the maps; after the 101 changes the maps are checked
 equal to what a full plan from scratch makes. Source: `lb-userspace/benches/controlplane.rs`.
+
+";
+
+const CLUSTER_MODE_INTRO: &str = "
+## Cluster mode: the agent against an API server
+
+The real `lb agent` in a node namespace, watching the stand-in API server of the tests (the
+list/watch protocol over HTTP, served from the benchmark process on the same CPUs). Source:
+`lb-userspace/benches/cluster_mode.rs`; `LB_BENCH_SERVICES=N` measures another size.
 
 ";
 

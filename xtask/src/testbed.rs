@@ -618,6 +618,7 @@ impl Testbed {
             .args(
                 std::env::var("LB_TEST_TC_ATTACH")
                     .ok()
+                    .filter(|_| !extra.contains(&"--tc-attach"))
                     .map(|mode| vec!["--tc-attach".to_string(), mode])
                     .unwrap_or_default(),
             )
@@ -701,7 +702,10 @@ impl Testbed {
         cmd.arg(format!("--net=/run/netns/{}", self.nodes[node].netns))
             .arg(&self.lb)
             .args(args);
-        if args.first().is_some_and(|a| *a == "get" || *a == "status") {
+        if args
+            .first()
+            .is_some_and(|a| matches!(*a, "get" | "status" | "events"))
+        {
             cmd.args(["--admin", ADMIN]);
         }
         Ok(String::from_utf8(run(&mut cmd)?.stdout)?)
