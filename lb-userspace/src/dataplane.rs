@@ -22,6 +22,7 @@ use lb_common::{
 };
 
 use crate::{
+    batch,
     diff::{ActualDataplane, MapOp},
     events::{EventsLevel, EventsSwitch},
 };
@@ -54,6 +55,11 @@ pub enum DataplaneError {
     Map {
         name: &'static str,
         source: aya::maps::MapError,
+    },
+    #[error("map {name}: batch write: {source}")]
+    Batch {
+        name: &'static str,
+        source: std::io::Error,
     },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
@@ -338,34 +344,106 @@ impl Dataplane {
         }
     }
 
-    /// Reads the service maps back (on start, and for a full resync).
+    /// Reads the service maps back (on start, and for a full resync): in batches, the whole
+    /// backend array included, in a few system calls.
     pub fn read_actual(&self) -> Result<ActualDataplane> {
-        let frontends: BpfHashMap<_, FrontendKey, Frontend> =
-            BpfHashMap::try_from(self.map(FRONTENDS_MAP)?).map_err(map_err(FRONTENDS_MAP))?;
-        let slots: BpfHashMap<_, SlotKey, u32> =
-            BpfHashMap::try_from(self.map(SLOTS_MAP)?).map_err(map_err(SLOTS_MAP))?;
-        let backends: Array<_, Backend> =
-            Array::try_from(self.map(BACKENDS_MAP)?).map_err(map_err(BACKENDS_MAP))?;
+        let read = |name: &'static str| move |source| DataplaneError::Batch { name, source };
         let mut actual = ActualDataplane::default();
-        for entry in frontends.iter() {
-            let (k, v) = entry.map_err(map_err(FRONTENDS_MAP))?;
-            actual.frontends.insert(k, v);
-        }
-        for entry in slots.iter() {
-            let (k, v) = entry.map_err(map_err(SLOTS_MAP))?;
-            actual.slots.insert(k, v);
-        }
-        for (id, entry) in backends.iter().enumerate() {
-            let b = entry.map_err(map_err(BACKENDS_MAP))?;
-            if b.state != 0 {
-                actual.backends.insert(id as u32, b);
-            }
-        }
+        actual.frontends = batch::lookup_all::<FrontendKey, Frontend>(self.map_fd(FRONTENDS_MAP)?)
+            .map_err(read(FRONTENDS_MAP))?
+            .into_iter()
+            .collect();
+        actual.slots = batch::lookup_all::<SlotKey, u32>(self.map_fd(SLOTS_MAP)?)
+            .map_err(read(SLOTS_MAP))?
+            .into_iter()
+            .collect();
+        actual.backends = batch::lookup_all::<u32, Backend>(self.map_fd(BACKENDS_MAP)?)
+            .map_err(read(BACKENDS_MAP))?
+            .into_iter()
+            .filter(|(_, b)| b.state != 0)
+            .collect();
         Ok(actual)
     }
 
-    /// Writes `ops` in order. Stops at the first failure; the caller then resyncs from the maps.
+    /// Writes `ops` in order, each run of writes into one map as one batch (a few system calls
+    /// for a whole sync). Stops at the first failure; the caller then resyncs from the maps.
     pub fn write(&mut self, ops: &[MapOp]) -> Result<()> {
+        let mut rest = ops;
+        while let Some(first) = rest.first() {
+            let run = match batch_map(first) {
+                Some(map) => rest
+                    .iter()
+                    .take_while(|o| batch_map(o) == Some(map))
+                    .count(),
+                None => 1,
+            };
+            let (now, later) = rest.split_at(run);
+            rest = later;
+            if run > 1 && self.write_batch(now)? {
+                continue;
+            }
+            self.write_each(now)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a run of puts into one map in batches; false where this kernel has no batch
+    /// operations (before 5.6), for the caller to write them one by one.
+    fn write_batch(&mut self, run: &[MapOp]) -> Result<bool> {
+        let Some(name) = run.first().and_then(batch_map) else {
+            return Ok(false);
+        };
+        let fd = self.map_fd(name)?;
+        let written = match run[0] {
+            MapOp::PutBackend(..) | MapOp::ClearBackend(_) => {
+                let entries: Vec<(u32, Backend)> = run
+                    .iter()
+                    .filter_map(|o| match *o {
+                        MapOp::PutBackend(id, b) => Some((id, b)),
+                        MapOp::ClearBackend(id) => Some((id, Backend::default())),
+                        _ => None,
+                    })
+                    .collect();
+                batch::update(fd, &entries)
+            }
+            MapOp::PutSlot(..) => {
+                let entries: Vec<(SlotKey, u32)> = run
+                    .iter()
+                    .filter_map(|o| match *o {
+                        MapOp::PutSlot(k, id) => Some((k, id)),
+                        _ => None,
+                    })
+                    .collect();
+                batch::update(fd, &entries)
+            }
+            MapOp::PutFrontend(..) => {
+                let entries: Vec<(FrontendKey, Frontend)> = run
+                    .iter()
+                    .filter_map(|o| match *o {
+                        MapOp::PutFrontend(k, f) => Some((k, f)),
+                        _ => None,
+                    })
+                    .collect();
+                batch::update(fd, &entries)
+            }
+            _ => return Ok(false),
+        };
+        match written {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+            Err(source) => Err(DataplaneError::Batch { name, source }),
+        }
+    }
+
+    fn map_fd(&self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd as _;
+        match self.map(name)? {
+            aya::maps::Map::HashMap(m) | aya::maps::Map::Array(m) => Ok(m.fd().as_fd()),
+            _ => Err(DataplaneError::MissingMap(name)),
+        }
+    }
+
+    fn write_each(&mut self, ops: &[MapOp]) -> Result<()> {
         for op in ops {
             match *op {
                 MapOp::PutBackend(id, b) => self
@@ -669,6 +747,16 @@ pub struct ConntrackGc {
     /// Entries left.
     pub entries: usize,
     pub deleted: usize,
+}
+
+/// The map a write goes to, for writes that go in batches.
+fn batch_map(op: &MapOp) -> Option<&'static str> {
+    match op {
+        MapOp::PutBackend(..) | MapOp::ClearBackend(_) => Some(BACKENDS_MAP),
+        MapOp::PutSlot(..) => Some(SLOTS_MAP),
+        MapOp::PutFrontend(..) => Some(FRONTENDS_MAP),
+        _ => None,
+    }
 }
 
 /// The datapath's packet counters, read from the kernel each time.

@@ -255,6 +255,9 @@ struct Planner<'a> {
     del_frontends: Vec<MapOp>,
     del_slots: Vec<MapOp>,
     clear_backends: Vec<MapOp>,
+    /// Traffic counters of ids new frontends take (before the frontends, in a run of their
+    /// own so that each kind of write goes to the maps in one batch).
+    clear_traffic: Vec<MapOp>,
 }
 
 impl<'a> Planner<'a> {
@@ -282,6 +285,7 @@ impl<'a> Planner<'a> {
             del_frontends: Vec::new(),
             del_slots: Vec::new(),
             clear_backends: Vec::new(),
+            clear_traffic: Vec::new(),
         }
     }
 
@@ -430,7 +434,7 @@ impl<'a> Planner<'a> {
             self.shrink_frontends.push(MapOp::PutFrontend(key, shrunk));
         }
         if old.is_none() {
-            self.put_frontends.push(MapOp::ClearTraffic(service_id));
+            self.clear_traffic.push(MapOp::ClearTraffic(service_id));
         }
         if old != Some(&wanted) {
             self.put_frontends.push(MapOp::PutFrontend(key, wanted));
@@ -510,6 +514,7 @@ impl<'a> Planner<'a> {
         let mut ops = self.put_backends;
         ops.extend(self.shrink_frontends);
         ops.extend(self.put_slots);
+        ops.extend(self.clear_traffic);
         ops.extend(self.put_frontends);
         ops.extend(self.demote_backends);
         ops.extend(self.del_frontends);

@@ -1,6 +1,7 @@
 //! The load balancer's agent and CLI, as a library so tests and benchmarks drive the same code.
 pub mod agent;
 pub mod api;
+pub mod batch;
 pub mod coexistence;
 pub mod controlplane;
 pub mod dataplane;

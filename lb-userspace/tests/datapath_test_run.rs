@@ -761,3 +761,30 @@ fn drops_and_new_flows_are_logged_only_when_asked() {
     t.dp.set_events(EventsLevel::Off).unwrap();
     assert_eq!(send(&mut t, 41003), Vec::<String>::new(), "off again");
 }
+
+#[test]
+fn the_maps_read_back_in_batches_equal_what_was_written() {
+    let mut t = TestDatapath::new();
+    let frontends: Vec<_> = (0..300u32)
+        .map(|i| {
+            let ip = Ipv4Addr::from(u32::from(VIP) + i);
+            let backends = (0..(i % 7) as u8).map(|k| backend(k + 1, 8080 + i as u16));
+            (tcp_frontend(ip, 80), backends.collect())
+        })
+        .collect();
+    t.program(&frontends);
+    let read = t.dp.read_actual().unwrap();
+    assert_eq!(read.frontends, t.actual.frontends);
+    assert_eq!(read.slots, t.actual.slots);
+    assert_eq!(read.backends, t.actual.backends);
+    assert_eq!(read.frontends.len(), 300);
+    // Fewer backends for every frontend: the batch of clears and puts reads back too.
+    let fewer: Vec<_> = frontends
+        .iter()
+        .map(|(f, b): &(_, Vec<SocketAddrV4>)| (*f, b.iter().take(2).copied().collect()))
+        .collect();
+    t.program(&fewer);
+    let read = t.dp.read_actual().unwrap();
+    assert_eq!(read.slots, t.actual.slots);
+    assert_eq!(read.backends, t.actual.backends);
+}

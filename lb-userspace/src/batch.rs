@@ -1,0 +1,111 @@
+//! Batched map access (BPF_MAP_LOOKUP_BATCH, BPF_MAP_UPDATE_BATCH, Linux 5.6), which aya
+//! 0.14 does not offer: one system call for thousands of entries where a sync of 100,000
+//! Services otherwise makes two million, each paying the kernel's entry and exit.
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+/// Entries per system call: large enough that the call's own cost vanishes, small enough that
+/// the kernel's copy of keys and values stays a few hundred KiB.
+const CHUNK: usize = 8192;
+
+/// The `batch` member of the kernel's `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid `bpf_attr.batch` whose pointers the caller keeps alive.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Writes `entries` into the map (keys and values as the map's layout, plain old data).
+pub fn update<K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: BorrowedFd<'_>,
+    entries: &[(K, V)],
+) -> io::Result<()> {
+    for chunk in entries.chunks(CHUNK) {
+        let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+        if attr.count as usize != chunk.len() {
+            return Err(io::Error::other(format!(
+                "batch update wrote {} of {} entries",
+                attr.count,
+                chunk.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Every entry of the map (a hash map's, or an array's whole range).
+pub fn lookup_all<K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: BorrowedFd<'_>,
+) -> io::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    // The position token: a bucket (hash maps) or an index (arrays); 8 bytes hold either.
+    let mut token = [0u64; 1];
+    let mut next = [0u64; 1];
+    let mut keys: Vec<K> = vec![K::zeroed(); CHUNK];
+    let mut values: Vec<V> = vec![V::zeroed(); CHUNK];
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token.as_ptr() as u64 },
+            out_batch: next.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let got = attr.count as usize;
+        out.extend(
+            keys[..got]
+                .iter()
+                .copied()
+                .zip(values[..got].iter().copied()),
+        );
+        match result {
+            Ok(()) => {}
+            // The end of the map: the entries before it were returned.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e),
+        }
+        token = next;
+        first = false;
+    }
+}
