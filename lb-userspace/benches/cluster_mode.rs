@@ -65,6 +65,8 @@ struct Results {
     /// Frontends in the maps after it, and those a full map left out.
     frontends_programmed: usize,
     frontends_not_programmed: u64,
+    /// From the agent's log: watches started -> both kinds listed and converted.
+    listing_logged_ms: Option<f64>,
     /// The agent's own log of that first sync (compute, diff, map writes).
     first_sync_logged_ms: Option<f64>,
     agent_rss_mib: f64,
@@ -200,6 +202,20 @@ fn main() -> anyhow::Result<()> {
                 .ok()
         })
         .map(|us| us / 1e3);
+    // From the agent's log: watching started -> both kinds listed (lists, decoding,
+    // conversion into the control plane's changes).
+    let logged_at = |what: &str| {
+        log.lines()
+            .find(|l| l.contains(what))
+            .and_then(|l| humantime::parse_rfc3339_weak(l.split_whitespace().next()?).ok())
+    };
+    let listing_logged_ms = match (
+        logged_at("watching the API server"),
+        logged_at("Services and EndpointSlices listed"),
+    ) {
+        (Some(a), Some(b)) => b.duration_since(a).ok().map(ms),
+        _ => None,
+    };
     let scrape_started = Instant::now();
     let metrics = bed.exec_node(&["curl", "-sS", "http://127.0.0.1:10249/metrics"])?;
     let metrics_scrape = scrape_started.elapsed();
@@ -215,6 +231,7 @@ fn main() -> anyhow::Result<()> {
         frontends_programmed: programmed,
         frontends_not_programmed: not_programmed,
         first_sync_logged_ms,
+        listing_logged_ms,
         agent_rss_mib: kib_field(&memory, "VmRSS:") / 1024.0,
         agent_peak_rss_mib: kib_field(&memory, "VmHWM:") / 1024.0,
         event_to_maps_median_ms: ms(times[times.len() / 2]),
