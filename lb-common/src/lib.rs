@@ -19,9 +19,9 @@ pub mod stats;
 pub const FRONTENDS_MAP: &str = "LB_FRONTENDS4_V2";
 /// (service id, slot) -> backend id. Slots 0..backend_count hold the backends that take new
 /// flows; the next draining_count slots hold draining ones (kept so the agent can find them).
-pub const SLOTS_MAP: &str = "LB_SLOTS_V1";
+pub const SLOTS_MAP: &str = "LB_SLOTS_V2";
 /// Backend id (array index) -> [`Backend`].
-pub const BACKENDS_MAP: &str = "LB_BACKENDS_V1";
+pub const BACKENDS_MAP: &str = "LB_BACKENDS_V2";
 /// IPv4 flow 5-tuple as seen on the wire -> [`CtEntry`] (forward DNAT or reply reverse NAT).
 /// IPv6 gets its own map (`LB_CONNTRACK6_*`).
 pub const CONNTRACK_MAP: &str = "LB_CONNTRACK4_V2";
@@ -64,8 +64,11 @@ pub const ALL_MAPS: [&str; 11] = [
 ];
 
 /// Maps of earlier layouts that an upgraded agent removes (their flows start over).
-pub const LEGACY_MAPS: [&str; 5] = [
+pub const LEGACY_MAPS: [&str; 7] = [
     "LB_FRONTENDS4_V1",
+    // 262,144 backends and preallocated slots: too few for 100,000 Services x 10 endpoints.
+    "LB_SLOTS_V1",
+    "LB_BACKENDS_V1",
     "LB_CONNTRACK4_V1",
     "LB_STATS_V1",
     "LB_STATS_V2",
@@ -73,8 +76,11 @@ pub const LEGACY_MAPS: [&str; 5] = [
 ];
 
 pub const MAX_FRONTENDS: u32 = 131_072;
-pub const MAX_SLOTS: u32 = 1_048_576;
-pub const MAX_BACKENDS: u32 = 262_144;
+/// Slots are allocated as they are used (the map is not preallocated): a node pays for the
+/// endpoints it has, not for this bound.
+pub const MAX_SLOTS: u32 = 2_097_152;
+/// 24 MiB of kernel memory (an array is preallocated): 100,000 Services x 10 endpoints fit.
+pub const MAX_BACKENDS: u32 = 1_048_576;
 pub const MAX_CONNTRACK: u32 = 262_144;
 /// Service ids run from 1 to this (one per frontend, so never more than [`MAX_FRONTENDS`]):
 /// they index [`SERVICE_TRAFFIC_MAP`].

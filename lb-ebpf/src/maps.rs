@@ -1,5 +1,6 @@
 //! The datapath's maps. Layouts, names and capacities come from lb-common.
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -16,11 +17,16 @@ pub static LB_FRONTENDS4_V2: HashMap<FrontendKey, Frontend, { MAX_FRONTENDS as u
 
 /// (service id, slot) -> backend id.
 #[btf_map]
-pub static LB_SLOTS_V1: HashMap<SlotKey, u32, { MAX_SLOTS as usize }> = HashMap::new();
+pub static LB_SLOTS_V2: HashMap<
+    SlotKey,
+    u32,
+    { MAX_SLOTS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Backend id -> backend address and port. An array: its lookups are inlined by the kernel.
 #[btf_map]
-pub static LB_BACKENDS_V1: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+pub static LB_BACKENDS_V2: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 
 /// IPv4 flow as seen on the wire -> NAT to apply (forward DNAT or reply reverse NAT), TCP
 /// state and last-seen time.

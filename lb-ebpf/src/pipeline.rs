@@ -15,7 +15,7 @@ use lb_common::{
 use crate::{
     Verdict, events,
     maps::{
-        LB_BACKENDS_V1, LB_CONNTRACK4_V2, LB_FRONTENDS4_V2, LB_IPFRAG4_V1, LB_SLOTS_V1, config,
+        LB_BACKENDS_V2, LB_CONNTRACK4_V2, LB_FRONTENDS4_V2, LB_IPFRAG4_V1, LB_SLOTS_V2, config,
         events_level,
     },
     parse::Flow,
@@ -97,7 +97,7 @@ pub fn ct_key(flow: &Flow) -> CtKey {
 /// new flows or draining (not ready or terminating: its established flows go on).
 #[inline(always)]
 fn still_valid(entry: &CtEntry) -> bool {
-    match LB_BACKENDS_V1.get(entry.backend_id) {
+    match LB_BACKENDS_V2.get(entry.backend_id) {
         Some(b) => {
             (b.state == BACKEND_ACTIVE || b.state == BACKEND_DRAINING)
                 && b.service_id == entry.service_id
@@ -343,11 +343,11 @@ fn forget_replaced_reply(flow: &Flow, key: &CtKey) {
 fn select(service_id: u32, backend_count: u32) -> Result<(u32, Backend), Verdict> {
     let slot = unsafe { bpf_get_prandom_u32() } % backend_count;
     // SAFETY: copied out at once.
-    let backend_id = match unsafe { LB_SLOTS_V1.get(&SlotKey { service_id, slot }) } {
+    let backend_id = match unsafe { LB_SLOTS_V2.get(&SlotKey { service_id, slot }) } {
         Some(id) => *id,
         None => return Err(Verdict::Drop(Counter::DropNoBackend)),
     };
-    match LB_BACKENDS_V1.get(backend_id) {
+    match LB_BACKENDS_V2.get(backend_id) {
         Some(b) if b.state == BACKEND_ACTIVE => Ok((backend_id, *b)),
         _ => Err(Verdict::Drop(Counter::DropNoBackend)),
     }
