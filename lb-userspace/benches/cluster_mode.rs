@@ -124,6 +124,24 @@ fn main() -> anyhow::Result<()> {
     api.compact();
     bed.kubeconfig = Some(api.write_kubeconfig(&bed.dir));
 
+    if std::env::var("LB_BENCH_PROBE").is_ok() {
+        for path in [
+            "/api/v1/services?resourceVersion=0",
+            "/apis/discovery.k8s.io/v1/endpointslices?resourceVersion=0",
+        ] {
+            let t = Instant::now();
+            let out = bed.exec_node(&[
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{size_download} %{time_starttransfer} %{time_total}",
+                &format!("http://{API_ADDR}{path}"),
+            ])?;
+            eprintln!("probe {path}: {out} ({:?})", t.elapsed());
+        }
+    }
     let started = Instant::now();
     bed.start_agent()?;
     let frontends_pin = bed.bpffs_of(0).join(FRONTENDS_MAP);
