@@ -1,7 +1,11 @@
 //! The part of the control plane that standalone mode does itself: ClusterIP allocation and
 //! endpoints from selectors over Pods (or from manual Endpoints / EndpointSlices). Pure.
+// A fast hash (foldhash, hashbrown's own) for the maps of a sync: SipHash was the busiest
+// user-space function in a profile of a 100,000-Service sync. Keys come from the cluster's
+// objects, not from packets, and the seed is still random per process.
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::Entry},
+    collections::{BTreeMap, BTreeSet, hash_map::Entry},
     net::{Ipv4Addr, SocketAddrV4},
     time::SystemTime,
 };

@@ -3,8 +3,9 @@
 //! Ids are chosen here: a frontend keeps its service id and a backend its backend id for as
 //! long as they exist, so tracked flows stay valid. Write order never exposes half-built
 //! state: backends first, then slot tables, then frontends; removals in reverse.
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddrV4,
 };
 

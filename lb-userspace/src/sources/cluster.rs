@@ -5,7 +5,7 @@
 //! beside it would hold every object a second time (about 4 KiB per Service with 10 endpoints,
 //! a third of the agent's memory). A relist (at start, after a broken or expired watch) upserts what it
 //! finds and deletes only what is gone: the maps are never flushed.
-use std::collections::HashSet;
+use foldhash::{HashSet, HashSetExt as _};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
