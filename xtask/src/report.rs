@@ -331,9 +331,20 @@ shared and noisy): compare figures measured side by side in one run, not across 
                 "2,000",
             ),
             (
+                "&nbsp;&nbsp;of which both lists, decoded and converted, as the agent logs them (ms)",
+                f("listing_logged_ms"),
+                "",
+            ),
+            (
                 "&nbsp;&nbsp;of which the first sync, as the agent logs it (ms)",
                 f("first_sync_logged_ms"),
                 "",
+            ),
+            ("Services programmed", f("frontends_programmed"), ""),
+            (
+                "Services left out (a map full)",
+                f("frontends_not_programmed"),
+                "0",
             ),
             (
                 "agent resident memory then (MiB)",
@@ -363,7 +374,12 @@ shared and noisy): compare figures measured side by side in one run, not across 
             ),
         ];
         for (what, value, target) in rows {
-            let _ = writeln!(md, "| {what} | {value:.2} | {target} |");
+            let value = if value.fract() == 0.0 {
+                format!("{value:.0}")
+            } else {
+                format!("{value:.2}")
+            };
+            let _ = writeln!(md, "| {what} | {value} | {target} |");
         }
     }
 
