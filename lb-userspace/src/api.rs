@@ -253,27 +253,40 @@ fn service_traffic(state: &AdminState, registry: &mut Registry) {
     let Some(traffic) = state.counters.as_ref().and_then(|r| r.traffic().ok()) else {
         return;
     };
+    // The labels are taken under the control plane's lock, the families built after it:
+    // a scrape of 100,000 Service ports must not hold back a sync.
+    let ports: Vec<(ServicePortLabel, lb_common::ServiceTraffic)> = {
+        let control = state.control();
+        control
+            .states()
+            .flat_map(|service| {
+                desired::frontend_ports(service).filter_map(|(frontend, port)| {
+                    let t = traffic.get(&frontend_key(&frontend))?;
+                    let label = ServicePortLabel {
+                        namespace: service.service.id.namespace.clone(),
+                        service: service.service.id.name.clone(),
+                        port: port.port,
+                        port_name: port.name.clone(),
+                        protocol: port.protocol.as_str().to_string(),
+                        address: frontend.ip.to_string(),
+                        direction: "in",
+                    };
+                    Some((label, *t))
+                })
+            })
+            .collect()
+    };
     let packets = Family::<ServicePortLabel, Counter>::default();
     let bytes = Family::<ServicePortLabel, Counter>::default();
-    for service in state.control().states() {
-        for (frontend, port) in desired::frontend_ports(service) {
-            let Some(t) = traffic.get(&frontend_key(&frontend)) else {
-                continue;
-            };
-            let label = |direction| ServicePortLabel {
-                namespace: service.service.id.namespace.clone(),
-                service: service.service.id.name.clone(),
-                port: port.port,
-                port_name: port.name.clone(),
-                protocol: port.protocol.as_str().to_string(),
-                address: frontend.ip.to_string(),
-                direction,
-            };
-            packets.get_or_create(&label("in")).inc_by(t.packets_in);
-            packets.get_or_create(&label("out")).inc_by(t.packets_out);
-            bytes.get_or_create(&label("in")).inc_by(t.bytes_in);
-            bytes.get_or_create(&label("out")).inc_by(t.bytes_out);
-        }
+    for (label, t) in ports {
+        let out = ServicePortLabel {
+            direction: "out",
+            ..label.clone()
+        };
+        packets.get_or_create(&label).inc_by(t.packets_in);
+        bytes.get_or_create(&label).inc_by(t.bytes_in);
+        packets.get_or_create(&out).inc_by(t.packets_out);
+        bytes.get_or_create(&out).inc_by(t.bytes_out);
     }
     registry.register(
         "lb_service_packets",

@@ -348,20 +348,21 @@ impl Dataplane {
     /// backend array included, in a few system calls.
     pub fn read_actual(&self) -> Result<ActualDataplane> {
         let read = |name: &'static str| move |source| DataplaneError::Batch { name, source };
-        let mut actual = ActualDataplane::default();
-        actual.frontends = batch::lookup_all::<FrontendKey, Frontend>(self.map_fd(FRONTENDS_MAP)?)
-            .map_err(read(FRONTENDS_MAP))?
-            .into_iter()
-            .collect();
-        actual.slots = batch::lookup_all::<SlotKey, u32>(self.map_fd(SLOTS_MAP)?)
-            .map_err(read(SLOTS_MAP))?
-            .into_iter()
-            .collect();
-        actual.backends = batch::lookup_all::<u32, Backend>(self.map_fd(BACKENDS_MAP)?)
-            .map_err(read(BACKENDS_MAP))?
-            .into_iter()
-            .filter(|(_, b)| b.state != 0)
-            .collect();
+        let actual = ActualDataplane {
+            frontends: batch::lookup_all::<FrontendKey, Frontend>(self.map_fd(FRONTENDS_MAP)?)
+                .map_err(read(FRONTENDS_MAP))?
+                .into_iter()
+                .collect(),
+            slots: batch::lookup_all::<SlotKey, u32>(self.map_fd(SLOTS_MAP)?)
+                .map_err(read(SLOTS_MAP))?
+                .into_iter()
+                .collect(),
+            backends: batch::lookup_all::<u32, Backend>(self.map_fd(BACKENDS_MAP)?)
+                .map_err(read(BACKENDS_MAP))?
+                .into_iter()
+                .filter(|(_, b)| b.state != 0)
+                .collect(),
+        };
         Ok(actual)
     }
 
