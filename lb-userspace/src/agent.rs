@@ -732,13 +732,31 @@ fn record_cluster_ips(
     }
     // Releases first: an address one Service gave up may be the one another just took.
     writes.sort_by_key(|(_, holder)| holder.is_some());
-    writes
+    let (releases, records): (Vec<_>, Vec<_>) =
+        writes.into_iter().partition(|(_, holder)| holder.is_none());
+    let mut problems: Vec<String> = releases
         .into_iter()
-        .filter_map(|(ip, holder)| {
+        .filter_map(|(ip, _)| {
             dataplane
-                .set_cluster_ip(ip, holder.as_deref())
+                .set_cluster_ip(ip, None)
                 .err()
                 .map(|e| format!("recording ClusterIP {ip}: {e}"))
         })
-        .collect()
+        .collect();
+    let holders: Vec<(Ipv4Addr, &str)> = records
+        .iter()
+        .filter_map(|(ip, holder)| Some((*ip, holder.as_deref()?)))
+        .collect();
+    // A full sync records every address: in batches where the kernel has them.
+    match dataplane.record_cluster_ips(&holders) {
+        Ok(true) => {}
+        Ok(false) => problems.extend(holders.iter().filter_map(|(ip, holder)| {
+            dataplane
+                .set_cluster_ip(*ip, Some(holder))
+                .err()
+                .map(|e| format!("recording ClusterIP {ip}: {e}"))
+        })),
+        Err(e) => problems.push(format!("recording ClusterIPs: {e}")),
+    }
+    problems
 }

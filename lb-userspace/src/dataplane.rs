@@ -308,11 +308,24 @@ impl Dataplane {
 
     /// Every ClusterIP recorded as held, with its holder's `namespace/name`.
     pub fn read_cluster_ips(&self) -> Result<Vec<(std::net::Ipv4Addr, String)>> {
-        let map: BpfHashMap<_, AllocationKey, ServiceName> =
-            BpfHashMap::try_from(self.map(CLUSTER_IPS_MAP)?).map_err(map_err(CLUSTER_IPS_MAP))?;
-        Ok(map
-            .iter()
-            .filter_map(|e| e.ok())
+        let entries =
+            match batch::lookup_all::<AllocationKey, ServiceName>(self.map_fd(CLUSTER_IPS_MAP)?) {
+                Ok(entries) => entries,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    let map: BpfHashMap<_, AllocationKey, ServiceName> =
+                        BpfHashMap::try_from(self.map(CLUSTER_IPS_MAP)?)
+                            .map_err(map_err(CLUSTER_IPS_MAP))?;
+                    map.iter().filter_map(|e| e.ok()).collect()
+                }
+                Err(source) => {
+                    return Err(DataplaneError::Batch {
+                        name: CLUSTER_IPS_MAP,
+                        source,
+                    });
+                }
+            };
+        Ok(entries
+            .into_iter()
             .map(|(k, v)| {
                 let end = v
                     .bytes
@@ -332,15 +345,27 @@ impl Dataplane {
                 .map_err(map_err(CLUSTER_IPS_MAP))?;
         let key = AllocationKey { addr: ip.octets() };
         match holder {
-            Some(name) => {
-                let mut value = ServiceName {
-                    bytes: [0; SERVICE_NAME_LEN],
-                };
-                let len = name.len().min(SERVICE_NAME_LEN);
-                value.bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
-                map.insert(key, value, 0).map_err(map_err(CLUSTER_IPS_MAP))
-            }
+            Some(name) => map
+                .insert(key, service_name(name), 0)
+                .map_err(map_err(CLUSTER_IPS_MAP)),
             None => ignore_missing(map.remove(&key)).map_err(map_err(CLUSTER_IPS_MAP)),
+        }
+    }
+
+    /// Records the holders of many addresses at once (a full sync's); false where this
+    /// kernel has no batch operations, for the caller to record them one by one.
+    pub fn record_cluster_ips(&mut self, holders: &[(std::net::Ipv4Addr, &str)]) -> Result<bool> {
+        let entries: Vec<(AllocationKey, ServiceName)> = holders
+            .iter()
+            .map(|(ip, name)| (AllocationKey { addr: ip.octets() }, service_name(name)))
+            .collect();
+        match batch::update(self.map_fd(CLUSTER_IPS_MAP)?, &entries) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+            Err(source) => Err(DataplaneError::Batch {
+                name: CLUSTER_IPS_MAP,
+                source,
+            }),
         }
     }
 
@@ -748,6 +773,16 @@ pub struct ConntrackGc {
     /// Entries left.
     pub entries: usize,
     pub deleted: usize,
+}
+
+/// `namespace/name` as the ClusterIP record holds it (zero-padded, cut at its length).
+fn service_name(name: &str) -> ServiceName {
+    let mut value = ServiceName {
+        bytes: [0; SERVICE_NAME_LEN],
+    };
+    let len = name.len().min(SERVICE_NAME_LEN);
+    value.bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
+    value
 }
 
 /// The map a write goes to, for writes that go in batches.
