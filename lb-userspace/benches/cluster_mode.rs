@@ -208,6 +208,9 @@ fn main() -> anyhow::Result<()> {
     times.sort();
 
     let log = std::fs::read_to_string(bed.agent_log())?;
+    if let Some(line) = log.lines().find(|l| l.contains("maps updated")) {
+        eprintln!("first sync: {line}");
+    }
     let first_sync_logged_ms = log
         .lines()
         .find(|l| l.contains("maps updated"))

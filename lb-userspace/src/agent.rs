@@ -601,7 +601,9 @@ impl Agent {
         for change in changes {
             control.apply(change);
         }
+        let applied_us = started.elapsed().as_micros() as u64;
         let changed = control.compute(SystemTime::now());
+        let computed_us = started.elapsed().as_micros() as u64;
         errors.extend(
             control
                 .errors()
@@ -615,6 +617,7 @@ impl Agent {
         ));
         let mut touched = self.desired.update(&control, &changed);
         drop(control);
+        let desired_us = started.elapsed().as_micros() as u64;
         touched.append(&mut self.unprogrammed);
         let plan = if full {
             diff::diff(&self.desired, &self.actual)
@@ -624,6 +627,7 @@ impl Agent {
         self.unprogrammed = plan.skipped.iter().map(|e| e.frontend()).collect();
         errors.extend(plan.skipped.iter().map(|e| format!("dataplane: {e}")));
         let ops = plan.ops;
+        let planned_us = started.elapsed().as_micros() as u64;
         if let Err(e) = self.dataplane.write(&ops) {
             error!("writing maps: {e}; rereading them");
             if let Ok(actual) = self.dataplane.read_actual() {
@@ -650,10 +654,15 @@ impl Agent {
         self.syncs += 1;
         let took_us = started.elapsed().as_micros() as u64;
         if !ops.is_empty() {
+            // Where the time went, as times since the sync began.
             info!(
                 ops = ops.len(),
                 services_changed = changed.len(),
                 took_us,
+                applied_us,
+                computed_us,
+                desired_us,
+                planned_us,
                 "maps updated"
             );
         }
