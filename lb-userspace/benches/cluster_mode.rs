@@ -93,14 +93,6 @@ fn frontend_key(i: u32) -> FrontendKey {
     }
 }
 
-fn kib_field(status: &str, field: &str) -> f64 {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn main() -> anyhow::Result<()> {
     // LB_BENCH_SERVICES: another size (to see how the times grow).
     let services: u32 = std::env::var("LB_BENCH_SERVICES")
@@ -124,24 +116,6 @@ fn main() -> anyhow::Result<()> {
     api.compact();
     bed.kubeconfig = Some(api.write_kubeconfig(&bed.dir));
 
-    if std::env::var("LB_BENCH_PROBE").is_ok() {
-        for path in [
-            "/api/v1/services?resourceVersion=0",
-            "/apis/discovery.k8s.io/v1/endpointslices?resourceVersion=0",
-        ] {
-            let t = Instant::now();
-            let out = bed.exec_node(&[
-                "curl",
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{size_download} %{time_starttransfer} %{time_total}",
-                &format!("http://{API_ADDR}{path}"),
-            ])?;
-            eprintln!("probe {path}: {out} ({:?})", t.elapsed());
-        }
-    }
     let started = Instant::now();
     bed.start_agent()?;
     let frontends_pin = bed.bpffs_of(0).join(FRONTENDS_MAP);
@@ -171,8 +145,7 @@ fn main() -> anyhow::Result<()> {
         programmed + not_programmed as usize == services as usize,
         "{programmed} frontends programmed and {not_programmed} left out, of {services}"
     );
-    let pid = bed.agent_pid().expect("agent running");
-    let memory = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let (rss_mib, peak_rss_mib) = bed.agent_memory_mib()?;
 
     let mut times = Vec::new();
     let mut candidates = (0..).map(|n: u32| (n * 7919) % services);
@@ -253,8 +226,8 @@ fn main() -> anyhow::Result<()> {
         frontends_not_programmed: not_programmed,
         first_sync_logged_ms,
         listing_logged_ms,
-        agent_rss_mib: kib_field(&memory, "VmRSS:") / 1024.0,
-        agent_peak_rss_mib: kib_field(&memory, "VmHWM:") / 1024.0,
+        agent_rss_mib: rss_mib,
+        agent_peak_rss_mib: peak_rss_mib,
         event_to_maps_median_ms: ms(times[times.len() / 2]),
         event_to_maps_p90_ms: ms(times[times.len() * 9 / 10]),
         event_to_maps_slowest_ms: ms(times[times.len() - 1]),

@@ -344,15 +344,9 @@ fn agent_at_size(
     )?;
     bed.start_agent()?;
     wait_synced(&bed)?;
-    let pid = bed.agent_pid().expect("agent running");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0);
+    let (rss_mib, _) = bed.agent_memory_mib()?;
     Ok(AgentAtSize {
-        rss_mib: rss_kib / 1024.0,
+        rss_mib,
         sync_from_files_ms: map_updates(&bed)?.last().and_then(|l| sync_ms(l)),
     })
 }

@@ -161,7 +161,8 @@ impl AdminState {
         switch
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .set(level)?;
+            .set(level)
+            .map_err(|e| anyhow::anyhow!("map {}: {e}", lb_common::EVENTS_MAP))?;
         self.status_mut().datapath_events = level;
         Ok(())
     }

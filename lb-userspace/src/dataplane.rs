@@ -420,38 +420,33 @@ impl Dataplane {
             return Ok(false);
         };
         let fd = self.map_fd(name)?;
-        let written = match run[0] {
-            MapOp::PutBackend(..) | MapOp::ClearBackend(_) => {
-                let entries: Vec<(u32, Backend)> = run
-                    .iter()
-                    .filter_map(|o| match *o {
-                        MapOp::PutBackend(id, b) => Some((id, b)),
-                        MapOp::ClearBackend(id) => Some((id, Backend::default())),
-                        _ => None,
-                    })
-                    .collect();
-                batch::update(fd, &entries)
-            }
-            MapOp::PutSlot(..) => {
-                let entries: Vec<(SlotKey, u32)> = run
-                    .iter()
-                    .filter_map(|o| match *o {
-                        MapOp::PutSlot(k, id) => Some((k, id)),
-                        _ => None,
-                    })
-                    .collect();
-                batch::update(fd, &entries)
-            }
-            MapOp::PutFrontend(..) => {
-                let entries: Vec<(FrontendKey, Frontend)> = run
-                    .iter()
-                    .filter_map(|o| match *o {
-                        MapOp::PutFrontend(k, f) => Some((k, f)),
-                        _ => None,
-                    })
-                    .collect();
-                batch::update(fd, &entries)
-            }
+        // The run's entries as the map lays them out (every op of a run has the same map).
+        fn entries<K, V>(run: &[MapOp], entry: impl Fn(&MapOp) -> Option<(K, V)>) -> Vec<(K, V)> {
+            run.iter().filter_map(entry).collect()
+        }
+        let written = match name {
+            BACKENDS_MAP => batch::update(
+                fd,
+                &entries(run, |o| match *o {
+                    MapOp::PutBackend(id, b) => Some((id, b)),
+                    MapOp::ClearBackend(id) => Some((id, Backend::default())),
+                    _ => None,
+                }),
+            ),
+            SLOTS_MAP => batch::update(
+                fd,
+                &entries(run, |o| match *o {
+                    MapOp::PutSlot(k, id) => Some((k, id)),
+                    _ => None,
+                }),
+            ),
+            FRONTENDS_MAP => batch::update(
+                fd,
+                &entries(run, |o| match *o {
+                    MapOp::PutFrontend(k, f) => Some((k, f)),
+                    _ => None,
+                }),
+            ),
             _ => return Ok(false),
         };
         match written {
@@ -520,10 +515,8 @@ impl Dataplane {
 
     /// Which datapath events the programs send; applies from the next packet.
     pub fn set_events(&mut self, level: EventsLevel) -> Result<()> {
-        let mut events: Array<_, u32> =
-            Array::try_from(self.map_mut(EVENTS_MAP)?).map_err(map_err(EVENTS_MAP))?;
-        events
-            .set(0, level.map_value(), 0)
+        self.events_switch()?
+            .set(level)
             .map_err(map_err(EVENTS_MAP))
     }
 
@@ -594,8 +587,10 @@ impl Dataplane {
     pub fn stats_reader(&self) -> Result<StatsReader> {
         Ok(StatsReader {
             counters: PerCpuArray::try_from(self.reopen(STATS_MAP)?).map_err(map_err(STATS_MAP))?,
-            frontends: BpfHashMap::try_from(self.reopen(FRONTENDS_MAP)?)
-                .map_err(map_err(FRONTENDS_MAP))?,
+            frontends: match self.reopen(FRONTENDS_MAP)? {
+                aya::maps::Map::HashMap(data) => data,
+                _ => return Err(DataplaneError::MissingMap(FRONTENDS_MAP)),
+            },
             traffic: PerCpuArray::try_from(self.reopen(SERVICE_TRAFFIC_MAP)?)
                 .map_err(map_err(SERVICE_TRAFFIC_MAP))?,
         })
@@ -798,7 +793,7 @@ fn batch_map(op: &MapOp) -> Option<&'static str> {
 /// The datapath's packet counters, read from the kernel each time.
 pub struct StatsReader {
     counters: PerCpuArray<MapData, u64>,
-    frontends: BpfHashMap<MapData, FrontendKey, Frontend>,
+    frontends: MapData,
     traffic: PerCpuArray<MapData, ServiceTraffic>,
 }
 
@@ -819,9 +814,14 @@ impl StatsReader {
 
     /// The traffic of every programmed frontend, summed over CPUs.
     pub fn traffic(&self) -> Result<HashMap<FrontendKey, ServiceTraffic>> {
+        use std::os::fd::AsFd as _;
+        let frontends = batch::lookup_all::<FrontendKey, Frontend>(self.frontends.fd().as_fd())
+            .map_err(|source| DataplaneError::Batch {
+                name: FRONTENDS_MAP,
+                source,
+            })?;
         let mut out = HashMap::new();
-        for entry in self.frontends.iter() {
-            let (key, frontend) = entry.map_err(map_err(FRONTENDS_MAP))?;
+        for (key, frontend) in frontends {
             let per_cpu = match self.traffic.get(&frontend.service_id, 0) {
                 Ok(v) => v,
                 // An id past the array (written by an agent of before the counters).

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use aya::maps::{Array, MapData};
-use lb_common::{EVENTS_DROPS, EVENTS_FLOWS, EVENTS_MAP, EVENTS_OFF};
+use lb_common::{EVENTS_DROPS, EVENTS_FLOWS, EVENTS_OFF};
 use serde::{Deserialize, Serialize};
 use tokio::io::{Interest, unix::AsyncFd};
 use tracing::{info, warn};
@@ -58,10 +58,8 @@ impl EventsSwitch {
         Self(map)
     }
 
-    pub fn set(&mut self, level: EventsLevel) -> anyhow::Result<()> {
-        self.0
-            .set(0, level.map_value(), 0)
-            .map_err(|e| anyhow::anyhow!("map {EVENTS_MAP}: {e}"))
+    pub fn set(&mut self, level: EventsLevel) -> Result<(), aya::maps::MapError> {
+        self.0.set(0, level.map_value(), 0)
     }
 }
 

@@ -673,6 +673,21 @@ impl Testbed {
         }
     }
 
+    /// Node 0's agent's resident memory now and at its peak, in MiB (VmRSS, VmHWM).
+    pub fn agent_memory_mib(&self) -> anyhow::Result<(f64, f64)> {
+        let pid = self.agent_pid().context("no agent running")?;
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let mib = |field: &str| -> f64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / 1024.0
+        };
+        Ok((mib("VmRSS:"), mib("VmHWM:")))
+    }
+
     /// Node 0's agent process id (nsenter execs it in place).
     pub fn agent_pid(&self) -> Option<u32> {
         self.nodes[0].agent.as_ref().map(|c| c.id())
