@@ -9,14 +9,16 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod affinity;
 pub mod checksum;
 pub mod conntrack;
 pub mod icmp;
+pub mod maglev;
 pub mod stats;
 
 /// IPv4 frontend (service address, port, protocol) -> [`Frontend`]. IPv6 gets its own map
 /// (`LB_FRONTENDS6_*`) with the same value type: per-family keys keep the per-packet hash small.
-pub const FRONTENDS_MAP: &str = "LB_FRONTENDS4_V2";
+pub const FRONTENDS_MAP: &str = "LB_FRONTENDS4_V3";
 /// (service id, slot) -> backend id. Slots 0..backend_count hold the backends that take new
 /// flows; the next draining_count slots hold draining ones (kept so the agent can find them).
 pub const SLOTS_MAP: &str = "LB_SLOTS_V2";
@@ -48,8 +50,16 @@ pub const SERVICE_TRAFFIC_MAP: &str = "LB_SERVICE_TRAFFIC_V1";
 /// written by the agent at run time.
 pub const EVENTS_MAP: &str = "LB_EVENTS_V1";
 
+/// (service id, client address) -> [`Affinity`]: the endpoint a client of a Service port with
+/// `sessionAffinity: ClientIP` keeps, and when it last opened a flow. LRU: idle clients go
+/// when the map is full.
+pub const AFFINITY_MAP: &str = "LB_AFFINITY4_V1";
+/// Service id -> the Service port's Maglev table: an array of [`Frontend::maglev_table_size`]
+/// backend ids, replaced whole (a new inner map) when the endpoints change.
+pub const MAGLEV_MAP: &str = "LB_MAGLEV_V1";
+
 /// Every map the agent pins, in the order they are created.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 13] = [
     FRONTENDS_MAP,
     SLOTS_MAP,
     BACKENDS_MAP,
@@ -61,11 +71,15 @@ pub const ALL_MAPS: [&str; 11] = [
     CLUSTER_IPS_MAP,
     SERVICE_TRAFFIC_MAP,
     EVENTS_MAP,
+    AFFINITY_MAP,
+    MAGLEV_MAP,
 ];
 
 /// Maps of earlier layouts that an upgraded agent removes (their flows start over).
-pub const LEGACY_MAPS: [&str; 7] = [
+pub const LEGACY_MAPS: [&str; 8] = [
     "LB_FRONTENDS4_V1",
+    // Without affinity and Maglev settings.
+    "LB_FRONTENDS4_V2",
     // 262,144 backends and preallocated slots: too few for 100,000 Services x 10 endpoints.
     "LB_SLOTS_V1",
     "LB_BACKENDS_V1",
@@ -85,6 +99,8 @@ pub const MAX_CONNTRACK: u32 = 262_144;
 /// Service ids run from 1 to this (one per frontend, so never more than [`MAX_FRONTENDS`]):
 /// they index [`SERVICE_TRAFFIC_MAP`].
 pub const MAX_SERVICE_ID: u32 = MAX_FRONTENDS;
+/// Clients with affinity to an endpoint at once (LRU: more evicts the longest idle).
+pub const MAX_AFFINITY: u32 = 131_072;
 /// Datagrams being fragmented at once; more only evicts the oldest.
 pub const MAX_FRAGMENTS: u32 = 8_192;
 
@@ -140,8 +156,19 @@ pub struct Frontend {
     /// Slots backend_count..backend_count + draining_count: backends that take no new flow
     /// but keep their established ones (not ready, or terminating).
     pub draining_count: u32,
+    /// [`FRONTEND_AFFINITY`], [`FRONTEND_MAGLEV`].
     pub flags: u32,
+    /// With [`FRONTEND_AFFINITY`]: how long a client keeps its endpoint after its last new
+    /// flow (`sessionAffinityConfig.clientIP.timeoutSeconds`).
+    pub affinity_timeout_s: u32,
+    /// With [`FRONTEND_MAGLEV`]: the entries of the service id's table in [`MAGLEV_MAP`].
+    pub maglev_table_size: u32,
 }
+
+/// New flows from a client go to the endpoint its earlier ones went to ([`AFFINITY_MAP`]).
+pub const FRONTEND_AFFINITY: u32 = 1;
+/// New flows pick their endpoint from the Maglev table, not at random.
+pub const FRONTEND_MAGLEV: u32 = 2;
 
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
@@ -226,6 +253,24 @@ pub struct CtEntry {
     /// When a packet of the flow (either direction) was last seen, by the datapath's clock
     /// ([`Config::clock_ns`]), refreshed at most every [`conntrack::REFRESH_NS`].
     pub last_seen_ns: u64,
+}
+
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub client: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Affinity {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// The client's last new flow to the Service port, by the datapath's clock.
+    pub last_used_ns: u64,
 }
 
 /// A fragmented IPv4 datagram as it arrives: addresses, IP identification, protocol.
@@ -350,7 +395,9 @@ pub struct TokenBucket {
 
 const _: () = {
     assert!(core::mem::size_of::<FrontendKey>() == 8);
-    assert!(core::mem::size_of::<Frontend>() == 16);
+    assert!(core::mem::size_of::<Frontend>() == 24);
+    assert!(core::mem::size_of::<AffinityKey>() == 8);
+    assert!(core::mem::size_of::<Affinity>() == 16);
     assert!(core::mem::size_of::<SlotKey>() == 8);
     assert!(core::mem::size_of::<Backend>() == 24);
     assert!(core::mem::size_of::<CtKey>() == 16);
@@ -380,6 +427,8 @@ mod user_pod {
     unsafe impl aya::Pod for super::AllocationKey {}
     unsafe impl aya::Pod for super::ServiceName {}
     unsafe impl aya::Pod for super::ServiceTraffic {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::Affinity {}
 }
 
 #[cfg(test)]

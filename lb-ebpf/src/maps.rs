@@ -1,19 +1,38 @@
 //! The datapath's maps. Layouts, names and capacities come from lb-common.
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    bindings::{BPF_F_INNER_MAP, BPF_F_NO_PREALLOC},
+    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    AllocationKey, Backend, Config, CtEntry, CtKey, EVENTS_OFF, FragKey, FragPorts, Frontend,
-    FrontendKey, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_FRONTENDS, MAX_SERVICE_ID,
-    MAX_SLOTS, ServiceName, ServiceTraffic, SlotKey, TokenBucket, stats::COUNTER_COUNT,
+    Affinity, AffinityKey, AllocationKey, Backend, Config, CtEntry, CtKey, EVENTS_OFF, FragKey,
+    FragPorts, Frontend, FrontendKey, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS,
+    MAX_FRONTENDS, MAX_SERVICE_ID, MAX_SLOTS, ServiceName, ServiceTraffic, SlotKey, TokenBucket,
+    maglev::DEFAULT_TABLE_SIZE, stats::COUNTER_COUNT,
 };
 
-/// IPv4 (service address, port, protocol) -> service id and backend counts.
+/// IPv4 (service address, port, protocol) -> service id, backend counts, selection settings.
 #[btf_map]
-pub static LB_FRONTENDS4_V2: HashMap<FrontendKey, Frontend, { MAX_FRONTENDS as usize }> =
+pub static LB_FRONTENDS4_V3: HashMap<FrontendKey, Frontend, { MAX_FRONTENDS as usize }> =
     HashMap::new();
+
+/// (service id, client address) -> the client's endpoint under ClientIP affinity.
+#[btf_map]
+pub static LB_AFFINITY4_V1: LruHashMap<AffinityKey, Affinity, { MAX_AFFINITY as usize }> =
+    LruHashMap::new();
+
+/// A Maglev table: entry -> backend id. BPF_F_INNER_MAP lets the agent create tables of any
+/// size (the one here is only the template the outer map is checked against).
+pub type MaglevTable = Array<u32, { DEFAULT_TABLE_SIZE as usize }, { BPF_F_INNER_MAP as usize }>;
+
+/// Service id -> its Maglev table, replaced whole by the agent.
+#[btf_map]
+pub static LB_MAGLEV_V1: HashOfMaps<
+    u32,
+    MaglevTable,
+    { MAX_FRONTENDS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashOfMaps::new();
 
 /// (service id, slot) -> backend id.
 #[btf_map]

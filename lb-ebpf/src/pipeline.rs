@@ -2,21 +2,23 @@
 //! They only read and update maps; rewriting the packet is the entry point's job.
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CT_FORWARD, CT_REPLY, Config, CtEntry, CtKey,
-    EVENTS_FLOWS, FragKey, FragPorts, FrontendKey, PROTO_TCP, PROTO_UDP, SCOPE_CLUSTER, SlotKey,
+    Affinity, AffinityKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CT_FORWARD, CT_REPLY, Config,
+    CtEntry, CtKey, EVENTS_FLOWS, FRONTEND_MAGLEV, FragKey, FragPorts, Frontend, FrontendKey,
+    PROTO_TCP, PROTO_UDP, SCOPE_CLUSTER, SlotKey, affinity,
     conntrack::{
         TCP_ACK, TCP_SYN, expired, is_hairpin_forward, is_hairpin_reply, needs_write, next_state,
         peer_key, reopens,
     },
     icmp::Quoted,
+    maglev::{flow_hash, table_index},
     stats::Counter,
 };
 
 use crate::{
     Verdict, events,
     maps::{
-        LB_BACKENDS_V2, LB_CONNTRACK4_V2, LB_FRONTENDS4_V2, LB_IPFRAG4_V1, LB_SLOTS_V2, config,
-        events_level,
+        LB_AFFINITY4_V1, LB_BACKENDS_V2, LB_CONNTRACK4_V2, LB_FRONTENDS4_V3, LB_IPFRAG4_V1,
+        LB_MAGLEV_V1, LB_SLOTS_V2, config, events_level,
     },
     parse::Flow,
 };
@@ -180,7 +182,7 @@ pub fn decide_ingress(flow: &Flow) -> Result<Translation, Verdict> {
         scope: SCOPE_CLUSTER,
     };
     // SAFETY: copied out at once.
-    let frontend = match unsafe { LB_FRONTENDS4_V2.get(&frontend_key) } {
+    let frontend = match unsafe { LB_FRONTENDS4_V3.get(&frontend_key) } {
         Some(f) => *f,
         None => {
             forget_replaced_reply(flow, &key);
@@ -191,9 +193,9 @@ pub fn decide_ingress(flow: &Flow) -> Result<Translation, Verdict> {
         return Ok(Translation::Unreachable);
     }
 
-    let (backend_id, backend) = select(frontend.service_id, frontend.backend_count)?;
-    let state = next_state(0, flow.protocol, flow.tcp_flags);
     let now = now(&config());
+    let (backend_id, backend) = choose(&key, &frontend, now)?;
+    let state = next_state(0, flow.protocol, flow.tcp_flags);
     track(&key, frontend.service_id, backend_id, &backend, state, now)?;
     let to = (first4(&backend.addr), backend.port);
     if events_level() >= EVENTS_FLOWS {
@@ -338,12 +340,75 @@ fn forget_replaced_reply(flow: &Flow, key: &CtKey) {
     }
 }
 
-/// Uniform random choice among the service's slots that take new flows.
+/// The backend of a new flow: under ClientIP affinity the client's, while its entry holds and
+/// the backend takes new flows; otherwise one picked by the Service port's algorithm (and,
+/// under affinity, kept for the client's next flows).
 #[inline(always)]
-fn select(service_id: u32, backend_count: u32) -> Result<(u32, Backend), Verdict> {
-    let slot = unsafe { bpf_get_prandom_u32() } % backend_count;
+fn choose(key: &CtKey, frontend: &Frontend, now: u64) -> Result<(u32, Backend), Verdict> {
+    if !affinity::enabled(frontend) {
+        return pick(key, frontend);
+    }
+    let client = AffinityKey {
+        service_id: frontend.service_id,
+        client: key.src,
+    };
+    if let Some(entry) = LB_AFFINITY4_V1.get_ptr_mut(&client) {
+        // SAFETY: copied out at once; a racing writer on another CPU can only make the time a
+        // little older or give the client the backend it picked.
+        let pinned = unsafe { *entry };
+        if affinity::holds(frontend, &pinned, now)
+            && let Some(backend) = serving_backend(pinned.backend_id, frontend.service_id)
+        {
+            unsafe { (*entry).last_used_ns = now };
+            return Ok((pinned.backend_id, backend));
+        }
+    }
+    let (backend_id, backend) = pick(key, frontend)?;
+    let pinned = Affinity {
+        backend_id,
+        _pad: 0,
+        last_used_ns: now,
+    };
+    // A full map evicts its longest idle client; failing to record only loses the affinity.
+    let _ = LB_AFFINITY4_V1.insert(&client, &pinned, 0);
+    Ok((backend_id, backend))
+}
+
+/// The backend with this id if it belongs to the service and takes new flows.
+#[inline(always)]
+fn serving_backend(backend_id: u32, service_id: u32) -> Option<Backend> {
+    match LB_BACKENDS_V2.get(backend_id) {
+        Some(b) if b.state == BACKEND_ACTIVE && b.service_id == service_id => Some(*b),
+        _ => None,
+    }
+}
+
+/// Maglev: the table entry of the flow's hash. Random: a uniform choice among the slots that
+/// take new flows; also where a table is missing or names a backend that no longer serves
+/// (a table being replaced).
+#[inline(always)]
+fn pick(key: &CtKey, frontend: &Frontend) -> Result<(u32, Backend), Verdict> {
+    if frontend.flags & FRONTEND_MAGLEV != 0 {
+        let hash = flow_hash(key.src, key.dst, key.sport, key.dport, key.protocol);
+        let index = table_index(hash, frontend.maglev_table_size);
+        // SAFETY: copied out at once.
+        if let Some(id) = unsafe { LB_MAGLEV_V1.get_value(&frontend.service_id, &index) }
+            && let Some(backend) = serving_backend(*id, frontend.service_id)
+        {
+            return Ok((*id, backend));
+        }
+    }
+    // checked: a remainder by zero would be a panic the verifier refuses.
+    let Some(slot) = unsafe { bpf_get_prandom_u32() }.checked_rem(frontend.backend_count) else {
+        return Err(Verdict::Drop(Counter::DropNoBackend));
+    };
     // SAFETY: copied out at once.
-    let backend_id = match unsafe { LB_SLOTS_V2.get(&SlotKey { service_id, slot }) } {
+    let backend_id = match unsafe {
+        LB_SLOTS_V2.get(&SlotKey {
+            service_id: frontend.service_id,
+            slot,
+        })
+    } {
         Some(id) => *id,
         None => return Err(Verdict::Drop(Counter::DropNoBackend)),
     };

@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::Context as _;
 use ipnet::Ipv4Net;
+use lb_common::maglev;
 use notify::Watcher as _;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -18,7 +19,7 @@ use crate::{
     api::{self, AdminState, SharedState, StatusView},
     controlplane::{Change, ControlPlane, ServiceChange},
     dataplane::{Dataplane, LinkPatterns},
-    desired::{DesiredDataplane, Frontend},
+    desired::{Algorithm, DesiredDataplane, Frontend},
     diff::{self, ActualDataplane},
     events::{self, EventsLevel},
     model::ObjectName,
@@ -91,6 +92,33 @@ pub struct AgentConfig {
     /// ICMP replies per second and CPU for Services without endpoints; more are dropped.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=1_000_000_000))]
     pub icmp_rate_limit: u64,
+    /// How a new connection picks among a Service port's endpoints: at random, or by Maglev
+    /// consistent hashing of its 5-tuple (every node picks the same endpoint for a flow, and
+    /// a change of endpoints moves few flows; costs a table per Service port).
+    #[arg(long, value_enum, default_value = "random")]
+    pub lb_algorithm: LbAlgorithm,
+    /// Entries of each Service port's Maglev table: a prime from 251 to 131071, at least 100
+    /// times the endpoints of the largest Service (4 bytes each).
+    #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = maglev_table_size)]
+    pub maglev_table_size: u32,
+}
+
+/// `--lb-algorithm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LbAlgorithm {
+    Random,
+    Maglev,
+}
+
+fn maglev_table_size(value: &str) -> Result<u32, String> {
+    let size: u32 = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number"))?;
+    match maglev::table_size_problem(size) {
+        None => Ok(size),
+        Some(problem) => Err(format!("{size}: {problem}")),
+    }
 }
 
 impl AgentConfig {
@@ -105,6 +133,16 @@ impl AgentConfig {
             icmp_replies_per_sec: self.icmp_rate_limit,
             // The tick is measured by the dataplane when it writes the settings.
             ..lb_common::Config::DEFAULT
+        }
+    }
+
+    /// How new flows pick their backend.
+    pub fn algorithm(&self) -> Algorithm {
+        match self.lb_algorithm {
+            LbAlgorithm::Random => Algorithm::Random,
+            LbAlgorithm::Maglev => Algorithm::Maglev {
+                table_size: self.maglev_table_size,
+            },
         }
     }
 
@@ -278,7 +316,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         },
     };
     let mut agent = Agent {
-        desired: DesiredDataplane::default(),
+        desired: DesiredDataplane {
+            algorithm: config.algorithm(),
+            ..DesiredDataplane::default()
+        },
         unprogrammed: BTreeSet::new(),
         patterns,
         source,
@@ -296,6 +337,17 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }?;
     info!("agent stopping; programs stay attached and maps pinned (`lb reset` removes them)");
     Ok(())
+}
+
+/// The maps as read back, with the digests of the Maglev tables this agent wrote and that are
+/// still there (the maps only hold the tables, not what they were built from).
+fn keep_table_digests(mut read: ActualDataplane, known: &ActualDataplane) -> ActualDataplane {
+    for (service_id, digest) in read.maglev.iter_mut() {
+        if let Some(d) = known.maglev.get(service_id) {
+            *digest = *d;
+        }
+    }
+    read
 }
 
 /// The API server client: from `kubeconfig`, or as kube infers it ($KUBECONFIG,
@@ -514,7 +566,7 @@ impl Agent {
     /// then mended.
     fn reread_maps(&mut self) {
         match self.dataplane.read_actual() {
-            Ok(actual) => self.actual = actual,
+            Ok(actual) => self.actual = keep_table_digests(actual, &self.actual),
             Err(e) => error!("reading maps for resync: {e}"),
         }
     }
@@ -626,12 +678,19 @@ impl Agent {
         };
         self.unprogrammed = plan.skipped.iter().map(|e| e.frontend()).collect();
         errors.extend(plan.skipped.iter().map(|e| format!("dataplane: {e}")));
+        for (frontend, endpoints) in &plan.crowded_tables {
+            warn!(
+                "{frontend}: {endpoints} endpoints for a Maglev table of {} entries: their shares may differ by more than 1 % (--maglev-table-size should be at least {} times the endpoints)",
+                self.config.maglev_table_size,
+                maglev::ENTRIES_PER_ENDPOINT
+            );
+        }
         let ops = plan.ops;
         let planned_us = started.elapsed().as_micros() as u64;
         if let Err(e) = self.dataplane.write(&ops) {
             error!("writing maps: {e}; rereading them");
             if let Ok(actual) = self.dataplane.read_actual() {
-                self.actual = actual;
+                self.actual = keep_table_digests(actual, &self.actual);
             }
         } else {
             diff::apply(&mut self.actual, &ops);

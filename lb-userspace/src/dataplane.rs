@@ -1,13 +1,13 @@
 //! The only code that writes BPF maps; also loads, pins and attaches the programs.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     ffi::CStr,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap as BpfHashMap, HashOfMaps, MapData, PerCpuArray, PerCpuValues},
     programs::{
         SchedClassifier, TcAttachType, TestRun, TestRunOptions,
         links::{FdLink, LinkOrder},
@@ -15,15 +15,15 @@ use aya::{
     },
 };
 use lb_common::{
-    ALL_MAPS, AllocationKey, BACKENDS_MAP, Backend, CLUSTER_IPS_MAP, CONFIG_MAP, CONNTRACK_MAP,
-    Config, CtEntry, CtKey, EVENTS_MAP, FRONTENDS_MAP, Frontend, FrontendKey, LEGACY_MAPS,
-    SERVICE_NAME_LEN, SERVICE_TRAFFIC_MAP, SLOTS_MAP, STATS_MAP, ServiceName, ServiceTraffic,
-    SlotKey, conntrack, stats::COUNTER_COUNT,
+    AFFINITY_MAP, ALL_MAPS, Affinity, AffinityKey, AllocationKey, BACKENDS_MAP, Backend,
+    CLUSTER_IPS_MAP, CONFIG_MAP, CONNTRACK_MAP, Config, CtEntry, CtKey, EVENTS_MAP, FRONTENDS_MAP,
+    Frontend, FrontendKey, LEGACY_MAPS, MAGLEV_MAP, SERVICE_NAME_LEN, SERVICE_TRAFFIC_MAP,
+    SLOTS_MAP, STATS_MAP, ServiceName, ServiceTraffic, SlotKey, conntrack, stats::COUNTER_COUNT,
 };
 
 use crate::{
     batch,
-    diff::{ActualDataplane, MapOp},
+    diff::{ActualDataplane, MaglevTable, MapOp, UNKNOWN_TABLE},
     events::{EventsLevel, EventsSwitch},
 };
 
@@ -39,6 +39,8 @@ pub const TC_REFERENCE_PROGRAM: &str = "lb_tc_reference";
 pub const TC_CLOCK_PROGRAM: &str = "lb_tc_clock";
 const LINKS_DIR: &str = "links";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+/// An inner map whose size may differ from the outer map's template (uapi bpf.h, 5.10).
+const BPF_F_INNER_MAP: u32 = 1 << 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -387,6 +389,11 @@ impl Dataplane {
                 .into_iter()
                 .filter(|(_, b)| b.state != 0)
                 .collect(),
+            maglev: batch::lookup_all::<u32, u32>(self.map_fd(MAGLEV_MAP)?)
+                .map_err(read(MAGLEV_MAP))?
+                .into_iter()
+                .map(|(service_id, _)| (service_id, UNKNOWN_TABLE))
+                .collect(),
         };
         Ok(actual)
     }
@@ -396,6 +403,23 @@ impl Dataplane {
     pub fn write(&mut self, ops: &[MapOp]) -> Result<()> {
         let mut rest = ops;
         while let Some(first) = rest.first() {
+            if let MapOp::ForgetAffinity(_) = first {
+                // One pass over the clients for every service id forgotten together.
+                let ids: HashSet<u32> = rest
+                    .iter()
+                    .map_while(|o| match o {
+                        MapOp::ForgetAffinity(id) => Some(*id),
+                        _ => None,
+                    })
+                    .collect();
+                let run = rest
+                    .iter()
+                    .take_while(|o| matches!(o, MapOp::ForgetAffinity(_)))
+                    .count();
+                self.forget_affinity(&ids)?;
+                rest = &rest[run..];
+                continue;
+            }
             let run = match batch_map(first) {
                 Some(map) => rest
                     .iter()
@@ -459,7 +483,10 @@ impl Dataplane {
     fn map_fd(&self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>> {
         use std::os::fd::AsFd as _;
         match self.map(name)? {
-            aya::maps::Map::HashMap(m) | aya::maps::Map::Array(m) => Ok(m.fd().as_fd()),
+            aya::maps::Map::HashMap(m)
+            | aya::maps::Map::Array(m)
+            | aya::maps::Map::LruHashMap(m)
+            | aya::maps::Map::HashOfMaps(m) => Ok(m.fd().as_fd()),
             _ => Err(DataplaneError::MissingMap(name)),
         }
     }
@@ -467,6 +494,12 @@ impl Dataplane {
     fn write_each(&mut self, ops: &[MapOp]) -> Result<()> {
         for op in ops {
             match *op {
+                MapOp::PutMaglev(service_id, ref table) => self.put_maglev(service_id, table)?,
+                MapOp::DeleteMaglev(service_id) => {
+                    ignore_missing(self.maglev()?.remove(&service_id))
+                        .map_err(map_err(MAGLEV_MAP))?
+                }
+                MapOp::ForgetAffinity(id) => self.forget_affinity(&HashSet::from([id]))?,
                 MapOp::PutBackend(id, b) => self
                     .backends()?
                     .set(id, b, 0)
@@ -500,6 +533,79 @@ impl Dataplane {
                         .map_err(map_err(SERVICE_TRAFFIC_MAP))?
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A new table, filled before it replaces the service id's old one in the outer map: a
+    /// flow sees either table whole, never one half written.
+    fn put_maglev(&mut self, service_id: u32, table: &MaglevTable) -> Result<()> {
+        use std::os::fd::AsFd as _;
+        let size = table.backend_ids.len() as u32;
+        let mut inner: Array<MapData, u32> =
+            Array::create(size, BPF_F_INNER_MAP).map_err(map_err(MAGLEV_MAP))?;
+        let entries: Vec<(u32, u32)> = (0..size).zip(table.backend_ids.iter().copied()).collect();
+        match batch::update(aya::maps::IterableMap::map(&inner).fd().as_fd(), &entries) {
+            Ok(()) => {}
+            // Before 5.6: one entry at a time.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                for (index, id) in entries {
+                    inner.set(index, id, 0).map_err(map_err(MAGLEV_MAP))?;
+                }
+            }
+            Err(source) => {
+                return Err(DataplaneError::Batch {
+                    name: MAGLEV_MAP,
+                    source,
+                });
+            }
+        }
+        self.maglev()?
+            .insert(service_id, &inner, 0)
+            .map_err(map_err(MAGLEV_MAP))
+    }
+
+    fn maglev(&mut self) -> Result<HashOfMaps<&mut MapData, u32, Array<MapData, u32>>> {
+        HashOfMaps::try_from(self.map_mut(MAGLEV_MAP)?).map_err(map_err(MAGLEV_MAP))
+    }
+
+    /// A service id's Maglev table as the datapath reads it (tests and diagnostics).
+    pub fn maglev_table(&self, service_id: u32) -> Result<Option<Vec<u32>>> {
+        let outer: HashOfMaps<&MapData, u32, Array<MapData, u32>> =
+            HashOfMaps::try_from(self.map(MAGLEV_MAP)?).map_err(map_err(MAGLEV_MAP))?;
+        let inner = match outer.get(&service_id, 0) {
+            Ok(inner) => inner,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(map_err(MAGLEV_MAP)(e)),
+        };
+        Ok(Some(
+            inner
+                .iter()
+                .collect::<std::result::Result<_, _>>()
+                .map_err(map_err(MAGLEV_MAP))?,
+        ))
+    }
+
+    /// Every client's affinity entry: (service id, client) -> backend id, last use.
+    pub fn affinity_entries(&self) -> Result<Vec<(AffinityKey, Affinity)>> {
+        batch::lookup_all(self.map_fd(AFFINITY_MAP)?).map_err(|source| DataplaneError::Batch {
+            name: AFFINITY_MAP,
+            source,
+        })
+    }
+
+    /// Removes every client's affinity entry of these service ids.
+    fn forget_affinity(&mut self, service_ids: &HashSet<u32>) -> Result<()> {
+        let gone: Vec<AffinityKey> = self
+            .affinity_entries()?
+            .into_iter()
+            .filter(|(k, _)| service_ids.contains(&k.service_id))
+            .map(|(k, _)| k)
+            .collect();
+        let mut clients: BpfHashMap<_, AffinityKey, Affinity> =
+            BpfHashMap::try_from(self.map_mut(AFFINITY_MAP)?).map_err(map_err(AFFINITY_MAP))?;
+        for key in gone {
+            ignore_missing(clients.remove(&key)).map_err(map_err(AFFINITY_MAP))?;
         }
         Ok(())
     }

@@ -6,7 +6,7 @@ use std::{
 
 use crate::{
     controlplane::{ControlPlane, ServiceChange, ServiceState},
-    model::{Protocol, ServicePort},
+    model::{Protocol, ServicePort, SessionAffinity},
 };
 
 /// An address, port and protocol that a Service answers on.
@@ -30,6 +30,19 @@ pub struct Backends {
     pub serving: Vec<SocketAddrV4>,
     /// Take no new flow; their tracked flows go on (not ready, or terminating).
     pub draining: Vec<SocketAddrV4>,
+    /// `sessionAffinity: ClientIP`: the seconds a client keeps its backend after its last new
+    /// flow.
+    pub affinity_timeout_s: Option<u32>,
+}
+
+/// How new flows pick among a frontend's serving backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Uniformly at random.
+    #[default]
+    Random,
+    /// By the flow's entry in a Maglev table of this many entries (a prime).
+    Maglev { table_size: u32 },
 }
 
 impl Backends {
@@ -39,7 +52,7 @@ impl Backends {
         serving.dedup();
         Self {
             serving,
-            draining: Vec::new(),
+            ..Self::default()
         }
     }
 }
@@ -48,6 +61,7 @@ impl Backends {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredDataplane {
     pub frontends: BTreeMap<Frontend, Backends>,
+    pub algorithm: Algorithm,
 }
 
 impl DesiredDataplane {
@@ -112,6 +126,10 @@ fn frontends_of(state: &ServiceState) -> impl Iterator<Item = (Frontend, Backend
             draining.sort();
             draining.dedup();
             backends.draining = draining;
+            backends.affinity_timeout_s = match state.service.session_affinity {
+                SessionAffinity::ClientIp { timeout_s } => Some(timeout_s),
+                SessionAffinity::None => None,
+            };
             (frontend, backends)
         })
 }

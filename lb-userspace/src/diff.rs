@@ -6,15 +6,18 @@
 use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use std::{
     collections::{BTreeMap, BTreeSet},
+    hash::{Hash as _, Hasher as _},
     net::SocketAddrV4,
+    sync::Arc,
 };
 
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_DRAINING, Backend, FAMILY_IPV4, Frontend, FrontendKey, MAX_BACKENDS,
-    MAX_FRONTENDS, MAX_SERVICE_ID, MAX_SLOTS, SCOPE_CLUSTER, SlotKey, ipv4_addr, net_port,
+    BACKEND_ACTIVE, BACKEND_DRAINING, Backend, FAMILY_IPV4, FRONTEND_AFFINITY, FRONTEND_MAGLEV,
+    Frontend, FrontendKey, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICE_ID, MAX_SLOTS, SCOPE_CLUSTER,
+    SlotKey, ipv4_addr, maglev, net_port,
 };
 
-use crate::desired::{self, Backends, DesiredDataplane};
+use crate::desired::{self, Algorithm, Backends, DesiredDataplane};
 
 /// The content of the service maps, as read back or as last written.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -23,9 +26,53 @@ pub struct ActualDataplane {
     pub slots: HashMap<SlotKey, u32>,
     /// Backends in use (active or draining); free ids are left out.
     pub backends: BTreeMap<u32, Backend>,
+    /// Service ids with a Maglev table -> what the table was built from
+    /// ([`MaglevTable::digest`]); [`UNKNOWN_TABLE`] for a table read back from the maps,
+    /// whose making this agent did not see (it is built again).
+    pub maglev: HashMap<u32, u64>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The digest of a Maglev table found in the maps.
+pub const UNKNOWN_TABLE: u64 = 0;
+
+/// A Service port's Maglev table: backend ids, one per entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    /// A hash of the table size and the serving backends (ids and addresses) it was built
+    /// from: the same digest, the same table.
+    pub digest: u64,
+    pub backend_ids: Arc<[u32]>,
+}
+
+impl MaglevTable {
+    fn digest(table_size: u32, serving: &[(u32, SocketAddrV4)]) -> u64 {
+        let mut hasher = std::hash::DefaultHasher::new();
+        table_size.hash(&mut hasher);
+        serving.hash(&mut hasher);
+        // Never UNKNOWN_TABLE: that one is always rebuilt.
+        hasher.finish().max(1)
+    }
+
+    /// The table of `serving` (ids and addresses, sorted by address): which endpoint takes
+    /// an entry depends only on the addresses, so every node builds the same one.
+    fn build(table_size: u32, serving: &[(u32, SocketAddrV4)], digest: u64) -> Self {
+        let endpoints: Vec<u64> = serving
+            .iter()
+            .map(|(_, a)| maglev::endpoint_key(a.ip().octets(), a.port()))
+            .collect();
+        let mut table = vec![0u32; table_size as usize];
+        maglev::populate(&endpoints, &mut table);
+        for entry in &mut table {
+            *entry = serving[*entry as usize].0;
+        }
+        Self {
+            digest,
+            backend_ids: table.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
     PutBackend(u32, Backend),
     PutSlot(SlotKey, u32),
@@ -35,6 +82,12 @@ pub enum MapOp {
     ClearBackend(u32),
     /// Zeroes a service id's traffic counters before a new frontend takes the id.
     ClearTraffic(u32),
+    /// Puts a new table in place of the service id's (whole: a flow sees the old one or this).
+    PutMaglev(u32, MaglevTable),
+    DeleteMaglev(u32),
+    /// Removes the clients' affinity entries of a service id (its frontend went, or dropped
+    /// affinity).
+    ForgetAffinity(u32),
 }
 
 /// A frontend that could not be programmed because a map is full. The frontend keeps what
@@ -64,6 +117,9 @@ impl CapacityError {
 pub struct Plan {
     pub ops: Vec<MapOp>,
     pub skipped: Vec<CapacityError>,
+    /// Maglev tables built with fewer than [`maglev::ENTRIES_PER_ENDPOINT`] entries per
+    /// endpoint (their endpoints' shares may differ by more than 1 %): frontend, endpoints.
+    pub crowded_tables: Vec<(desired::Frontend, usize)>,
 }
 
 pub fn frontend_key(f: &desired::Frontend) -> FrontendKey {
@@ -198,7 +254,7 @@ pub fn plan(
     scope: Scope,
     capacity: Capacity,
 ) -> Plan {
-    let mut planner = Planner::new(actual, capacity);
+    let mut planner = Planner::new(actual, capacity, desired.algorithm);
     match scope {
         Scope::All => {
             planner.place(desired.frontends.iter());
@@ -212,6 +268,7 @@ pub fn plan(
             planner.remove(removed);
             planner.clear_unreferenced();
             planner.delete_orphan_slots();
+            planner.delete_orphan_tables();
         }
         Scope::Frontends(frontends) => {
             planner.place(
@@ -233,6 +290,7 @@ pub fn plan(
 /// Builds a plan frontend by frontend within the room the maps have.
 struct Planner<'a> {
     actual: &'a ActualDataplane,
+    algorithm: Algorithm,
     /// Removals are written last, so the maps must hold old and new entries at once: every
     /// budget counts from what is there now.
     frontend_room: usize,
@@ -259,12 +317,22 @@ struct Planner<'a> {
     /// Traffic counters of ids new frontends take (before the frontends, in a run of their
     /// own so that each kind of write goes to the maps in one batch).
     clear_traffic: Vec<MapOp>,
+    /// Maglev tables: written after the backends and slots they name, before the frontends
+    /// that use them; deleted once no frontend uses them.
+    put_tables: Vec<MapOp>,
+    del_tables: Vec<MapOp>,
+    /// Service ids whose table the planned maps keep or get.
+    tables_kept: HashSet<u32>,
+    tables_dropped: HashSet<u32>,
+    forget_affinity: Vec<MapOp>,
+    crowded_tables: Vec<(desired::Frontend, usize)>,
 }
 
 impl<'a> Planner<'a> {
-    fn new(actual: &'a ActualDataplane, capacity: Capacity) -> Self {
+    fn new(actual: &'a ActualDataplane, capacity: Capacity, algorithm: Algorithm) -> Self {
         Self {
             actual,
+            algorithm,
             frontend_room: capacity.frontends.saturating_sub(actual.frontends.len()),
             slot_room: capacity.slots.saturating_sub(actual.slots.len()),
             service_ids: None,
@@ -287,6 +355,12 @@ impl<'a> Planner<'a> {
             del_slots: Vec::new(),
             clear_backends: Vec::new(),
             clear_traffic: Vec::new(),
+            put_tables: Vec::new(),
+            del_tables: Vec::new(),
+            tables_kept: HashSet::new(),
+            tables_dropped: HashSet::new(),
+            forget_affinity: Vec::new(),
+            crowded_tables: Vec::new(),
         }
     }
 
@@ -343,6 +417,7 @@ impl<'a> Planner<'a> {
             planner.referenced.extend(&old_ids);
             if let Some(o) = old {
                 planner.slot_counts.insert(o.service_id, old_count);
+                planner.tables_kept.insert(o.service_id);
             }
             planner.skipped.push(error);
         };
@@ -415,12 +490,36 @@ impl<'a> Planner<'a> {
             }
         }
         let count = ids.len() as u32;
-        let wanted = Frontend {
+        let mut wanted = Frontend {
             service_id,
             backend_count: backends.serving.len() as u32,
             draining_count: backends.draining.len() as u32,
-            flags: 0,
+            ..Frontend::default()
         };
+        if let Some(timeout_s) = backends.affinity_timeout_s {
+            wanted.flags |= FRONTEND_AFFINITY;
+            wanted.affinity_timeout_s = timeout_s;
+        }
+        if let Algorithm::Maglev { table_size } = self.algorithm
+            && !backends.serving.is_empty()
+        {
+            wanted.flags |= FRONTEND_MAGLEV;
+            wanted.maglev_table_size = table_size;
+            let serving: Vec<(u32, SocketAddrV4)> = ids
+                .iter()
+                .copied()
+                .zip(backends.serving.iter().copied())
+                .collect();
+            self.plan_table(f, service_id, table_size, &serving);
+        } else {
+            self.drop_table(service_id);
+        }
+        if let Some(o) = old
+            && o.flags & FRONTEND_AFFINITY != 0
+            && wanted.flags & FRONTEND_AFFINITY == 0
+        {
+            self.forget_affinity.push(MapOp::ForgetAffinity(service_id));
+        }
         if let Some(o) = old
             && wanted.backend_count < o.backend_count
             && self.put_slots.len() > slots_before
@@ -453,9 +552,56 @@ impl<'a> Planner<'a> {
         }
     }
 
+    /// A Maglev table for the service id unless the maps have this one already.
+    fn plan_table(
+        &mut self,
+        f: &desired::Frontend,
+        service_id: u32,
+        table_size: u32,
+        serving: &[(u32, SocketAddrV4)],
+    ) {
+        self.tables_kept.insert(service_id);
+        let digest = MaglevTable::digest(table_size, serving);
+        if self.actual.maglev.get(&service_id) == Some(&digest) {
+            return;
+        }
+        if (serving.len() as u64) * maglev::ENTRIES_PER_ENDPOINT as u64 > table_size as u64 {
+            self.crowded_tables.push((*f, serving.len()));
+        }
+        let table = MaglevTable::build(table_size, serving, digest);
+        self.put_tables.push(MapOp::PutMaglev(service_id, table));
+    }
+
+    /// Deletes the service id's table, if it has one (once the frontend no longer uses it).
+    fn drop_table(&mut self, service_id: u32) {
+        if self.actual.maglev.contains_key(&service_id) && self.tables_dropped.insert(service_id) {
+            self.del_tables.push(MapOp::DeleteMaglev(service_id));
+        }
+    }
+
+    /// Deletes every table no planned frontend uses.
+    fn delete_orphan_tables(&mut self) {
+        let mut orphans: Vec<u32> = self
+            .actual
+            .maglev
+            .keys()
+            .filter(|id| !self.tables_kept.contains(id))
+            .copied()
+            .collect();
+        orphans.sort_unstable();
+        for id in orphans {
+            self.drop_table(id);
+        }
+    }
+
     fn remove<'k>(&mut self, removed: impl IntoIterator<Item = (&'k FrontendKey, &'k Frontend)>) {
         for (key, fe) in removed {
             self.del_frontends.push(MapOp::DeleteFrontend(*key));
+            if fe.flags & FRONTEND_AFFINITY != 0 {
+                self.forget_affinity
+                    .push(MapOp::ForgetAffinity(fe.service_id));
+            }
+            self.drop_table(fe.service_id);
             for slot in 0..slot_count(fe) {
                 self.del_slots.push(MapOp::DeleteSlot(SlotKey {
                     service_id: fe.service_id,
@@ -515,15 +661,19 @@ impl<'a> Planner<'a> {
         let mut ops = self.put_backends;
         ops.extend(self.shrink_frontends);
         ops.extend(self.put_slots);
+        ops.extend(self.put_tables);
         ops.extend(self.clear_traffic);
         ops.extend(self.put_frontends);
         ops.extend(self.demote_backends);
         ops.extend(self.del_frontends);
+        ops.extend(self.forget_affinity);
         ops.extend(self.del_slots);
+        ops.extend(self.del_tables);
         ops.extend(self.clear_backends);
         Plan {
             ops,
             skipped: self.skipped,
+            crowded_tables: self.crowded_tables,
         }
     }
 }
@@ -532,6 +682,13 @@ impl<'a> Planner<'a> {
 pub fn apply(actual: &mut ActualDataplane, ops: &[MapOp]) {
     for op in ops {
         match *op {
+            MapOp::PutMaglev(id, ref table) => {
+                actual.maglev.insert(id, table.digest);
+            }
+            MapOp::DeleteMaglev(id) => {
+                actual.maglev.remove(&id);
+            }
+            MapOp::ForgetAffinity(_) => {}
             MapOp::PutBackend(id, b) => {
                 actual.backends.insert(id, b);
             }
@@ -580,6 +737,7 @@ mod tests {
                 .iter()
                 .map(|(f, b)| (*f, Backends::serving(b.clone())))
                 .collect(),
+            ..DesiredDataplane::default()
         }
     }
 
@@ -835,6 +993,7 @@ mod tests {
                     (f, Backends::serving(b))
                 })
                 .collect(),
+            ..DesiredDataplane::default()
         };
         let plan = diff_with_capacity(&wanted, &ActualDataplane::default(), small);
         assert_eq!(plan.skipped.len(), 2_000, "half fit");
@@ -884,7 +1043,14 @@ mod tests {
                     // Some of them draining, moving between the two at random.
                     let (serving, draining) =
                         addrs.into_iter().partition(|_| !next().is_multiple_of(3));
-                    want.frontends.insert(f, Backends { serving, draining });
+                    want.frontends.insert(
+                        f,
+                        Backends {
+                            serving,
+                            draining,
+                            ..Backends::default()
+                        },
+                    );
                 }
             }
             let plan = diff_frontends(&want, &actual, &touched);
@@ -957,6 +1123,7 @@ mod tests {
             Backends {
                 serving: vec![all[0], all[2]],
                 draining: vec![all[1]],
+                ..Backends::default()
             },
         );
         let ops = diff(&d, &actual).ops;

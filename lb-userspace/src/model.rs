@@ -8,6 +8,7 @@ use k8s_openapi::{
     api::{core::v1 as core, discovery::v1 as discovery},
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
+use lb_common::affinity;
 use serde::Serialize;
 
 /// Namespace and name of an object.
@@ -94,7 +95,11 @@ pub enum ClusterIpRequest {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum SessionAffinity {
     None,
-    ClientIp,
+    /// New connections from a client go to the endpoint its earlier ones went to, until it
+    /// has opened none for this many seconds.
+    ClientIp {
+        timeout_s: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -333,7 +338,9 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
         .collect::<Result<_, _>>()?;
     let session_affinity = match spec.session_affinity.as_deref().unwrap_or("None") {
         "None" => SessionAffinity::None,
-        "ClientIP" => SessionAffinity::ClientIp,
+        "ClientIP" => SessionAffinity::ClientIp {
+            timeout_s: affinity_timeout(&spec)?,
+        },
         other => {
             return Err(field_error(
                 "spec.sessionAffinity",
@@ -414,6 +421,27 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
         publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
         created: created(&svc.metadata),
     })
+}
+
+/// `spec.sessionAffinityConfig.clientIP.timeoutSeconds`, validated as the API server does.
+fn affinity_timeout(spec: &core::ServiceSpec) -> Result<u32, FieldError> {
+    const FIELD: &str = "spec.sessionAffinityConfig.clientIP.timeoutSeconds";
+    let given = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match given {
+        None => Ok(affinity::DEFAULT_TIMEOUT_S),
+        Some(t) if t > 0 && t as i64 <= affinity::MAX_TIMEOUT_S as i64 => Ok(t as u32),
+        Some(t) => Err(field_error(
+            FIELD,
+            format!(
+                "Invalid value: {t}: must be greater than 0 and less than or equal to {}",
+                affinity::MAX_TIMEOUT_S
+            ),
+        )),
+    }
 }
 
 pub fn pod(pod: &core::Pod) -> Result<Pod, FieldError> {
@@ -606,6 +634,37 @@ mod tests {
         assert_eq!(s.ports[0].protocol, Protocol::Tcp);
         assert_eq!(s.ports[0].target_port, TargetPort::Number(80));
         assert_eq!(s.session_affinity, SessionAffinity::None);
+    }
+
+    #[test]
+    fn client_ip_affinity_takes_its_timeout() {
+        let base =
+            "metadata: {name: a}\nspec:\n  ports: [{port: 80}]\n  sessionAffinity: ClientIP\n";
+        assert_eq!(
+            svc(base).unwrap().session_affinity,
+            SessionAffinity::ClientIp { timeout_s: 10_800 }
+        );
+        let with = |t: i64| {
+            svc(&format!(
+                "{base}  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}\n"
+            ))
+        };
+        assert_eq!(
+            with(2).unwrap().session_affinity,
+            SessionAffinity::ClientIp { timeout_s: 2 }
+        );
+        assert_eq!(
+            with(86_400).unwrap().session_affinity,
+            SessionAffinity::ClientIp { timeout_s: 86_400 }
+        );
+        for bad in [0, -1, 86_401] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(
+                e.field,
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
+            );
+            assert!(e.message.contains(&bad.to_string()), "{e:?}");
+        }
     }
 
     #[test]

@@ -10,7 +10,10 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb::dataplane::{TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM};
+use lb::{
+    dataplane::{TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM},
+    desired::{Algorithm, Backends},
+};
 use lb_common::conntrack;
 use support::{
     datapath::{TestDatapath, tcp_frontend, udp_frontend},
@@ -223,7 +226,21 @@ fn random_and_mutated_frames_keep_every_invariant() {
         (tcp_frontend(vip(2), 443), vec![backend(5, 443)]),
         (tcp_frontend(vip(3), 80), vec![]),
     ];
-    t.program(&services);
+    // Both ways of choosing: the first Service by Maglev with ClientIP affinity, the others
+    // by Maglev.
+    t.algorithm = Algorithm::Maglev { table_size: 251 };
+    let programmed: Vec<_> = services
+        .iter()
+        .enumerate()
+        .map(|(i, (f, b))| {
+            let backends = Backends {
+                affinity_timeout_s: (i == 0).then_some(10_800),
+                ..Backends::serving(b.clone())
+            };
+            (*f, backends)
+        })
+        .collect();
+    t.program_backends(&programmed);
     let maps_before = t.dp.read_actual().unwrap();
     let mut model = Model {
         services: services

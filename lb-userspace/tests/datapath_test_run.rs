@@ -321,6 +321,7 @@ fn draining_backend_keeps_established_flows_and_takes_no_new_one() {
         Backends {
             serving: vec![both[0]],
             draining: vec![both[1]],
+            ..Backends::default()
         },
     )]);
     for (port, was) in &on {

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use aya::programs::{TestRun, TestRunOptions};
 use lb::{
     dataplane::{Dataplane, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM},
-    desired::{Backends, DesiredDataplane, Frontend},
+    desired::{Algorithm, Backends, DesiredDataplane, Frontend},
     diff::{self, ActualDataplane},
     model::Protocol,
 };
@@ -15,6 +15,8 @@ use lb::{
 pub struct TestDatapath {
     pub dp: Dataplane,
     pub actual: ActualDataplane,
+    /// How the frontends programmed next pick their backends.
+    pub algorithm: Algorithm,
 }
 
 pub struct Output {
@@ -37,6 +39,7 @@ impl TestDatapath {
         Self {
             dp: Dataplane::load_unpinned().expect("load eBPF object"),
             actual: ActualDataplane::default(),
+            algorithm: Algorithm::Random,
         }
     }
 
@@ -52,6 +55,7 @@ impl TestDatapath {
     pub fn program_backends(&mut self, frontends: &[(Frontend, Backends)]) {
         let desired = DesiredDataplane {
             frontends: frontends.iter().cloned().collect(),
+            algorithm: self.algorithm,
         };
         let plan = diff::diff(&desired, &self.actual);
         assert!(plan.skipped.is_empty(), "capacity: {:?}", plan.skipped);
