@@ -217,7 +217,7 @@ fn random_and_mutated_frames_keep_every_invariant() {
         ..lb_common::Config::DEFAULT
     })
     .unwrap();
-    let services = vec![
+    let services = [
         (
             tcp_frontend(vip(1), 80),
             vec![backend(1, 8080), backend(2, 8080), backend(3, 8080)],

@@ -9,10 +9,11 @@ use std::{
 
 use aya::maps::HashMap as BpfHashMap;
 use lb::desired::{Algorithm, Backends};
-use lb_common::{AFFINITY_MAP, Affinity, AffinityKey, maglev, net_port};
+use lb_common::{AFFINITY_MAP, Affinity, AffinityKey};
 use support::{
     datapath::{TestDatapath, tcp_frontend},
     packet::*,
+    web::maglev_endpoint,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -186,20 +187,8 @@ fn affinity_switched_off_spreads_again_and_its_entries_go() {
 
 /// The endpoint a flow gets from the table every node builds, computed here on its own.
 fn maglev_choice(endpoints: &[SocketAddrV4], size: u32, from: (Ipv4Addr, u16)) -> Ipv4Addr {
-    let keys: Vec<u64> = endpoints
-        .iter()
-        .map(|e| maglev::endpoint_key(e.ip().octets(), e.port()))
-        .collect();
-    let mut table = vec![0u32; size as usize];
-    maglev::populate(&keys, &mut table);
-    let hash = maglev::flow_hash(
-        from.0.octets(),
-        VIP.octets(),
-        net_port(from.1),
-        net_port(80),
-        TCP,
-    );
-    *endpoints[table[maglev::table_index(hash, size) as usize] as usize].ip()
+    let to = SocketAddrV4::new(VIP, 80);
+    *maglev_endpoint(endpoints, size, SocketAddrV4::new(from.0, from.1), to).ip()
 }
 
 fn maglev_datapath(size: u32) -> TestDatapath {

@@ -3,3 +3,4 @@ pub mod apiserver;
 pub mod bed;
 pub mod datapath;
 pub mod packet;
+pub mod web;
