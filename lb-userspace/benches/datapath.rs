@@ -11,6 +11,10 @@
 //! falls on all of them; each figure is the median over the rounds. After every slice the
 //! datapath's counters must show that each run took the path the case names.
 //!
+//! Backend selection is timed too: new and established flows to a Service with ClientIP
+//! affinity, and on a datapath choosing by Maglev (tables of 251 entries, the smallest size,
+//! so that 100,000 Services' tables fit in memory; a lookup costs the same in any size).
+//!
 //! `LB_BENCH_CASE=<prefix>` times only the cases whose name starts with it (the floor and the
 //! reference always run), e.g. under `perf record`.
 #[path = "../tests/support/mod.rs"]
@@ -22,8 +26,9 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb::dataplane::{
-    TC_EGRESS_PROGRAM, TC_FLOOR_PROGRAM, TC_INGRESS_PROGRAM, TC_REFERENCE_PROGRAM,
+use lb::{
+    dataplane::{TC_EGRESS_PROGRAM, TC_FLOOR_PROGRAM, TC_INGRESS_PROGRAM, TC_REFERENCE_PROGRAM},
+    desired::{Algorithm, Backends, Frontend},
 };
 use support::{
     datapath::{TestDatapath, tcp_frontend},
@@ -62,6 +67,24 @@ enum On {
     Steady,
     /// Rebuilt before every round, so that every run is a new flow.
     Fresh,
+    /// The same two, choosing backends by Maglev.
+    MaglevSteady,
+    MaglevFresh,
+}
+
+impl On {
+    fn fresh(self) -> bool {
+        matches!(self, On::Fresh | On::MaglevFresh)
+    }
+
+    fn algorithm(self) -> Algorithm {
+        match self {
+            On::Steady | On::Fresh => Algorithm::Random,
+            On::MaglevSteady | On::MaglevFresh => Algorithm::Maglev {
+                table_size: lb_common::maglev::MIN_TABLE_SIZE,
+            },
+        }
+    }
 }
 
 struct Case {
@@ -122,7 +145,7 @@ fn main() {
             .map(|i| {
                 (
                     tcp_frontend(service_ip(i), 80),
-                    vec![backend_addr(i, 0), backend_addr(i, 1)],
+                    Backends::serving(vec![backend_addr(i, 0), backend_addr(i, 1)]),
                 )
             })
             .collect();
@@ -133,7 +156,17 @@ fn main() {
             tcp_frontend(same_port_vip, 8080),
             frontends[(services / 2) as usize].1.clone(),
         ));
-        let mut steady = rebuild(&frontends);
+        // The same backends once more, behind a Service with ClientIP affinity.
+        let affinity_vip = service_ip(services + 2);
+        frontends.push((
+            tcp_frontend(affinity_vip, 80),
+            Backends {
+                affinity_timeout_s: Some(lb_common::affinity::DEFAULT_TIMEOUT_S),
+                ..frontends[(services / 2) as usize].1.clone()
+            },
+        ));
+        let mut steady = rebuild(&frontends, On::Steady);
+        let mut maglev_steady = rebuild(&frontends, On::MaglevSteady);
         // The measured Service: one in the middle of the table.
         let vip = service_ip(services / 2);
         let client = Ipv4Addr::new(198, 18, 255, 1);
@@ -144,12 +177,25 @@ fn main() {
         let same_port = tcp_segment((client, 10001), (same_port_vip, 8080));
         steady.run(&same_port);
         let other = tcp_segment((client, 10000), (Ipv4Addr::new(198, 18, 254, 254), 80));
-        let new_flows: Vec<Vec<u8>> = (0..NEW_FLOWS as u32)
+        let new_flows_to = |vip: Ipv4Addr| -> Vec<Vec<u8>> {
+            (0..NEW_FLOWS as u32)
+                .map(|i| {
+                    let src = Ipv4Addr::new(198, 18, 200 + (i / 60_000) as u8, 1);
+                    ipv4_frame(TCP, (src, 1024 + (i % 60_000) as u16), (vip, 80), b"")
+                })
+                .collect()
+        };
+        let new_flows = new_flows_to(vip);
+        // Every flow from a client of its own: each run misses the affinity map and adds to it.
+        let new_clients: Vec<Vec<u8>> = (0..NEW_FLOWS as u32)
             .map(|i| {
-                let src = Ipv4Addr::new(198, 18, 200 + (i / 60_000) as u8, 1);
-                ipv4_frame(TCP, (src, 1024 + (i % 60_000) as u16), (vip, 80), b"")
+                let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + i);
+                ipv4_frame(TCP, (src, 40_000), (affinity_vip, 80), b"")
             })
             .collect();
+        let affinity_established = tcp_segment((client, 10002), (affinity_vip, 80));
+        steady.run(&affinity_established);
+        maglev_steady.run(&established);
         let cases = [
             Case {
                 name: FLOOR,
@@ -168,7 +214,7 @@ fn main() {
             Case {
                 name: "new flow",
                 program: TC_INGRESS_PROGRAM,
-                frames: new_flows,
+                frames: new_flows.clone(),
                 on: On::Fresh,
                 counter: Some("dnat_new"),
             },
@@ -177,6 +223,42 @@ fn main() {
                 program: TC_INGRESS_PROGRAM,
                 frames: vec![established.clone()],
                 on: On::Steady,
+                counter: Some("dnat_established"),
+            },
+            // One client's new flows: each finds the client's entry and refreshes it.
+            Case {
+                name: "new flow, affinity, known client",
+                program: TC_INGRESS_PROGRAM,
+                frames: new_flows_to(affinity_vip),
+                on: On::Fresh,
+                counter: Some("dnat_new"),
+            },
+            Case {
+                name: "new flow, affinity, new client",
+                program: TC_INGRESS_PROGRAM,
+                frames: new_clients,
+                on: On::Fresh,
+                counter: Some("dnat_new"),
+            },
+            Case {
+                name: "established flow, affinity",
+                program: TC_INGRESS_PROGRAM,
+                frames: vec![affinity_established],
+                on: On::Steady,
+                counter: Some("dnat_established"),
+            },
+            Case {
+                name: "new flow, maglev",
+                program: TC_INGRESS_PROGRAM,
+                frames: new_flows,
+                on: On::MaglevFresh,
+                counter: Some("dnat_new"),
+            },
+            Case {
+                name: "established flow, maglev",
+                program: TC_INGRESS_PROGRAM,
+                frames: vec![established.clone()],
+                on: On::MaglevSteady,
                 counter: Some("dnat_established"),
             },
             Case {
@@ -216,13 +298,16 @@ fn main() {
             for (case, (stats, loops)) in cases.iter().zip(samples.iter_mut()) {
                 let t = match case.on {
                     On::Steady => &mut steady,
-                    On::Fresh => fresh.insert(rebuild(&frontends)),
+                    On::MaglevSteady => &mut maglev_steady,
+                    On::Fresh | On::MaglevFresh => {
+                        // The last one goes first: two datapaths of 100,000 Services at once
+                        // would only cost memory.
+                        drop(fresh.take());
+                        fresh.insert(rebuild(&frontends, case.on))
+                    }
                 };
                 let before = case.counter.map(|c| t.counter(c));
-                let runs = match case.on {
-                    On::Steady => RUNS,
-                    On::Fresh => NEW_FLOWS,
-                };
+                let runs = if case.on.fresh() { NEW_FLOWS } else { RUNS };
                 let (s, l) = time(t, case.program, &case.frames, runs);
                 if let (Some(name), Some(before)) = (case.counter, before) {
                     let counted = t.counter(name) - before;
@@ -254,9 +339,10 @@ fn tcp_segment(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
     support::packet::tcp_with_flags(src, dst, 0x10)
 }
 
-fn rebuild(frontends: &[(lb::desired::Frontend, Vec<SocketAddrV4>)]) -> TestDatapath {
+fn rebuild(frontends: &[(Frontend, Backends)], on: On) -> TestDatapath {
     let mut t = TestDatapath::new();
-    t.program(frontends);
+    t.algorithm = on.algorithm();
+    t.program_backends(frontends);
     t
 }
 

@@ -296,6 +296,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }));
     let shared: SharedState = Arc::new(AdminState::new(control, counters, Some(events)));
     shared.status_mut().datapath_events = config.datapath_events;
+    shared.status_mut().backend_choice = match config.algorithm() {
+        Algorithm::Random => "random".to_string(),
+        Algorithm::Maglev { table_size } => format!("maglev, tables of {table_size} entries"),
+    };
     let admin = config.admin;
     let server_state = shared.clone();
     let server = tokio::spawn(async move { api::serve(admin, server_state).await });
@@ -536,12 +540,27 @@ impl Agent {
             .dataplane
             .clock_ns()
             .and_then(|now| self.dataplane.collect_conntrack_garbage(now));
+        let by_service: std::collections::HashMap<u32, lb_common::Frontend> = self
+            .actual
+            .frontends
+            .values()
+            .map(|f| (f.service_id, *f))
+            .collect();
+        let clients = self
+            .dataplane
+            .clock_ns()
+            .and_then(|now| self.dataplane.collect_affinity_garbage(now, &by_service));
+        let clients = clients.unwrap_or_else(|e| {
+            warn!("affinity garbage collection: {e}");
+            0
+        });
         match collected {
             Ok(gc) => {
                 let mut status = self.shared.status_mut();
                 status.conntrack_entries = gc.entries;
                 status.conntrack_gc_deleted += gc.deleted as u64;
-                status.map_fill = map_fill(&self.actual, gc.entries);
+                status.affinity_entries = clients;
+                status.map_fill = map_fill(&self.actual, gc.entries, clients);
             }
             Err(e) => warn!("conntrack garbage collection: {e}"),
         }
@@ -737,20 +756,32 @@ impl Agent {
             syncs: self.syncs,
             conntrack_entries: status.conntrack_entries,
             conntrack_gc_deleted: status.conntrack_gc_deleted,
-            map_fill: map_fill(&self.actual, status.conntrack_entries),
+            map_fill: map_fill(
+                &self.actual,
+                status.conntrack_entries,
+                status.affinity_entries,
+            ),
             datapath_events: status.datapath_events,
+            affinity_entries: status.affinity_entries,
+            backend_choice: std::mem::take(&mut status.backend_choice),
         };
     }
 }
 
 /// How full the maps are, from what the agent wrote and what the last GC counted.
-fn map_fill(actual: &ActualDataplane, conntrack_entries: usize) -> Vec<(String, usize, u32)> {
+fn map_fill(
+    actual: &ActualDataplane,
+    conntrack_entries: usize,
+    affinity_entries: usize,
+) -> Vec<(String, usize, u32)> {
     use lb_common::*;
     [
         (FRONTENDS_MAP, actual.frontends.len(), MAX_FRONTENDS),
         (SLOTS_MAP, actual.slots.len(), MAX_SLOTS),
         (BACKENDS_MAP, actual.backends.len(), MAX_BACKENDS),
         (CONNTRACK_MAP, conntrack_entries, MAX_CONNTRACK),
+        (MAGLEV_MAP, actual.maglev.len(), MAX_FRONTENDS),
+        (AFFINITY_MAP, affinity_entries, MAX_AFFINITY),
     ]
     .into_iter()
     .map(|(map, used, capacity)| (map.to_string(), used, capacity))
@@ -827,4 +858,56 @@ fn record_cluster_ips(
         Err(e) => problems.push(format!("recording ClusterIPs: {e}")),
     }
     problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        agent: AgentConfig,
+    }
+
+    /// The backend choice these flags give, or clap's error.
+    fn parse(args: &[&str]) -> Result<Algorithm, String> {
+        Flags::try_parse_from(std::iter::once("lb").chain(args.iter().copied()))
+            .map(|f| f.agent.algorithm())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_backend_choice_flags_default_to_random_and_take_maglev() {
+        assert_eq!(parse(&[]).unwrap(), Algorithm::Random);
+        assert_eq!(
+            parse(&["--lb-algorithm", "maglev"]).unwrap(),
+            Algorithm::Maglev {
+                table_size: maglev::DEFAULT_TABLE_SIZE
+            }
+        );
+        assert_eq!(
+            parse(&["--lb-algorithm", "maglev", "--maglev-table-size", "65521"]).unwrap(),
+            Algorithm::Maglev { table_size: 65_521 }
+        );
+    }
+
+    #[test]
+    fn a_table_size_that_is_not_a_prime_in_range_is_refused_by_name() {
+        for (value, problem) in [
+            ("16000", "not a prime"),
+            ("131", "out of range"),
+            ("262147", "out of range"),
+            ("lots", "not a number"),
+        ] {
+            let e = parse(&["--lb-algorithm", "maglev", "--maglev-table-size", value]).unwrap_err();
+            assert!(
+                e.contains("--maglev-table-size") && e.contains(problem),
+                "{value}: {e}"
+            );
+        }
+        let e = parse(&["--lb-algorithm", "round-robin"]).unwrap_err();
+        assert!(e.contains("--lb-algorithm") && e.contains("maglev"), "{e}");
+    }
 }

@@ -57,6 +57,12 @@ pub struct StatusView {
     /// Which datapath events the programs send to the agent's log.
     #[serde(default)]
     pub datapath_events: EventsLevel,
+    /// Clients with session affinity after the last garbage collection.
+    #[serde(default)]
+    pub affinity_entries: usize,
+    /// How new connections pick their backend (`--lb-algorithm`, and the Maglev table size).
+    #[serde(default)]
+    pub backend_choice: String,
 }
 
 /// The metrics kube-proxy exports under the same names and meanings, so that its dashboards
@@ -370,7 +376,7 @@ fn metrics(state: &AdminState) -> String {
         "Expired conntrack entries deleted by the garbage collector",
         gc_deleted,
     );
-    let gauges: [(&str, &str, usize); 6] = [
+    let gauges: [(&str, &str, usize); 7] = [
         ("lb_services", "Services known", services),
         (
             "lb_manifest_problems",
@@ -396,6 +402,11 @@ fn metrics(state: &AdminState) -> String {
             "lb_conntrack_entries",
             "Conntrack entries after the last garbage collection (two per flow)",
             status.conntrack_entries,
+        ),
+        (
+            "lb_affinity_entries",
+            "Clients kept on an endpoint by session affinity, after the last garbage collection",
+            status.affinity_entries,
         ),
     ];
     for (name, help, value) in gauges {

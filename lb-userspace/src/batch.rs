@@ -8,6 +8,7 @@ use std::{
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// Entries per system call: large enough that the call's own cost vanishes, small enough that
 /// the kernel's copy of keys and values stays a few hundred KiB.
 const CHUNK: usize = 8192;
@@ -62,6 +63,27 @@ pub fn update<K: bytemuck::Pod, V: bytemuck::Pod>(
         if attr.count as usize != chunk.len() {
             return Err(io::Error::other(format!(
                 "batch update wrote {} of {} entries",
+                attr.count,
+                chunk.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Deletes `keys` from the map (all of them must be there).
+pub fn delete<K: bytemuck::Pod>(map: BorrowedFd<'_>, keys: &[K]) -> io::Result<()> {
+    for chunk in keys.chunks(CHUNK) {
+        let mut attr = BatchAttr {
+            keys: chunk.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        bpf(BPF_MAP_DELETE_BATCH, &mut attr)?;
+        if attr.count as usize != chunk.len() {
+            return Err(io::Error::other(format!(
+                "batch delete removed {} of {} entries",
                 attr.count,
                 chunk.len()
             )));

@@ -18,7 +18,8 @@ use lb_common::{
     AFFINITY_MAP, ALL_MAPS, Affinity, AffinityKey, AllocationKey, BACKENDS_MAP, Backend,
     CLUSTER_IPS_MAP, CONFIG_MAP, CONNTRACK_MAP, Config, CtEntry, CtKey, EVENTS_MAP, FRONTENDS_MAP,
     Frontend, FrontendKey, LEGACY_MAPS, MAGLEV_MAP, SERVICE_NAME_LEN, SERVICE_TRAFFIC_MAP,
-    SLOTS_MAP, STATS_MAP, ServiceName, ServiceTraffic, SlotKey, conntrack, stats::COUNTER_COUNT,
+    SLOTS_MAP, STATS_MAP, ServiceName, ServiceTraffic, SlotKey, affinity, conntrack,
+    stats::COUNTER_COUNT,
 };
 
 use crate::{
@@ -403,6 +404,30 @@ impl Dataplane {
     pub fn write(&mut self, ops: &[MapOp]) -> Result<()> {
         let mut rest = ops;
         while let Some(first) = rest.first() {
+            if let MapOp::PutMaglev(..) | MapOp::DeleteMaglev(_) = first {
+                let puts: Vec<(u32, &MaglevTable)> = rest
+                    .iter()
+                    .map_while(|o| match o {
+                        MapOp::PutMaglev(id, table) => Some((*id, table)),
+                        _ => None,
+                    })
+                    .collect();
+                let deletes: Vec<u32> = rest[puts.len()..]
+                    .iter()
+                    .map_while(|o| match o {
+                        MapOp::DeleteMaglev(id) => Some(*id),
+                        _ => None,
+                    })
+                    .collect();
+                if !puts.is_empty() {
+                    self.put_tables(&puts)?;
+                }
+                if !deletes.is_empty() {
+                    self.delete_tables(&deletes)?;
+                }
+                rest = &rest[puts.len() + deletes.len()..];
+                continue;
+            }
             if let MapOp::ForgetAffinity(_) = first {
                 // One pass over the clients for every service id forgotten together.
                 let ids: HashSet<u32> = rest
@@ -494,11 +519,10 @@ impl Dataplane {
     fn write_each(&mut self, ops: &[MapOp]) -> Result<()> {
         for op in ops {
             match *op {
-                MapOp::PutMaglev(service_id, ref table) => self.put_maglev(service_id, table)?,
-                MapOp::DeleteMaglev(service_id) => {
-                    ignore_missing(self.maglev()?.remove(&service_id))
-                        .map_err(map_err(MAGLEV_MAP))?
+                MapOp::PutMaglev(service_id, ref table) => {
+                    self.put_tables(&[(service_id, table)])?
                 }
+                MapOp::DeleteMaglev(service_id) => self.delete_tables(&[service_id])?,
                 MapOp::ForgetAffinity(id) => self.forget_affinity(&HashSet::from([id]))?,
                 MapOp::PutBackend(id, b) => self
                     .backends()?
@@ -537,32 +561,61 @@ impl Dataplane {
         Ok(())
     }
 
-    /// A new table, filled before it replaces the service id's old one in the outer map: a
-    /// flow sees either table whole, never one half written.
-    fn put_maglev(&mut self, service_id: u32, table: &MaglevTable) -> Result<()> {
-        use std::os::fd::AsFd as _;
-        let size = table.backend_ids.len() as u32;
-        let mut inner: Array<MapData, u32> =
-            Array::create(size, BPF_F_INNER_MAP).map_err(map_err(MAGLEV_MAP))?;
-        let entries: Vec<(u32, u32)> = (0..size).zip(table.backend_ids.iter().copied()).collect();
-        match batch::update(aya::maps::IterableMap::map(&inner).fd().as_fd(), &entries) {
-            Ok(()) => {}
-            // Before 5.6: one entry at a time.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                for (index, id) in entries {
-                    inner.set(index, id, 0).map_err(map_err(MAGLEV_MAP))?;
+    /// New tables, each filled before it replaces its service id's old one in the outer map:
+    /// a flow sees either table whole, never one half written. The outer map is written in
+    /// batches: the kernel waits for an RCU grace period after every write to a map of maps
+    /// (milliseconds), once per batch rather than once per table.
+    fn put_tables(&mut self, tables: &[(u32, &MaglevTable)]) -> Result<()> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        // Each chunk holds its tables' descriptors open until they are in the outer map.
+        const TABLES_AT_ONCE: usize = 256;
+        for chunk in tables.chunks(TABLES_AT_ONCE) {
+            let inner: Vec<Array<MapData, u32>> = chunk
+                .iter()
+                .map(|(_, table)| filled_table(table))
+                .collect::<Result<_>>()?;
+            let entries: Vec<(u32, u32)> = chunk
+                .iter()
+                .zip(&inner)
+                .map(|((service_id, _), table)| {
+                    let fd = aya::maps::IterableMap::map(table).fd().as_fd().as_raw_fd();
+                    (*service_id, fd as u32)
+                })
+                .collect();
+            match batch::update(self.map_fd(MAGLEV_MAP)?, &entries) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    let mut outer = self.maglev()?;
+                    for ((service_id, _), table) in chunk.iter().zip(&inner) {
+                        outer
+                            .insert(service_id, table, 0)
+                            .map_err(map_err(MAGLEV_MAP))?;
+                    }
+                }
+                Err(source) => {
+                    return Err(DataplaneError::Batch {
+                        name: MAGLEV_MAP,
+                        source,
+                    });
                 }
             }
-            Err(source) => {
-                return Err(DataplaneError::Batch {
-                    name: MAGLEV_MAP,
-                    source,
-                });
+        }
+        Ok(())
+    }
+
+    /// Removes these service ids' tables, in one batch where the kernel has them.
+    fn delete_tables(&mut self, service_ids: &[u32]) -> Result<()> {
+        match batch::delete(self.map_fd(MAGLEV_MAP)?, service_ids) {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                // Before 5.6, or one of them already gone: one by one.
+                let mut outer = self.maglev()?;
+                for id in service_ids {
+                    ignore_missing(outer.remove(id)).map_err(map_err(MAGLEV_MAP))?;
+                }
+                Ok(())
             }
         }
-        self.maglev()?
-            .insert(service_id, &inner, 0)
-            .map_err(map_err(MAGLEV_MAP))
     }
 
     fn maglev(&mut self) -> Result<HashOfMaps<&mut MapData, u32, Array<MapData, u32>>> {
@@ -682,6 +735,32 @@ impl Dataplane {
             entries: entries.len() - deleted,
             deleted,
         })
+    }
+
+    /// Deletes the affinity entries that no longer hold at `now_ns` (the datapath's clock):
+    /// idle past their Service port's timeout, or of a service id without affinity (which
+    /// the datapath never reads). Returns the entries left.
+    pub fn collect_affinity_garbage(
+        &mut self,
+        now_ns: u64,
+        frontends: &HashMap<u32, Frontend>,
+    ) -> Result<usize> {
+        let entries = self.affinity_entries()?;
+        let gone: Vec<AffinityKey> = entries
+            .iter()
+            .filter(|(key, entry)| {
+                frontends
+                    .get(&key.service_id)
+                    .is_none_or(|f| !affinity::enabled(f) || !affinity::holds(f, entry, now_ns))
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        let mut clients: BpfHashMap<_, AffinityKey, Affinity> =
+            BpfHashMap::try_from(self.map_mut(AFFINITY_MAP)?).map_err(map_err(AFFINITY_MAP))?;
+        for key in &gone {
+            ignore_missing(clients.remove(key)).map_err(map_err(AFFINITY_MAP))?;
+        }
+        Ok(entries.len() - gone.len())
     }
 
     /// Per-counter packet totals, summed over CPUs.
@@ -884,6 +963,31 @@ fn service_name(name: &str) -> ServiceName {
     let len = name.len().min(SERVICE_NAME_LEN);
     value.bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
     value
+}
+
+/// A new Maglev table (an array map, not yet in the outer map) holding `table`.
+fn filled_table(table: &MaglevTable) -> Result<Array<MapData, u32>> {
+    use std::os::fd::AsFd as _;
+    let size = table.backend_ids.len() as u32;
+    let mut inner: Array<MapData, u32> =
+        Array::create(size, BPF_F_INNER_MAP).map_err(map_err(MAGLEV_MAP))?;
+    let entries: Vec<(u32, u32)> = (0..size).zip(table.backend_ids.iter().copied()).collect();
+    match batch::update(aya::maps::IterableMap::map(&inner).fd().as_fd(), &entries) {
+        Ok(()) => {}
+        // Before 5.6: one entry at a time.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            for (index, id) in entries {
+                inner.set(index, id, 0).map_err(map_err(MAGLEV_MAP))?;
+            }
+        }
+        Err(source) => {
+            return Err(DataplaneError::Batch {
+                name: MAGLEV_MAP,
+                source,
+            });
+        }
+    }
+    Ok(inner)
 }
 
 /// The map a write goes to, for writes that go in batches.

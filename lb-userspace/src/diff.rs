@@ -526,10 +526,11 @@ impl<'a> Planner<'a> {
         {
             // Slots past the new count may now get draining backends: first stop offering
             // them to new flows (as draining slots they hold the old backends meanwhile).
+            // Only the counts change: it keeps its old selection (table, affinity) meanwhile.
             let shrunk = Frontend {
                 backend_count: wanted.backend_count,
                 draining_count: slot_count(o) - wanted.backend_count,
-                ..wanted
+                ..*o
             };
             self.shrink_frontends.push(MapOp::PutFrontend(key, shrunk));
         }
@@ -781,6 +782,116 @@ mod tests {
         let ops = diff(&DesiredDataplane::default(), &actual).ops;
         apply_checked(&mut actual, &ops);
         assert_eq!(actual, ActualDataplane::default());
+    }
+
+    fn with_maglev(mut d: DesiredDataplane) -> DesiredDataplane {
+        d.algorithm = Algorithm::Maglev { table_size: 251 };
+        d
+    }
+
+    /// The backend ids a planned table names.
+    fn table_ids(ops: &[MapOp]) -> BTreeSet<u32> {
+        ops.iter()
+            .find_map(|o| match o {
+                MapOp::PutMaglev(_, t) => Some(t.backend_ids.iter().copied().collect()),
+                _ => None,
+            })
+            .expect("a table")
+    }
+
+    #[test]
+    fn maglev_tables_follow_the_serving_backends_and_are_written_before_their_frontend() {
+        let mut actual = ActualDataplane::default();
+        let d = with_maglev(desired(&[(fe(1, 80), backends(3))]));
+        let ops = diff(&d, &actual).ops;
+        let at = |kind: fn(&MapOp) -> bool| ops.iter().position(kind).unwrap();
+        let table = at(|o| matches!(o, MapOp::PutMaglev(..)));
+        assert!(at(|o| matches!(o, MapOp::PutSlot(..))) < table);
+        assert!(at(|o| matches!(o, MapOp::PutBackend(..))) < table);
+        assert!(table < at(|o| matches!(o, MapOp::PutFrontend(..))));
+        apply_checked(&mut actual, &ops);
+        let ids: BTreeSet<u32> = actual.backends.keys().copied().collect();
+        assert_eq!(
+            table_ids(&ops),
+            ids,
+            "every backend has entries, no other id does"
+        );
+        let f = actual.frontends[&frontend_key(&fe(1, 80))];
+        assert_eq!(f.flags, FRONTEND_MAGLEV);
+        assert_eq!(f.maglev_table_size, 251);
+        assert!(
+            diff(&d, &actual).ops.is_empty(),
+            "an unchanged table is not rewritten"
+        );
+
+        // One backend goes: a new table without it.
+        let d = with_maglev(desired(&[(fe(1, 80), backends(2))]));
+        let ops = diff(&d, &actual).ops;
+        apply_checked(&mut actual, &ops);
+        let ids: BTreeSet<u32> = actual.backends.keys().copied().collect();
+        assert_eq!(table_ids(&ops), ids);
+
+        // Back to random: the table goes once the frontend no longer uses it.
+        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).ops;
+        let put = ops.iter().position(|o| matches!(o, MapOp::PutFrontend(..)));
+        let del = ops.iter().position(|o| matches!(o, MapOp::DeleteMaglev(_)));
+        assert!(put.unwrap() < del.unwrap(), "{ops:?}");
+        apply_checked(&mut actual, &ops);
+        assert!(actual.maglev.is_empty());
+
+        // A table nobody uses (left by another agent) goes at a full resync.
+        actual.maglev.insert(999, UNKNOWN_TABLE);
+        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).ops;
+        assert_eq!(ops, vec![MapOp::DeleteMaglev(999)]);
+    }
+
+    #[test]
+    fn a_table_read_back_from_the_maps_is_built_again() {
+        let mut actual = ActualDataplane::default();
+        let d = with_maglev(desired(&[(fe(1, 80), backends(3))]));
+        let ops = diff(&d, &actual).ops;
+        apply_checked(&mut actual, &ops);
+        for digest in actual.maglev.values_mut() {
+            *digest = UNKNOWN_TABLE;
+        }
+        let ops = diff(&d, &actual).ops;
+        assert!(matches!(ops[..], [MapOp::PutMaglev(..)]), "{ops:?}");
+    }
+
+    #[test]
+    fn affinity_entries_are_forgotten_when_affinity_or_the_frontend_goes() {
+        let mut actual = ActualDataplane::default();
+        let sticky = |n| {
+            let mut d = desired(&[(fe(1, 80), backends(n))]);
+            for b in d.frontends.values_mut() {
+                b.affinity_timeout_s = Some(60);
+            }
+            d
+        };
+        let ops = diff(&sticky(2), &actual).ops;
+        apply_checked(&mut actual, &ops);
+        let f = actual.frontends[&frontend_key(&fe(1, 80))];
+        assert_eq!((f.flags, f.affinity_timeout_s), (FRONTEND_AFFINITY, 60));
+        let forgets = |ops: &[MapOp]| {
+            ops.iter()
+                .filter(|o| matches!(o, MapOp::ForgetAffinity(_)))
+                .count()
+        };
+        // Endpoints change: clients keep their entries (a moved client is re-pinned).
+        assert_eq!(forgets(&diff(&sticky(3), &actual).ops), 0);
+        // Affinity off: forgotten after the frontend stops reading them.
+        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).ops;
+        assert_eq!(ops.last(), Some(&MapOp::ForgetAffinity(f.service_id)));
+        // The frontend goes: the same.
+        let ops = diff(&DesiredDataplane::default(), &actual).ops;
+        assert_eq!(forgets(&ops), 1);
+        let del = ops
+            .iter()
+            .position(|o| matches!(o, MapOp::DeleteFrontend(_)));
+        let forget = ops
+            .iter()
+            .position(|o| matches!(o, MapOp::ForgetAffinity(_)));
+        assert!(del < forget);
     }
 
     #[test]

@@ -137,6 +137,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         status.attached_interfaces.join(" ")
                     );
                     println!("datapath events: {}", status.datapath_events.as_str());
+                    println!("backend choice: {}", status.backend_choice);
+                    println!("clients with affinity: {}", status.affinity_entries);
                     println!("object problems: {}", status.errors.len());
                     for e in &status.errors {
                         println!("  {e}");

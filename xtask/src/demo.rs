@@ -85,12 +85,39 @@ fn say(text: &str) {
 
 impl Demo {
     fn apply(&self, file: &str) -> anyhow::Result<()> {
+        self.apply_as(file, file)
+    }
+
+    /// Copies an example into the manifest folder under another name (a new version of the
+    /// object another file held).
+    fn apply_as(&self, file: &str, name: &str) -> anyhow::Result<()> {
         let text = fs::read_to_string(examples_dir().join(file))?;
-        println!("$ cp examples/{file} <manifests>/");
-        self.bed.write_manifest(file, &text)?;
+        if file == name {
+            println!("$ cp examples/{file} <manifests>/");
+        } else {
+            println!("$ cp examples/{file} <manifests>/{name}");
+        }
+        self.bed.write_manifest(name, &text)?;
         // The agent applies a change within a second; wait until it has.
         std::thread::sleep(Duration::from_millis(600));
         Ok(())
+    }
+
+    /// How many of `n` new connections each pod answered, printed as `uniq -c` prints it.
+    fn answers(&self, ip: &str, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..n {
+            let body = self.bed.curl(
+                &self.client,
+                &format!("http://{ip}/"),
+                Duration::from_secs(2),
+            )?;
+            *counts.entry(body.trim().to_string()).or_default() += 1;
+        }
+        for (pod, n) in &counts {
+            println!("{n:>7} {pod}");
+        }
+        Ok(counts)
     }
 
     fn lb(&self, args: &[&str]) -> anyhow::Result<()> {
@@ -220,21 +247,22 @@ pub fn run(lb: &Path) -> anyhow::Result<()> {
     demo.get()?;
     let ip = demo.cluster_ip("nasa-rs-svc")?;
     println!("$ for i in $(seq 100); do curl -s http://{ip}/; done | sort | uniq -c");
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for _ in 0..100 {
-        let body = demo.bed.curl(
-            &demo.client,
-            &format!("http://{ip}/"),
-            Duration::from_secs(2),
-        )?;
-        *counts.entry(body.trim().to_string()).or_default() += 1;
-    }
-    for (pod, n) in &counts {
-        println!("{n:>7} {pod}");
-    }
+    let counts = demo.answers(&ip, 100)?;
     anyhow::ensure!(
         counts.len() == 4,
         "expected all 4 replicas to answer, got {counts:?}"
+    );
+
+    heading("4b. Session affinity: sessionAffinity: ClientIP sends a client to one pod");
+    demo.apply_as("08-nasa-rs-svc-affinity.yaml", "06-nasa-rs-svc.yaml")?;
+    println!("$ for i in $(seq 20); do curl -s http://{ip}/; done | sort | uniq -c");
+    let counts = demo.answers(&ip, 20)?;
+    anyhow::ensure!(
+        counts.len() == 1,
+        "expected one pod for one client, got {counts:?}"
+    );
+    say(
+        "(the pinned pod is in LB_AFFINITY4_V1: bpftool map dump pinned /sys/fs/bpf/lb/LB_AFFINITY4_V1)",
     );
 
     heading("5. A Service without selector plus manual Endpoints (and an ExternalName)");
