@@ -546,4 +546,15 @@ only the helper can do it right, and address and port changes take one call each
 datapath makes the same two calls). The established path therefore stays near 3x the
 reference on such a machine; the XDP path (no skb checksum states) will not need them.
 
+Backend selection. `affinity, known client`: new flows of a client that has an entry in the
+affinity map (a lookup and a time update take the place of the random pick). `affinity, new
+client`: every flow from a client never seen, so each run also inserts the client's entry
+into the LRU affinity map. `maglev`: the pick is a hash of the 5-tuple and a lookup in the
+Service port's table (a map of maps: two lookups), on a datapath where every Service has a
+table of 251 entries (the smallest size, so that 100,000 tables fit; a lookup costs the same
+in any size). The established rows of both run the same conntrack path as the plain one:
+selection is only ever done for new flows. An insert into an LRU hash map costs about as
+much as each of the two a new flow's conntrack entries take, which is what a new client
+adds.
+
 ";
