@@ -182,8 +182,10 @@ fn services_and_endpoint_slices_from_the_api_server_reach_the_maps() {
     assert!(value("kubeproxy_sync_proxy_rules_endpoint_changes_total") >= 2.0);
     assert!(value("kubeproxy_sync_proxy_rules_service_changes_total") >= 1.0);
     assert!(value("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 1.7e9);
-    assert!(value("lb_map_entries{map=\"LB_FRONTENDS4_V2\"}") >= 1.0);
-    assert!(value("lb_map_capacity{map=\"LB_CONNTRACK4_V2\"}") > 0.0);
+    let entries = format!("lb_map_entries{{map=\"{}\"}}", lb_common::FRONTENDS_MAP);
+    assert!(value(&entries) >= 1.0);
+    let capacity = format!("lb_map_capacity{{map=\"{}\"}}", lb_common::CONNTRACK_MAP);
+    assert!(value(&capacity) > 0.0);
     // Packets and bytes of the Service port, both ways (every curl above went through it).
     for family in ["lb_service_packets_total", "lb_service_bytes_total"] {
         for direction in ["in", "out"] {

@@ -81,7 +81,7 @@ fn client_ip_affinity_keeps_each_client_on_one_pod() {
 
     // The entries are in a pinned map bpftool reads (with BTF: field names).
     // (From the host: `ip netns exec` would hide the bpf filesystem.)
-    let pin = bed.bpffs_of(0).join("LB_AFFINITY4_V1");
+    let pin = bed.bpffs_of(0).join(lb_common::AFFINITY_MAP);
     let out = std::process::Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
         .arg(&pin)
