@@ -659,7 +659,15 @@ impl Testbed {
             }
             if let Ok(status) = self.lb_on(index, &["status", "-o", "json"]) {
                 let all_attached = links.iter().all(|l| status.contains(&format!("\"{l}\"")));
-                if all_attached && status.contains("\"syncs\"") {
+                // Standalone, the folder is always there to sync from: ready once the maps
+                // hold it (tests connect at once). In cluster mode a test may start the agent
+                // while the API server is down: the pinned maps serve meanwhile.
+                let synced = self.kubeconfig.is_some()
+                    || serde_json::from_str::<serde_json::Value>(&status)
+                        .ok()
+                        .and_then(|s| s["syncs"].as_u64())
+                        .is_some_and(|n| n > 0);
+                if all_attached && synced {
                     return Ok(());
                 }
             }
