@@ -412,9 +412,9 @@ fn pick(key: &CtKey, frontend: &Frontend) -> Result<(u32, Backend), Verdict> {
         Some(id) => *id,
         None => return Err(Verdict::Drop(Counter::DropNoBackend)),
     };
-    match LB_BACKENDS_V2.get(backend_id) {
-        Some(b) if b.state == BACKEND_ACTIVE => Ok((backend_id, *b)),
-        _ => Err(Verdict::Drop(Counter::DropNoBackend)),
+    match serving_backend(backend_id, frontend.service_id) {
+        Some(b) => Ok((backend_id, b)),
+        None => Err(Verdict::Drop(Counter::DropNoBackend)),
     }
 }
 

@@ -536,24 +536,25 @@ impl Agent {
     }
 
     fn collect_conntrack_garbage(&mut self) {
-        let collected = self
-            .dataplane
-            .clock_ns()
-            .and_then(|now| self.dataplane.collect_conntrack_garbage(now));
-        let by_service: std::collections::HashMap<u32, lb_common::Frontend> = self
+        let now = match self.dataplane.clock_ns() {
+            Ok(now) => now,
+            Err(e) => return warn!("conntrack garbage collection: reading the clock: {e}"),
+        };
+        let collected = self.dataplane.collect_conntrack_garbage(now);
+        let sticky: std::collections::HashMap<u32, lb_common::Frontend> = self
             .actual
             .frontends
             .values()
+            .filter(|f| lb_common::affinity::enabled(f))
             .map(|f| (f.service_id, *f))
             .collect();
         let clients = self
             .dataplane
-            .clock_ns()
-            .and_then(|now| self.dataplane.collect_affinity_garbage(now, &by_service));
-        let clients = clients.unwrap_or_else(|e| {
-            warn!("affinity garbage collection: {e}");
-            0
-        });
+            .collect_affinity_garbage(now, &sticky)
+            .unwrap_or_else(|e| {
+                warn!("affinity garbage collection: {e}");
+                0
+            });
         match collected {
             Ok(gc) => {
                 let mut status = self.shared.status_mut();

@@ -649,18 +649,27 @@ impl Dataplane {
 
     /// Removes every client's affinity entry of these service ids.
     fn forget_affinity(&mut self, service_ids: &HashSet<u32>) -> Result<()> {
-        let gone: Vec<AffinityKey> = self
-            .affinity_entries()?
-            .into_iter()
-            .filter(|(k, _)| service_ids.contains(&k.service_id))
-            .map(|(k, _)| k)
+        self.delete_affinity_where(|key, _| service_ids.contains(&key.service_id))
+            .map(|_| ())
+    }
+
+    /// Deletes the affinity entries `gone` names; returns the entries left.
+    fn delete_affinity_where(
+        &mut self,
+        gone: impl Fn(&AffinityKey, &Affinity) -> bool,
+    ) -> Result<usize> {
+        let entries = self.affinity_entries()?;
+        let doomed: Vec<AffinityKey> = entries
+            .iter()
+            .filter(|(key, entry)| gone(key, entry))
+            .map(|(key, _)| *key)
             .collect();
         let mut clients: BpfHashMap<_, AffinityKey, Affinity> =
             BpfHashMap::try_from(self.map_mut(AFFINITY_MAP)?).map_err(map_err(AFFINITY_MAP))?;
-        for key in gone {
-            ignore_missing(clients.remove(&key)).map_err(map_err(AFFINITY_MAP))?;
+        for key in &doomed {
+            ignore_missing(clients.remove(key)).map_err(map_err(AFFINITY_MAP))?;
         }
-        Ok(())
+        Ok(entries.len() - doomed.len())
     }
 
     fn backends(&mut self) -> Result<Array<&mut aya::maps::MapData, Backend>> {
@@ -738,29 +747,18 @@ impl Dataplane {
     }
 
     /// Deletes the affinity entries that no longer hold at `now_ns` (the datapath's clock):
-    /// idle past their Service port's timeout, or of a service id without affinity (which
-    /// the datapath never reads). Returns the entries left.
+    /// idle past their Service port's timeout, or of a service id not among the frontends
+    /// with affinity, `sticky` (the datapath never reads those). Returns the entries left.
     pub fn collect_affinity_garbage(
         &mut self,
         now_ns: u64,
-        frontends: &HashMap<u32, Frontend>,
+        sticky: &HashMap<u32, Frontend>,
     ) -> Result<usize> {
-        let entries = self.affinity_entries()?;
-        let gone: Vec<AffinityKey> = entries
-            .iter()
-            .filter(|(key, entry)| {
-                frontends
-                    .get(&key.service_id)
-                    .is_none_or(|f| !affinity::enabled(f) || !affinity::holds(f, entry, now_ns))
-            })
-            .map(|(key, _)| *key)
-            .collect();
-        let mut clients: BpfHashMap<_, AffinityKey, Affinity> =
-            BpfHashMap::try_from(self.map_mut(AFFINITY_MAP)?).map_err(map_err(AFFINITY_MAP))?;
-        for key in &gone {
-            ignore_missing(clients.remove(key)).map_err(map_err(AFFINITY_MAP))?;
-        }
-        Ok(entries.len() - gone.len())
+        self.delete_affinity_where(|key, entry| {
+            sticky
+                .get(&key.service_id)
+                .is_none_or(|f| !affinity::holds(f, entry, now_ns))
+        })
     }
 
     /// Per-counter packet totals, summed over CPUs.
