@@ -335,6 +335,35 @@ fn endpoint_churn_under_sustained_traffic() {
     };
     let accepted_by_stable: BTreeSet<SocketAddr> =
         stable.iter().flat_map(|p| bed.accepted(&p.name)).collect();
+    // For a failure's message: who accepted the connection, and the endpoint changes around
+    // it (ms from the connection's start).
+    let timeline = |local: SocketAddr, opened: Instant, closed: Instant| {
+        let ms = |t: Instant| {
+            t.saturating_duration_since(opened).as_millis() as i128
+                - opened.saturating_duration_since(t).as_millis() as i128
+        };
+        let accepted_by: Vec<&str> = stable
+            .iter()
+            .chain(&churning)
+            .filter(|p| bed.accepted(&p.name).contains(&local))
+            .map(|p| p.name.as_str())
+            .collect();
+        let near = |t: Instant| t + grace >= opened && t <= closed + grace;
+        let changes: Vec<String> = presence
+            .iter()
+            .flat_map(|(p, added, removed)| {
+                let added = near(*added).then(|| format!("{p} added at {} ms", ms(*added)));
+                let removed = removed
+                    .filter(|r| near(*r))
+                    .map(|r| format!("{p} removed at {} ms", ms(r)));
+                added.into_iter().chain(removed)
+            })
+            .collect();
+        format!(
+            "closed after {} ms; accepted by {accepted_by:?}; endpoint changes: {changes:?}",
+            ms(closed)
+        )
+    };
     let (mut ok, mut failed) = (0, 0);
     for (local, opened, closed, answer) in &results {
         match answer {
@@ -352,7 +381,8 @@ fn endpoint_churn_under_sustained_traffic() {
                 match local {
                     Some(local) => assert!(
                         !accepted_by_stable.contains(local),
-                        "a connection to a stable endpoint failed: {local}: {e}"
+                        "a connection to a stable endpoint failed: {local}: {e}; {}",
+                        timeline(*local, *opened, *closed)
                     ),
                     None => assert_eq!(
                         *kind,
