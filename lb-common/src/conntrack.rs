@@ -1,6 +1,6 @@
 //! Conntrack lifetimes: the TCP state an entry records and when it expires. Shared by the
 //! datapath (which treats an expired entry as absent) and the agent's garbage collector.
-use crate::{CT_FORWARD, Config, CtEntry, CtKey, PROTO_TCP, TokenBucket};
+use crate::{CT_FORWARD, CT_SNAT, Config, CtEntry, CtKey, PROTO_TCP, TokenBucket};
 
 /// The flow has shown a TCP packet without SYN (the handshake got through), or is UDP.
 pub const SEEN_NON_SYN: u8 = 1;
@@ -20,21 +20,47 @@ pub const TCP_ACK: u8 = 0x10;
 /// picked as its own Service's backend. Such a flow is source-NATed to the Service address.
 #[inline(always)]
 pub fn is_hairpin_forward(key: &CtKey, entry: &CtEntry) -> bool {
-    entry.nat_addr == key.src
+    entry.flags & CT_SNAT == 0 && entry.nat_addr == key.src
 }
 
 /// Whether a reply entry belongs to a hairpin flow: its packets go to the Service address,
 /// which the forward direction put in place of the client's.
 #[inline(always)]
 pub fn is_hairpin_reply(key: &CtKey, entry: &CtEntry) -> bool {
-    entry.nat_addr == key.dst
+    entry.flags & CT_SNAT == 0 && entry.nat_addr == key.dst
 }
 
 /// The key of the other direction's entry: a forward entry's reply key (backend to client, or
 /// to the Service address for a hairpin flow), or a reply entry's forward key (client to
-/// Service).
+/// Service). A source-NATed flow's reply goes to, and its client is, the entry's peer.
 #[inline(always)]
 pub fn peer_key(key: &CtKey, entry: &CtEntry) -> CtKey {
+    if entry.flags & CT_SNAT != 0 {
+        let (src, sport, dst, dport) = if entry.kind == CT_FORWARD {
+            (
+                entry.nat_addr,
+                entry.nat_port,
+                entry.peer_addr,
+                entry.peer_port,
+            )
+        } else {
+            (
+                entry.peer_addr,
+                entry.peer_port,
+                entry.nat_addr,
+                entry.nat_port,
+            )
+        };
+        return CtKey {
+            src,
+            dst,
+            sport,
+            dport,
+            protocol: key.protocol,
+            _pad1: 0,
+            _pad2: 0,
+        };
+    }
     if entry.kind == CT_FORWARD {
         let client = if is_hairpin_forward(key, entry) {
             key.dst
@@ -197,6 +223,38 @@ mod tests {
             assert_eq!(is_hairpin_reply(&reply_key, &reply), hairpin);
             assert_eq!(peer_key(&reply_key, &reply), forward_key);
         }
+    }
+
+    #[test]
+    fn peer_keys_pair_up_for_source_nated_flows() {
+        // An outside client calls node 1's nodePort; the endpoint is on another node.
+        let (client, node, backend) = ([198, 18, 254, 100], [198, 18, 254, 1], [198, 18, 2, 1]);
+        let forward_key = key(client, 40000, node, 30080);
+        let forward = CtEntry {
+            nat_addr: backend,
+            nat_port: 8080,
+            kind: CT_FORWARD,
+            peer_addr: node,
+            peer_port: 40001,
+            flags: crate::CT_SNAT | crate::CT_EXTERNAL,
+            ..Default::default()
+        };
+        let reply_key = peer_key(&forward_key, &forward);
+        assert_eq!(reply_key, key(backend, 8080, node, 40001));
+        let reply = CtEntry {
+            nat_addr: node,
+            nat_port: 30080,
+            kind: crate::CT_REPLY,
+            peer_addr: client,
+            peer_port: 40000,
+            ..forward
+        };
+        assert!(!is_hairpin_forward(&forward_key, &forward));
+        assert!(
+            !is_hairpin_reply(&reply_key, &reply),
+            "the reply goes to the node's address, but is no hairpin"
+        );
+        assert_eq!(peer_key(&reply_key, &reply), forward_key);
     }
 
     #[test]

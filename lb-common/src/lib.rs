@@ -26,12 +26,12 @@ pub const SLOTS_MAP: &str = "LB_SLOTS_V2";
 pub const BACKENDS_MAP: &str = "LB_BACKENDS_V2";
 /// IPv4 flow 5-tuple as seen on the wire -> [`CtEntry`] (forward DNAT or reply reverse NAT).
 /// IPv6 gets its own map (`LB_CONNTRACK6_*`).
-pub const CONNTRACK_MAP: &str = "LB_CONNTRACK4_V2";
+pub const CONNTRACK_MAP: &str = "LB_CONNTRACK4_V3";
 /// Counter index ([`stats::Counter`]) -> per-CPU packet count.
-pub const STATS_MAP: &str = "LB_STATS_V3";
+pub const STATS_MAP: &str = "LB_STATS_V4";
 /// 0 -> [`Config`]: conntrack timeouts, the ICMP reply rate and the clock's tick, written by
 /// the agent at load.
-pub const CONFIG_MAP: &str = "LB_CONFIG_V2";
+pub const CONFIG_MAP: &str = "LB_CONFIG_V3";
 /// 0 -> per-CPU [`TokenBucket`] limiting the ICMP replies for Services without endpoints.
 pub const ICMP_BUCKET_MAP: &str = "LB_ICMP_BUCKET_V1";
 /// IPv4 fragment of a translated datagram ([`FragKey`]) -> its ports ([`FragPorts`]), written
@@ -57,9 +57,12 @@ pub const AFFINITY_MAP: &str = "LB_AFFINITY4_V1";
 /// Service id -> the Service port's Maglev table: an array of [`Frontend::maglev_table_size`]
 /// backend ids, replaced whole (a new inner map) when the endpoints change.
 pub const MAGLEV_MAP: &str = "LB_MAGLEV_V1";
+/// This node's address ([`AllocationKey`]) -> 1, for the addresses that answer on nodePorts
+/// (`--external-iface`, narrowed by `--nodeport-addresses`).
+pub const NODE_ADDRS_MAP: &str = "LB_NODEADDRS4_V1";
 
 /// Every map the agent pins, in the order they are created.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
     FRONTENDS_MAP,
     SLOTS_MAP,
     BACKENDS_MAP,
@@ -73,10 +76,11 @@ pub const ALL_MAPS: [&str; 13] = [
     EVENTS_MAP,
     AFFINITY_MAP,
     MAGLEV_MAP,
+    NODE_ADDRS_MAP,
 ];
 
 /// Maps of earlier layouts that an upgraded agent removes (their flows start over).
-pub const LEGACY_MAPS: [&str; 8] = [
+pub const LEGACY_MAPS: [&str; 11] = [
     "LB_FRONTENDS4_V1",
     // Without affinity and Maglev settings.
     "LB_FRONTENDS4_V2",
@@ -87,6 +91,11 @@ pub const LEGACY_MAPS: [&str; 8] = [
     "LB_STATS_V1",
     "LB_STATS_V2",
     "LB_CONFIG_V1",
+    // Without the SNAT end of external flows, the counters of external traffic, the node's
+    // address.
+    "LB_CONNTRACK4_V2",
+    "LB_STATS_V3",
+    "LB_CONFIG_V2",
 ];
 
 pub const MAX_FRONTENDS: u32 = 131_072;
@@ -101,6 +110,8 @@ pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_SERVICE_ID: u32 = MAX_FRONTENDS;
 /// Clients with affinity to an endpoint at once (LRU: more evicts the longest idle).
 pub const MAX_AFFINITY: u32 = 131_072;
+/// Addresses of this node that answer on nodePorts.
+pub const MAX_NODE_ADDRS: u32 = 64;
 /// Datagrams being fragmented at once; more only evicts the oldest.
 pub const MAX_FRAGMENTS: u32 = 8_192;
 
@@ -110,8 +121,15 @@ pub const FAMILY_IPV6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
-/// Frontend scope: reached at a cluster-internal address (ClusterIP).
+/// Frontend scope: what clients in the cluster (pods, the node) get: at a ClusterIP the
+/// endpoints `internalTrafficPolicy` allows, at an external address every endpoint.
 pub const SCOPE_CLUSTER: u8 = 0;
+/// Frontend scope: what clients outside the cluster get at an external address (nodePort,
+/// LoadBalancer IP, externalIP) under `externalTrafficPolicy: Local`: this node's endpoints
+/// only. Absent for the Cluster policy, where they get the [`SCOPE_CLUSTER`] entry.
+pub const SCOPE_EXTERNAL: u8 = 1;
+/// The address of a nodePort frontend: any of [`NODE_ADDRS_MAP`]'s addresses.
+pub const NODE_PORT_ADDR: [u8; 4] = [0, 0, 0, 0];
 
 /// Converts a host-order port to the network-order representation stored in maps.
 #[inline(always)]
@@ -236,6 +254,15 @@ pub const CT_FORWARD: u8 = 1;
 /// hairpin flow, the destination back to the client).
 pub const CT_REPLY: u8 = 2;
 
+/// [`CtEntry::flags`]: the flow came from outside the cluster to an external frontend. Its
+/// replies are translated where they enter the node (a local endpoint's link, or the uplink
+/// after SNAT) and sent straight out by a FIB lookup: their new source is one of the node's
+/// own addresses, which the kernel would not forward.
+pub const CT_EXTERNAL: u8 = 1;
+/// [`CtEntry::flags`]: the flow's source is translated too ([`CtEntry::peer_addr`]): it went
+/// on to another node's endpoint from this node's address, so the replies come back here.
+pub const CT_SNAT: u8 = 2;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -253,6 +280,14 @@ pub struct CtEntry {
     /// When a packet of the flow (either direction) was last seen, by the datapath's clock
     /// ([`Config::clock_ns`]), refreshed at most every [`conntrack::REFRESH_NS`].
     pub last_seen_ns: u64,
+    /// With [`CT_SNAT`]. Forward: the source the packet gets (this node). Reply: the
+    /// destination it gets (the client).
+    pub peer_addr: [u8; 4],
+    /// Network byte order; with [`CT_SNAT`], the port that goes with `peer_addr`.
+    pub peer_port: u16,
+    /// [`CT_EXTERNAL`], [`CT_SNAT`].
+    pub flags: u8,
+    pub _pad: u8,
 }
 
 #[repr(C, align(4))]
@@ -331,6 +366,11 @@ pub struct Config {
     pub tick_ns: u64,
     /// The kernel's tick count at boot (INITIAL_JIFFIES, 2^32 - 300 s of ticks).
     pub tick_base: u64,
+    /// The source that flows sent on to another node's endpoint get, where the client did
+    /// not call one of the node's addresses (a LoadBalancer IP or externalIP): the first
+    /// address of the first external interface. All zero: no such address, those drop.
+    pub snat_addr: [u8; 4],
+    pub _pad: u32,
 }
 
 impl Config {
@@ -342,6 +382,8 @@ impl Config {
         icmp_replies_per_sec: 1000,
         tick_ns: 1_000_000_000 / Self::DEFAULT_HZ,
         tick_base: Self::initial_ticks(Self::DEFAULT_HZ),
+        snat_addr: [0; 4],
+        _pad: 0,
     };
     /// The tick rate assumed until the agent has measured it.
     pub const DEFAULT_HZ: u64 = 250;
@@ -401,8 +443,8 @@ const _: () = {
     assert!(core::mem::size_of::<SlotKey>() == 8);
     assert!(core::mem::size_of::<Backend>() == 24);
     assert!(core::mem::size_of::<CtKey>() == 16);
-    assert!(core::mem::size_of::<CtEntry>() == 24);
-    assert!(core::mem::size_of::<Config>() == 56);
+    assert!(core::mem::size_of::<CtEntry>() == 32);
+    assert!(core::mem::size_of::<Config>() == 64);
     assert!(core::mem::size_of::<TokenBucket>() == 16);
     assert!(core::mem::size_of::<ServiceTraffic>() == 32);
     assert!(core::mem::size_of::<FragKey>() == 12);

@@ -42,9 +42,23 @@ pub enum Counter {
     /// A pod's flow to its own Service's address picked the pod itself: both addresses
     /// rewritten and sent back to it (counted in addition to the DNAT/reverse NAT counter).
     Hairpin = 17,
+    /// A client outside the cluster called an external address under
+    /// `externalTrafficPolicy: Local` on a node without endpoints of the Service: dropped.
+    DropNoLocalEndpoint = 18,
+    /// A new flow from outside the cluster sent on to another node's endpoint: its source
+    /// translated to this node's address (counted in addition to `dnat_new`).
+    SnatNew = 19,
+    /// No free source port on this node's address for a new flow to another node's endpoint
+    /// (or no address to translate to): dropped.
+    DropSnatExhausted = 20,
+    /// A packet of a flow from outside the cluster sent straight out by a FIB lookup (after
+    /// SNAT, or a reply whose new source is this node's address).
+    FibRedirect = 21,
+    /// A packet to send out by FIB lookup to a destination without a route: dropped.
+    DropNoRoute = 22,
 }
 
-pub const COUNTER_COUNT: u32 = 18;
+pub const COUNTER_COUNT: u32 = 23;
 
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "pass_not_ipv4",
@@ -65,4 +79,9 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "icmp_error_translated",
     "pass_icmp_error",
     "hairpin",
+    "drop_no_local_endpoint",
+    "snat_new",
+    "drop_snat_exhausted",
+    "fib_redirect",
+    "drop_no_route",
 ];

@@ -2,6 +2,7 @@
 #![no_main]
 
 mod events;
+mod fib;
 mod maps;
 mod parse;
 mod pipeline;
@@ -16,6 +17,7 @@ use lb_common::stats::Counter;
 use parse::{Packet, parse};
 
 /// The result of a stage that ends the pipeline early.
+#[derive(Clone, Copy)]
 pub enum Verdict {
     /// Let the packet through unchanged.
     Pass(Counter),
@@ -23,16 +25,23 @@ pub enum Verdict {
     Drop(Counter),
 }
 
-/// TC ingress on pod links and uplinks: Service DNAT for requests, ICMP errors from clients.
+/// TC ingress on pod links: Service DNAT for requests, ICMP errors from clients.
 #[classifier]
 pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
-    tc::run::<true>(&ctx)
+    tc::run::<true, false>(&ctx)
 }
 
 /// TC egress on pod links: reverse NAT for replies, ICMP errors toward clients.
 #[classifier]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
-    tc::run::<false>(&ctx)
+    tc::run::<false, false>(&ctx)
+}
+
+/// TC ingress on links to other nodes and the outside: Service DNAT (and SNAT toward other
+/// nodes) for clients outside the cluster, their replies, ICMP errors.
+#[classifier]
+pub fn lb_tc_external(ctx: TcContext) -> i32 {
+    tc::run::<true, true>(&ctx)
 }
 
 /// Returns at once: the floor that benchmarks subtract.
@@ -46,7 +55,7 @@ pub fn lb_tc_floor(_ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_tc_reference(ctx: TcContext) -> i32 {
     if let Ok(Packet::L4(flow)) = parse(ctx.data(), ctx.data_end(), ctx.len() as usize)
-        && maps::LB_CONNTRACK4_V2
+        && maps::LB_CONNTRACK4_V3
             .get_ptr(pipeline::ct_key(&flow))
             .is_some()
     {

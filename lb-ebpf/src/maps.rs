@@ -7,8 +7,8 @@ use aya_ebpf::{
 use lb_common::{
     Affinity, AffinityKey, AllocationKey, Backend, Config, CtEntry, CtKey, EVENTS_OFF, FragKey,
     FragPorts, Frontend, FrontendKey, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS,
-    MAX_FRONTENDS, MAX_SERVICE_ID, MAX_SLOTS, ServiceName, ServiceTraffic, SlotKey, TokenBucket,
-    maglev::DEFAULT_TABLE_SIZE, stats::COUNTER_COUNT,
+    MAX_FRONTENDS, MAX_NODE_ADDRS, MAX_SERVICE_ID, MAX_SLOTS, ServiceName, ServiceTraffic, SlotKey,
+    TokenBucket, maglev::DEFAULT_TABLE_SIZE, stats::COUNTER_COUNT,
 };
 
 /// IPv4 (service address, port, protocol) -> service id, backend counts, selection settings.
@@ -50,16 +50,16 @@ pub static LB_BACKENDS_V2: Array<Backend, { MAX_BACKENDS as usize }> = Array::ne
 /// IPv4 flow as seen on the wire -> NAT to apply (forward DNAT or reply reverse NAT), TCP
 /// state and last-seen time.
 #[btf_map]
-pub static LB_CONNTRACK4_V2: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> =
+pub static LB_CONNTRACK4_V3: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> =
     LruHashMap::new();
 
 /// Counter index -> per-CPU packet count.
 #[btf_map]
-pub static LB_STATS_V3: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+pub static LB_STATS_V4: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
 
 /// 0 -> timeouts, rates and the clock's tick, written by the agent at load.
 #[btf_map]
-pub static LB_CONFIG_V2: Array<Config, 1> = Array::new();
+pub static LB_CONFIG_V3: Array<Config, 1> = Array::new();
 
 /// 0 -> per-CPU token bucket of ICMP replies for Services without endpoints.
 #[btf_map]
@@ -80,6 +80,11 @@ pub static LB_CLUSTERIPS_V1: HashMap<AllocationKey, ServiceName, { MAX_FRONTENDS
 #[btf_map]
 pub static LB_SERVICE_TRAFFIC_V1: PerCpuArray<ServiceTraffic, { MAX_SERVICE_ID as usize + 1 }> =
     PerCpuArray::new();
+
+/// This node's address -> 1: the addresses nodePorts answer on.
+#[btf_map]
+pub static LB_NODEADDRS4_V1: HashMap<AllocationKey, u32, { MAX_NODE_ADDRS as usize }> =
+    HashMap::new();
 
 /// 0 -> which datapath events to send (off, drops, new flows too).
 #[btf_map]
@@ -112,12 +117,12 @@ pub fn count_traffic(service_id: u32, inbound: bool, len: u64) {
 /// The agent's settings (the defaults until it has written them).
 #[inline(always)]
 pub fn config() -> Config {
-    LB_CONFIG_V2.get(0).copied().unwrap_or(Config::DEFAULT)
+    LB_CONFIG_V3.get(0).copied().unwrap_or(Config::DEFAULT)
 }
 
 #[inline(always)]
 pub fn count(counter: lb_common::stats::Counter) {
-    if let Some(c) = LB_STATS_V3.get_ptr_mut(counter as u32) {
+    if let Some(c) = LB_STATS_V4.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *c += 1 };
     }

@@ -1,10 +1,14 @@
 //! Stages 2-4, shared by every entry point: conntrack, service lookup, backend selection.
 //! They only read and update maps; rewriting the packet is the entry point's job.
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns},
+};
 use lb_common::{
-    Affinity, AffinityKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CT_FORWARD, CT_REPLY, Config,
-    CtEntry, CtKey, EVENTS_FLOWS, FRONTEND_MAGLEV, FragKey, FragPorts, Frontend, FrontendKey,
-    PROTO_TCP, PROTO_UDP, SCOPE_CLUSTER, SlotKey, affinity,
+    Affinity, AffinityKey, AllocationKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CT_EXTERNAL,
+    CT_FORWARD, CT_REPLY, CT_SNAT, Config, CtEntry, CtKey, FRONTEND_MAGLEV, FragKey, FragPorts,
+    Frontend, FrontendKey, NODE_PORT_ADDR, PROTO_TCP, PROTO_UDP, SCOPE_CLUSTER, SCOPE_EXTERNAL,
+    SlotKey, affinity,
     conntrack::{
         TCP_ACK, TCP_SYN, expired, is_hairpin_forward, is_hairpin_reply, needs_write, next_state,
         peer_key, reopens,
@@ -15,58 +19,76 @@ use lb_common::{
 };
 
 use crate::{
-    Verdict, events,
+    Verdict,
     maps::{
-        LB_AFFINITY4_V1, LB_BACKENDS_V2, LB_CONNTRACK4_V2, LB_FRONTENDS4_V3, LB_IPFRAG4_V1,
-        LB_MAGLEV_V1, LB_SLOTS_V2, config, events_level,
+        LB_AFFINITY4_V1, LB_BACKENDS_V2, LB_CONNTRACK4_V3, LB_FRONTENDS4_V3, LB_IPFRAG4_V1,
+        LB_MAGLEV_V1, LB_NODEADDRS4_V1, LB_SLOTS_V2, config, count,
     },
     parse::Flow,
 };
 
-/// What to do to the packet.
-pub enum Translation {
-    /// Rewrite the destination to a backend.
-    Dnat {
-        addr: [u8; 4],
-        port: u16,
-        counter: Counter,
-        service_id: u32,
-    },
-    /// Rewrite the source back to the service address (reply of a translated flow).
-    Snat {
-        addr: [u8; 4],
-        port: u16,
-        service_id: u32,
-    },
-    /// The client is its own backend: swap the addresses (the backend sees the Service
-    /// address as the client, so its reply comes back through the node), set the destination
-    /// port, and send the packet back where it came from.
-    HairpinDnat {
-        port: u16,
-        counter: Counter,
-        service_id: u32,
-    },
-    /// Reply of a hairpin flow: swap the addresses, set the source port to the Service's, and
-    /// send it back where it came from.
-    HairpinSnat { port: u16, service_id: u32 },
-    /// The service has no endpoints: answer ICMP port unreachable.
+/// An address and a port (network byte order), as a packet's source or destination.
+pub type Endpoint = ([u8; 4], u16);
+
+/// How the entry point sends a translated packet on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Rewritten, then on its way as the kernel routes it.
+    Rewrite,
+    /// The client is its own backend (or this is such a flow's reply): rewritten (the backend
+    /// sees the Service address as the client, so its reply comes back through the node) and
+    /// sent back out of the link it came in on.
+    Hairpin,
+    /// A packet of a flow from outside the cluster whose new source is one of the node's
+    /// addresses (which the kernel would not forward): rewritten and sent out by a FIB lookup.
+    /// A forward packet sent on to another node's endpoint, or a reply.
+    Routed,
+    /// The service has no endpoints: answer ICMP port unreachable (nothing else is set).
     Unreachable,
+    /// A new flow from outside the cluster, its backend chosen but not recorded yet: the entry
+    /// point finds out where the backend is and records the flow with [`track_external`].
+    NewExternal,
+}
+
+/// What to do to the packet: its new source and destination, and how to send it on.
+/// One plain struct, every field set whatever the action: an enum with fields per variant
+/// leaves some bytes unset when returned from a subprogram, and the verifier refuses to copy
+/// unset registers.
+#[derive(Clone, Copy)]
+pub struct Translation {
+    pub action: Action,
+    pub src: Endpoint,
+    pub dst: Endpoint,
+    pub counter: Counter,
+    pub service_id: u32,
+    /// The backend's id ([`Action::NewExternal`] only).
+    pub backend_id: u32,
+    /// Sent to the Service (not a reply).
+    pub inbound: bool,
 }
 
 impl Translation {
+    pub const UNREACHABLE: Translation = Translation {
+        action: Action::Unreachable,
+        src: ([0; 4], 0),
+        dst: ([0; 4], 0),
+        counter: Counter::IcmpNoEndpoints,
+        service_id: 0,
+        backend_id: 0,
+        inbound: false,
+    };
+
     /// The Service port whose traffic the packet is, and whether it goes to the Service (not
     /// a reply).
     #[inline(always)]
     pub fn traffic(&self) -> Option<(u32, bool)> {
-        match *self {
-            Translation::Dnat { service_id, .. } | Translation::HairpinDnat { service_id, .. } => {
-                Some((service_id, true))
-            }
-            Translation::Snat { service_id, .. } | Translation::HairpinSnat { service_id, .. } => {
-                Some((service_id, false))
-            }
-            Translation::Unreachable => None,
-        }
+        (self.action != Action::Unreachable).then_some((self.service_id, self.inbound))
+    }
+
+    /// A new flow's backend and Service port.
+    #[inline(always)]
+    pub fn new_flow(&self) -> Option<(Endpoint, u32)> {
+        (self.counter == Counter::DnatNew).then_some((self.dst, self.service_id))
     }
 }
 
@@ -122,23 +144,28 @@ fn touch(entry_ptr: *mut CtEntry, entry: &CtEntry, key: &CtKey, next: u8, now: u
     unsafe {
         (*entry_ptr).state = next;
         (*entry_ptr).last_seen_ns = now;
-        if let Some(peer) = LB_CONNTRACK4_V2.get_ptr_mut(peer_key(key, entry)) {
+        if let Some(peer) = LB_CONNTRACK4_V3.get_ptr_mut(peer_key(key, entry)) {
             (*peer).state |= next;
             (*peer).last_seen_ns = now;
         }
     }
 }
 
-/// The forward direction, where packets enter the node from a pod or an uplink: new flows to
-/// Services get a backend, tracked ones keep theirs. Replies pass (they are translated on their
-/// way out to the client), except those of hairpin flows, which go back out at once.
-#[inline(always)]
-pub fn decide_ingress(flow: &Flow) -> Result<Translation, Verdict> {
+/// The forward direction, where packets enter the node from a pod (`EXTERNAL` false) or from
+/// other nodes and the outside (`EXTERNAL`): new flows to Services get a backend, tracked ones
+/// keep theirs. Replies pass (they are translated on their way out to the client), except
+/// those of hairpin flows, which go back out at once, and those of flows from outside the
+/// cluster, which are translated here and routed out.
+/// A subprogram of its own: inlined, its frame and the ICMP reply's would not fit in one
+/// 512-byte stack together.
+#[inline(never)]
+pub fn decide_ingress<const EXTERNAL: bool>(flow: &Flow) -> Result<Translation, Verdict> {
     let key = ct_key(flow);
-    if let Some(entry_ptr) = LB_CONNTRACK4_V2.get_ptr_mut(key) {
+    if let Some(entry_ptr) = LB_CONNTRACK4_V3.get_ptr_mut(key) {
         // SAFETY: copied out at once; a concurrent update can only make it stale.
         let entry = unsafe { *entry_ptr };
-        if entry.kind == CT_REPLY && !is_hairpin_reply(&key, &entry) {
+        let external_reply = entry.kind == CT_REPLY && entry.flags & CT_EXTERNAL != 0;
+        if entry.kind == CT_REPLY && !external_reply && !is_hairpin_reply(&key, &entry) {
             return Err(Verdict::Pass(Counter::PassReply));
         }
         // Settings and clock only where an entry is found: packets of no flow skip them.
@@ -148,11 +175,22 @@ pub fn decide_ingress(flow: &Flow) -> Result<Translation, Verdict> {
         // one passes untranslated.
         if !expired(&config, flow.protocol, &entry, now) {
             let next = next_state(entry.state, flow.protocol, flow.tcp_flags);
+            if external_reply {
+                touch(entry_ptr, &entry, &key, next, now);
+                return Ok(routed_reply(flow, &entry));
+            }
             if entry.kind == CT_REPLY {
                 touch(entry_ptr, &entry, &key, next, now);
-                return Ok(Translation::HairpinSnat {
-                    port: entry.nat_port,
+                // A hairpin reply: from the Service address (the client's, to the backend) back
+                // to the client, from the Service port.
+                return Ok(Translation {
+                    action: Action::Hairpin,
+                    src: (flow.daddr.to_ne_bytes(), entry.nat_port),
+                    dst: (flow.saddr.to_ne_bytes(), flow.dport),
+                    counter: Counter::ReverseNat,
                     service_id: entry.service_id,
+                    backend_id: entry.backend_id,
+                    inbound: false,
                 });
             }
             if entry.kind == CT_FORWARD
@@ -160,70 +198,173 @@ pub fn decide_ingress(flow: &Flow) -> Result<Translation, Verdict> {
                 && !reopens(entry.state, flow.protocol, flow.tcp_flags)
             {
                 touch(entry_ptr, &entry, &key, next, now);
-                return Ok(dnat(
-                    flow,
-                    (entry.nat_addr, entry.nat_port),
-                    Counter::DnatEstablished,
-                    entry.service_id,
-                ));
+                let to = (entry.nat_addr, entry.nat_port);
+                if entry.flags & CT_SNAT != 0 {
+                    return Ok(Translation {
+                        action: Action::Routed,
+                        src: (entry.peer_addr, entry.peer_port),
+                        dst: to,
+                        counter: Counter::DnatEstablished,
+                        service_id: entry.service_id,
+                        backend_id: entry.backend_id,
+                        inbound: true,
+                    });
+                }
+                return Ok(dnat(flow, to, Counter::DnatEstablished, entry.service_id));
             }
         }
         if entry.kind == CT_FORWARD {
             // The flow starts over below (its backend left, it expired, or it reopened): its
             // old reply entry goes, or it would translate the old backend's stray packets.
-            let _ = LB_CONNTRACK4_V2.remove(&peer_key(&key, &entry));
+            let _ = LB_CONNTRACK4_V3.remove(&peer_key(&key, &entry));
         }
     }
 
-    let frontend_key = FrontendKey {
-        addr: flow.daddr.to_ne_bytes(),
-        port: flow.dport,
-        protocol: flow.protocol,
-        scope: SCOPE_CLUSTER,
-    };
-    // SAFETY: copied out at once.
-    let frontend = match unsafe { LB_FRONTENDS4_V3.get(&frontend_key) } {
-        Some(f) => *f,
-        None => {
-            forget_replaced_reply(flow, &key);
-            return Err(Verdict::Pass(Counter::PassNoService));
-        }
+    let Some((frontend, scope)) = find_frontend::<EXTERNAL>(flow) else {
+        forget_replaced_reply(flow, &key);
+        return Err(Verdict::Pass(Counter::PassNoService));
     };
     if frontend.backend_count == 0 {
-        return Ok(Translation::Unreachable);
+        if scope == SCOPE_EXTERNAL {
+            return Err(Verdict::Drop(Counter::DropNoLocalEndpoint));
+        }
+        return Ok(Translation::UNREACHABLE);
     }
 
-    let now = now(&config());
+    let config = config();
+    let now = now(&config);
     let (backend_id, backend) = choose(&key, &frontend, now)?;
-    let state = next_state(0, flow.protocol, flow.tcp_flags);
-    track(&key, frontend.service_id, backend_id, &backend, state, now)?;
     let to = (first4(&backend.addr), backend.port);
-    if events_level() >= EVENTS_FLOWS {
-        events::new_flow(flow, to, frontend.service_id);
+    if EXTERNAL {
+        return Ok(Translation {
+            action: Action::NewExternal,
+            src: (flow.saddr.to_ne_bytes(), flow.sport),
+            dst: to,
+            counter: Counter::DnatNew,
+            service_id: frontend.service_id,
+            backend_id,
+            inbound: true,
+        });
     }
+    let new = Tracked {
+        service_id: frontend.service_id,
+        backend_id,
+        to,
+        state: next_state(0, flow.protocol, flow.tcp_flags),
+        now,
+    };
+    track(&key, &new, 0, None)?;
     Ok(dnat(flow, to, Counter::DnatNew, frontend.service_id))
 }
 
-#[inline(always)]
-fn dnat(
+/// Records a new flow from outside the cluster ([`Action::NewExternal`]) and says how to
+/// send it: to an endpoint on this node translated and routed by the kernel; to one on
+/// another node (`remote`: behind the link the client came from) from this node's address,
+/// so that the replies come back here to be translated, and sent out by FIB lookup.
+/// A subprogram of its own: its frame and the one deciding the flow's backend would not fit
+/// in one 512-byte stack together.
+#[inline(never)]
+pub fn track_external(
     flow: &Flow,
-    (addr, port): ([u8; 4], u16),
-    counter: Counter,
-    service_id: u32,
-) -> Translation {
-    if addr == flow.saddr.to_ne_bytes() {
-        Translation::HairpinDnat {
-            port,
-            counter,
-            service_id,
-        }
+    chosen: &Translation,
+    remote: bool,
+) -> Result<Translation, Verdict> {
+    let key = ct_key(flow);
+    let config = config();
+    let new = Tracked {
+        service_id: chosen.service_id,
+        backend_id: chosen.backend_id,
+        to: chosen.dst,
+        state: next_state(0, flow.protocol, flow.tcp_flags),
+        now: now(&config),
+    };
+    let mut translation = Translation {
+        action: Action::Rewrite,
+        ..*chosen
+    };
+    if remote {
+        translation.action = Action::Routed;
+        translation.src = track_source_nated(&key, &new, &config)?;
+        count(Counter::SnatNew);
     } else {
-        Translation::Dnat {
-            addr,
-            port,
-            counter,
-            service_id,
-        }
+        track(&key, &new, CT_EXTERNAL, None)?;
+    }
+    Ok(translation)
+}
+
+/// The reply of a flow from outside the cluster: from the address the client called, to the
+/// client (the packet's destination already, unless the flow was source-NATed).
+#[inline(always)]
+fn routed_reply(flow: &Flow, entry: &CtEntry) -> Translation {
+    let dst = if entry.flags & CT_SNAT != 0 {
+        (entry.peer_addr, entry.peer_port)
+    } else {
+        (flow.daddr.to_ne_bytes(), flow.dport)
+    };
+    Translation {
+        action: Action::Routed,
+        src: (entry.nat_addr, entry.nat_port),
+        dst,
+        counter: Counter::ReverseNat,
+        service_id: entry.service_id,
+        backend_id: entry.backend_id,
+        inbound: false,
+    }
+}
+
+/// The frontend a new flow is addressed to, and the scope it was found in. A client outside
+/// the cluster gets the [`SCOPE_EXTERNAL`] entry where there is one (only this node's
+/// endpoints), otherwise everyone gets the [`SCOPE_CLUSTER`] one. A nodePort answers on every
+/// address of [`LB_NODEADDRS4_V1`].
+#[inline(always)]
+fn find_frontend<const EXTERNAL: bool>(flow: &Flow) -> Option<(Frontend, u8)> {
+    let addr = flow.daddr.to_ne_bytes();
+    if let Some(found) = frontend_at::<EXTERNAL>(addr, flow) {
+        return Some(found);
+    }
+    // SAFETY: only tested for presence.
+    unsafe { LB_NODEADDRS4_V1.get(&AllocationKey { addr }) }?;
+    frontend_at::<EXTERNAL>(NODE_PORT_ADDR, flow)
+}
+
+#[inline(always)]
+fn frontend_at<const EXTERNAL: bool>(addr: [u8; 4], flow: &Flow) -> Option<(Frontend, u8)> {
+    let mut key = FrontendKey {
+        addr,
+        port: flow.dport,
+        protocol: flow.protocol,
+        scope: SCOPE_EXTERNAL,
+    };
+    // SAFETY (both lookups): copied out at once.
+    if EXTERNAL && let Some(f) = unsafe { LB_FRONTENDS4_V3.get(&key) } {
+        return Some((*f, SCOPE_EXTERNAL));
+    }
+    key.scope = SCOPE_CLUSTER;
+    unsafe { LB_FRONTENDS4_V3.get(&key) }.map(|f| (*f, SCOPE_CLUSTER))
+}
+
+/// A forward packet to a backend: the client's own address is a hairpin flow (both ends
+/// swapped: the backend sees the Service address as its client).
+#[inline(always)]
+fn dnat(flow: &Flow, to: Endpoint, counter: Counter, service_id: u32) -> Translation {
+    let client = flow.saddr.to_ne_bytes();
+    let hairpin = to.0 == client;
+    Translation {
+        action: if hairpin {
+            Action::Hairpin
+        } else {
+            Action::Rewrite
+        },
+        src: if hairpin {
+            (flow.daddr.to_ne_bytes(), flow.sport)
+        } else {
+            (client, flow.sport)
+        },
+        dst: to,
+        counter,
+        service_id,
+        backend_id: 0,
+        inbound: true,
     }
 }
 
@@ -234,12 +375,13 @@ fn dnat(
 #[inline(always)]
 pub fn decide_egress(flow: &Flow) -> Result<Translation, Verdict> {
     let key = ct_key(flow);
-    let Some(entry_ptr) = LB_CONNTRACK4_V2.get_ptr_mut(key) else {
+    let Some(entry_ptr) = LB_CONNTRACK4_V3.get_ptr_mut(key) else {
         return Err(Verdict::Pass(Counter::PassNoService));
     };
     // SAFETY: copied out at once; a concurrent update can only make it stale.
     let entry = unsafe { *entry_ptr };
-    if entry.kind != CT_REPLY || is_hairpin_reply(&key, &entry) {
+    // Replies of flows from outside the cluster were translated where they entered.
+    if entry.kind != CT_REPLY || entry.flags & CT_EXTERNAL != 0 || is_hairpin_reply(&key, &entry) {
         return Err(Verdict::Pass(Counter::PassNoService));
     }
     let config = config();
@@ -249,10 +391,14 @@ pub fn decide_egress(flow: &Flow) -> Result<Translation, Verdict> {
     }
     let next = next_state(entry.state, flow.protocol, flow.tcp_flags);
     touch(entry_ptr, &entry, &key, next, now);
-    Ok(Translation::Snat {
-        addr: entry.nat_addr,
-        port: entry.nat_port,
+    Ok(Translation {
+        action: Action::Rewrite,
+        src: (entry.nat_addr, entry.nat_port),
+        dst: (flow.daddr.to_ne_bytes(), flow.dport),
+        counter: Counter::ReverseNat,
         service_id: entry.service_id,
+        backend_id: entry.backend_id,
+        inbound: false,
     })
 }
 
@@ -274,7 +420,11 @@ pub fn icmp_error_target(quoted: &Quoted, ingress: bool) -> Option<([u8; 4], u16
     }
     .reversed();
     // SAFETY: copied out at once.
-    let entry = unsafe { *LB_CONNTRACK4_V2.get(&key)? };
+    let entry = unsafe { *LB_CONNTRACK4_V3.get(&key)? };
+    // Errors about flows from outside the cluster are not translated (yet): they pass.
+    if entry.flags & CT_EXTERNAL != 0 {
+        return None;
+    }
     let wanted = if ingress {
         entry.kind == CT_FORWARD && !is_hairpin_forward(&key, &entry)
     } else {
@@ -333,10 +483,10 @@ fn forget_replaced_reply(flow: &Flow, key: &CtKey) {
     }
     let reverse = key.reversed();
     // SAFETY: copied out at once.
-    if let Some(entry) = unsafe { LB_CONNTRACK4_V2.get(&reverse) }
+    if let Some(entry) = unsafe { LB_CONNTRACK4_V3.get(&reverse) }
         && entry.kind == CT_REPLY
     {
-        let _ = LB_CONNTRACK4_V2.remove(&reverse);
+        let _ = LB_CONNTRACK4_V3.remove(&reverse);
     }
 }
 
@@ -418,41 +568,111 @@ fn pick(key: &CtKey, frontend: &Frontend) -> Result<(u32, Backend), Verdict> {
     }
 }
 
+/// A new flow's backend.
+struct Tracked {
+    service_id: u32,
+    backend_id: u32,
+    /// The backend's address and port.
+    to: ([u8; 4], u16),
+    state: u8,
+    now: u64,
+}
+
+impl Tracked {
+    /// The flow's entry of `kind`: the packet gets `nat` in place of one end (forward: the
+    /// destination, reply: the source) and with [`CT_SNAT`] `peer` in place of the other.
+    #[inline(always)]
+    fn entry(&self, kind: u8, nat: ([u8; 4], u16), peer: ([u8; 4], u16), flags: u8) -> CtEntry {
+        CtEntry {
+            nat_addr: nat.0,
+            nat_port: nat.1,
+            kind,
+            state: self.state,
+            backend_id: self.backend_id,
+            service_id: self.service_id,
+            last_seen_ns: self.now,
+            peer_addr: peer.0,
+            peer_port: peer.1,
+            flags,
+            _pad: 0,
+        }
+    }
+}
+
 /// Records both directions of a new flow: the forward entry keyed by the packet as sent, and
-/// the reply entry keyed by the packet the backend will send back.
+/// the reply entry keyed by the packet the backend will send back. With a `source` (SNAT),
+/// the forward packets leave from it and the replies come back to it.
 #[inline(always)]
 fn track(
     key: &CtKey,
-    service_id: u32,
-    backend_id: u32,
-    backend: &Backend,
-    state: u8,
-    now: u64,
+    new: &Tracked,
+    flags: u8,
+    source: Option<([u8; 4], u16)>,
 ) -> Result<(), Verdict> {
-    let backend_addr = first4(&backend.addr);
-    let forward = CtEntry {
-        nat_addr: backend_addr,
-        nat_port: backend.port,
-        kind: CT_FORWARD,
-        state,
-        backend_id,
-        service_id,
-        last_seen_ns: now,
-    };
-    let reply = CtEntry {
-        nat_addr: key.dst,
-        nat_port: key.dport,
-        kind: CT_REPLY,
-        ..forward
-    };
-    if LB_CONNTRACK4_V2
-        .insert(peer_key(key, &forward), &reply, 0)
+    let peer = source.unwrap_or_default();
+    // Each entry is built where it is written, so that the two share a stack slot.
+    let reply_key = peer_key(key, &new.entry(CT_FORWARD, new.to, peer, flags));
+    let reply = new.entry(CT_REPLY, (key.dst, key.dport), (key.src, key.sport), flags);
+    // A source-NATed flow's reply key must be new: its port is what tells flows apart.
+    let reply_flags = u64::from(if source.is_some() {
+        BPF_NOEXIST
+    } else {
+        BPF_ANY
+    });
+    if LB_CONNTRACK4_V3
+        .insert(reply_key, &reply, reply_flags)
         .is_err()
-        || LB_CONNTRACK4_V2.insert(key, &forward, 0).is_err()
+    {
+        return Err(Verdict::Drop(if source.is_some() {
+            Counter::DropSnatExhausted
+        } else {
+            Counter::DropConntrackFull
+        }));
+    }
+    let forward = new.entry(CT_FORWARD, new.to, peer, flags);
+    if LB_CONNTRACK4_V3
+        .insert(key, &forward, BPF_ANY as u64)
+        .is_err()
     {
         return Err(Verdict::Drop(Counter::DropConntrackFull));
     }
     Ok(())
+}
+
+/// Source ports tried for a flow sent on to another node: the client's own first (as
+/// netfilter's masquerading keeps it where it can), then random ones.
+const SNAT_TRIES: u32 = 4;
+/// The lowest random source port (below are the well-known ports).
+const SNAT_PORT_MIN: u32 = 1024;
+
+/// Records a flow from outside the cluster sent on to another node's endpoint, from this
+/// node's address (the one the client called, or the node's first external address for a
+/// LoadBalancer IP or externalIP) and a port no other such flow to the endpoint uses.
+/// Returns that source.
+#[inline(always)]
+fn track_source_nated(
+    key: &CtKey,
+    new: &Tracked,
+    config: &Config,
+) -> Result<([u8; 4], u16), Verdict> {
+    // SAFETY: only tested for presence.
+    let own = unsafe { LB_NODEADDRS4_V1.get(&AllocationKey { addr: key.dst }) }.is_some();
+    let addr = if own { key.dst } else { config.snat_addr };
+    if addr == [0; 4] {
+        return Err(Verdict::Drop(Counter::DropSnatExhausted));
+    }
+    let mut port = key.sport;
+    for _ in 0..SNAT_TRIES {
+        match track(key, new, CT_EXTERNAL | CT_SNAT, Some((addr, port))) {
+            Ok(()) => return Ok((addr, port)),
+            Err(Verdict::Drop(Counter::DropSnatExhausted)) => {}
+            Err(v) => return Err(v),
+        }
+        // SAFETY: a helper without arguments.
+        let random = unsafe { bpf_get_prandom_u32() };
+        port = ((SNAT_PORT_MIN + random % (65536 - SNAT_PORT_MIN)) as u16).to_be();
+    }
+    Err(Verdict::Drop(Counter::DropSnatExhausted))
 }
 
 /// Whether a reply for a Service without endpoints may be sent now (per-CPU token bucket).

@@ -2,37 +2,71 @@
 //! CHECKSUM_PARTIAL packets from local senders correctly) and emit.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes},
+    helpers::{
+        bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_skb_store_bytes,
+    },
     programs::TcContext,
 };
 use lb_common::{
-    EVENTS_DROPS, PROTO_UDP, checksum,
+    EVENTS_DROPS, EVENTS_FLOWS, PROTO_UDP, checksum,
     icmp::{self, End, Headers},
     stats::Counter,
 };
 
 use crate::{
-    Verdict, events,
+    Verdict, events, fib,
     maps::{config, count, count_traffic, events_level},
     parse::{
         ETH_LEN, FIRST_FRAGMENT, Flow, IPV4_LEN, L4_OFF, LATER_FRAGMENT, MAX_HEADERS, Packet, parse,
     },
     pipeline::{
-        Translation, decide_egress, decide_ingress, fragment_ports, icmp_error_target,
-        may_answer_unreachable, remember_fragment,
+        Action, Endpoint, Translation, decide_egress, decide_ingress, fragment_ports,
+        icmp_error_target, may_answer_unreachable, remember_fragment, track_external,
     },
 };
 
 const IP_SRC_OFF: usize = ETH_LEN + 12;
 const IP_CSUM_OFF: usize = ETH_LEN + 10;
 
-/// An address and a port (network byte order), as a packet's source or destination.
-type Endpoint = ([u8; 4], u16);
+/// FIB lookups on the skb.
+struct SkbRouting<'a>(&'a TcContext);
 
-/// `INGRESS`: packets entering the node (from pods and uplinks), the forward direction.
-/// Otherwise packets leaving toward a pod, the reply direction.
+impl SkbRouting<'_> {
+    /// The link the packet arrived on (at ingress) or leaves by (at egress).
+    fn ifindex(&self) -> u32 {
+        // SAFETY: reads a field of this program's own skb.
+        unsafe { (*self.0.skb.skb).ifindex }
+    }
+
+    fn route(&self, protocol: u8, src: Endpoint, dst: Endpoint) -> Option<fib::Route> {
+        // SAFETY: the program's own skb.
+        let query = fib::Query {
+            ifindex: self.ifindex(),
+            protocol,
+            src,
+            dst,
+        };
+        unsafe { fib::lookup(self.0.skb.skb as *mut _, &query) }
+    }
+}
+
+impl SkbRouting<'_> {
+    /// Whether a packet from the flow's source to `dst` leaves by the link it came in on:
+    /// `dst` is on another node, behind the link the client came from.
+    #[inline(always)]
+    fn leaves_where_it_came(&self, flow: &Flow, dst: [u8; 4]) -> bool {
+        let src = (flow.saddr.to_ne_bytes(), flow.sport);
+        self.route(flow.protocol, src, (dst, flow.dport))
+            .is_some_and(|r| r.ifindex == self.ifindex())
+    }
+}
+
+/// `INGRESS`: packets entering the node (from pods, or with `EXTERNAL` from other nodes and
+/// the outside), the forward direction. Otherwise packets leaving toward a pod, the reply
+/// direction.
 #[inline(always)]
-pub fn run<const INGRESS: bool>(ctx: &TcContext) -> i32 {
+pub fn run<const INGRESS: bool, const EXTERNAL: bool>(ctx: &TcContext) -> i32 {
     let len = ctx.len() as usize;
     // Headers outside the linear part of the skb cannot be read directly: pull them in.
     if ctx.data() + MAX_HEADERS > ctx.data_end() && len > ctx.data_end() - ctx.data() {
@@ -54,49 +88,60 @@ pub fn run<const INGRESS: bool>(ctx: &TcContext) -> i32 {
         return finish(Err(v), Some(&flow));
     }
     let decision = if INGRESS {
-        decide_ingress(&flow)
+        match decide_ingress::<EXTERNAL>(&flow) {
+            Ok(chosen) if EXTERNAL && chosen.action == Action::NewExternal => {
+                let remote = SkbRouting(ctx).leaves_where_it_came(&flow, chosen.dst.0);
+                track_external(&flow, &chosen, remote)
+            }
+            decided => decided,
+        }
     } else {
         decide_egress(&flow)
     };
-    let traffic = decision.as_ref().ok().and_then(Translation::traffic);
-    let source = (flow.saddr.to_ne_bytes(), flow.sport);
-    let destination = (flow.daddr.to_ne_bytes(), flow.dport);
+    // Here, not where the flow is decided: that frame and the event's would not fit together.
+    if events_level() >= EVENTS_FLOWS
+        && let Some((to, service_id)) = decision.as_ref().ok().and_then(Translation::new_flow)
+    {
+        events::new_flow(&flow, to, service_id);
+    }
+    emit(ctx, &flow, &decision)
+}
+
+/// Carries out the decision on the packet, counts it, and returns the program's verdict.
+/// A subprogram of its own: with the deciding one, and with those it calls, its frame shares
+/// the 512-byte stack.
+#[inline(never)]
+fn emit(ctx: &TcContext, flow: &Flow, decision: &Result<Translation, Verdict>) -> i32 {
+    let len = ctx.len() as u64;
     let result = match decision {
-        Ok(Translation::Dnat {
-            addr,
-            port,
-            counter,
-            ..
-        }) => rewrite(ctx, &flow, source, (addr, port)).map(|()| (TC_ACT_OK as i32, counter)),
-        Ok(Translation::Snat { addr, port, .. }) => rewrite(ctx, &flow, (addr, port), destination)
-            .map(|()| (TC_ACT_OK as i32, Counter::ReverseNat)),
-        Ok(Translation::HairpinDnat { port, counter, .. }) => {
-            let to_client = ((destination.0, flow.sport), (source.0, port));
-            hairpin(ctx, &flow, to_client).map(|action| (action, counter))
-        }
-        Ok(Translation::HairpinSnat { port, .. }) => {
-            let to_client = ((destination.0, port), (source.0, flow.dport));
-            hairpin(ctx, &flow, to_client).map(|action| (action, Counter::ReverseNat))
-        }
         // No ICMP error about a later fragment (it quotes no ports), as the kernel sends none.
-        Ok(Translation::Unreachable) if flow.fragment == LATER_FRAGMENT => {
+        Ok(t) if t.action == Action::Unreachable && flow.fragment == LATER_FRAGMENT => {
             Err(Verdict::Pass(Counter::PassFragment))
         }
-        Ok(Translation::Unreachable) if !may_answer_unreachable(&config()) => {
+        Ok(t) if t.action == Action::Unreachable && !may_answer_unreachable(&config()) => {
             Err(Verdict::Drop(Counter::DropIcmpRateLimited))
         }
-        Ok(Translation::Unreachable) => {
+        Ok(t) if t.action == Action::Unreachable => {
             port_unreachable(ctx).map(|()| (TC_ACT_REDIRECT as i32, Counter::IcmpNoEndpoints))
         }
-        Err(v) => Err(v),
+        Ok(t) => rewrite(ctx, flow, t.src, t.dst)
+            .and_then(|()| match t.action {
+                Action::Hairpin => hairpin(ctx),
+                Action::Routed => route_out(ctx, flow.protocol, t.src, t.dst),
+                _ => Ok(TC_ACT_OK as i32),
+            })
+            .map(|action| (action, t.counter)),
+        Err(v) => Err(*v),
     };
-    if let (Some((service_id, inbound)), Ok(_)) = (traffic, &result) {
-        count_traffic(service_id, inbound, len as u64);
+    if let (Ok(t), Ok(_)) = (decision, &result)
+        && let Some((service_id, inbound)) = t.traffic()
+    {
+        count_traffic(service_id, inbound, len);
         if flow.fragment == FIRST_FRAGMENT {
-            remember_fragment(&flow);
+            remember_fragment(flow);
         }
     }
-    finish(result, Some(&flow))
+    finish(result, Some(flow))
 }
 
 /// Counts the verdict and acts on it; a drop is also an event when the agent asked for them.
@@ -126,7 +171,8 @@ fn finish(result: Result<(i32, Counter), Verdict>, flow: Option<&Flow>) -> i32 {
 
 /// Gives the packet a new source and destination, fixing the IPv4 and L4 checksums. A later
 /// fragment has no L4 header: its datagram's checksum was fixed in the first fragment.
-#[inline(always)]
+/// A subprogram of its own, shared by every translation: its frame is not the caller's.
+#[inline(never)]
 fn rewrite(ctx: &TcContext, flow: &Flow, src: Endpoint, dst: Endpoint) -> Result<(), Verdict> {
     let failed = |_| Verdict::Drop(Counter::DropRewriteFailed);
     let old_src = flow.saddr.to_ne_bytes();
@@ -195,12 +241,11 @@ fn rewrite(ctx: &TcContext, flow: &Flow, src: Endpoint, dst: Endpoint) -> Result
     Ok(())
 }
 
-/// Rewrites a hairpin packet and sends it back out of the link it came in on, to the pod that
-/// sent it. Routing it instead would fail: the kernel drops a packet whose source is the
-/// Service address on a pod's link (no route back) or the pod's own (martian).
+/// Sends a rewritten hairpin packet back out of the link it came in on, to the pod that sent
+/// it. Routing it instead would fail: the kernel drops a packet whose source is the Service
+/// address on a pod's link (no route back) or the pod's own (martian).
 #[inline(always)]
-fn hairpin(ctx: &TcContext, flow: &Flow, (src, dst): (Endpoint, Endpoint)) -> Result<i32, Verdict> {
-    rewrite(ctx, flow, src, dst)?;
+fn hairpin(ctx: &TcContext) -> Result<i32, Verdict> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     if data + ETH_LEN > data_end {
         return Err(Verdict::Drop(Counter::DropRewriteFailed));
@@ -218,6 +263,38 @@ fn hairpin(ctx: &TcContext, flow: &Flow, (src, dst): (Endpoint, Endpoint)) -> Re
     if action != TC_ACT_REDIRECT as i64 {
         return Err(Verdict::Drop(Counter::DropRewriteFailed));
     }
+    Ok(action as i32)
+}
+
+/// Sends a rewritten packet (now `src` to `dst`) straight out where the FIB says: its source
+/// is one of this node's addresses, which the kernel drops as martian on a forwarded packet.
+#[inline(always)]
+fn route_out(ctx: &TcContext, protocol: u8, src: Endpoint, dst: Endpoint) -> Result<i32, Verdict> {
+    let Some(route) = SkbRouting(ctx).route(protocol, src, dst) else {
+        return Err(Verdict::Drop(Counter::DropNoRoute));
+    };
+    let action = match route.macs {
+        Some((own, next_hop)) => {
+            let (data, data_end) = (ctx.data(), ctx.data_end());
+            if data + ETH_LEN > data_end {
+                return Err(Verdict::Drop(Counter::DropRewriteFailed));
+            }
+            // SAFETY: the Ethernet header is in bounds, checked above.
+            unsafe {
+                let eth = data as *mut [[u8; 6]; 2];
+                *eth = [next_hop, own];
+            }
+            // SAFETY: a plain helper call.
+            unsafe { bpf_redirect(route.ifindex, 0) }
+        }
+        // The kernel resolves the next hop's address and fills in the header.
+        // SAFETY: a plain helper call; no next hop given (the FIB's is used).
+        None => unsafe { bpf_redirect_neigh(route.ifindex, core::ptr::null_mut(), 0, 0) },
+    };
+    if action != TC_ACT_REDIRECT as i64 {
+        return Err(Verdict::Drop(Counter::DropRewriteFailed));
+    }
+    count(Counter::FibRedirect);
     Ok(action as i32)
 }
 

@@ -33,6 +33,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 pub const TC_INGRESS_PROGRAM: &str = "lb_tc_ingress";
 pub const TC_EGRESS_PROGRAM: &str = "lb_tc_egress";
+pub const TC_EXTERNAL_PROGRAM: &str = "lb_tc_external";
 pub const TC_FLOOR_PROGRAM: &str = "lb_tc_floor";
 /// Parse and one conntrack lookup: what benchmarks express the other paths' costs in.
 pub const TC_REFERENCE_PROGRAM: &str = "lb_tc_reference";
@@ -122,33 +123,46 @@ pub enum Hook {
     Ingress,
     /// Packets leaving toward a pod: [`TC_EGRESS_PROGRAM`] (reply direction).
     Egress,
+    /// Packets entering the node from other nodes and the outside: [`TC_EXTERNAL_PROGRAM`]
+    /// (external frontends, and the replies of flows sent on to other nodes).
+    External,
 }
 
 impl Hook {
+    const ALL: [Hook; 3] = [Hook::Ingress, Hook::Egress, Hook::External];
+
     fn program(self) -> &'static str {
         match self {
             Hook::Ingress => TC_INGRESS_PROGRAM,
             Hook::Egress => TC_EGRESS_PROGRAM,
+            Hook::External => TC_EXTERNAL_PROGRAM,
         }
     }
 
     fn attach_type(self) -> TcAttachType {
         match self {
-            Hook::Ingress => TcAttachType::Ingress,
+            Hook::Ingress | Hook::External => TcAttachType::Ingress,
             Hook::Egress => TcAttachType::Egress,
         }
+    }
+
+    /// Whether both attach at the same place of a link (one replaces the other there).
+    fn same_place(self, other: Hook) -> bool {
+        (self == Hook::Egress) == (other == Hook::Egress)
     }
 
     fn pin_prefix(self) -> &'static str {
         match self {
             Hook::Ingress => "tc-ingress-",
             Hook::Egress => "tc-egress-",
+            Hook::External => "tc-external-",
         }
     }
 }
 
-/// Which links get which programs: pod links both (their pods are clients and backends),
-/// uplinks ingress only (what arrives there is routed on to a pod link or the node).
+/// Which links get which programs: pod links ingress and egress (their pods are clients and
+/// backends), external links the external ingress program (what arrives there is routed on
+/// to a pod link or the node, or is a reply to translate and send back out).
 #[derive(Clone, Debug, Default)]
 pub struct LinkPatterns {
     pub pod: Vec<glob::Pattern>,
@@ -159,9 +173,13 @@ impl LinkPatterns {
     fn hooks(&self, name: &str) -> impl Iterator<Item = Hook> {
         let pod = self.pod.iter().any(|p| p.matches(name));
         let external = self.external.iter().any(|p| p.matches(name));
-        [(Hook::Ingress, pod || external), (Hook::Egress, pod)]
-            .into_iter()
-            .filter_map(|(hook, wanted)| wanted.then_some(hook))
+        [
+            (Hook::Ingress, pod && !external),
+            (Hook::External, external),
+            (Hook::Egress, pod),
+        ]
+        .into_iter()
+        .filter_map(|(hook, wanted)| wanted.then_some(hook))
     }
 }
 
@@ -206,6 +224,7 @@ impl Dataplane {
         dp.set_config(config)?;
         dp.load_program(TC_INGRESS_PROGRAM)?;
         dp.load_program(TC_EGRESS_PROGRAM)?;
+        dp.load_program(TC_EXTERNAL_PROGRAM)?;
         Ok(dp)
     }
 
@@ -224,6 +243,7 @@ impl Dataplane {
         dp.set_config(Config::DEFAULT)?;
         dp.load_program(TC_INGRESS_PROGRAM)?;
         dp.load_program(TC_EGRESS_PROGRAM)?;
+        dp.load_program(TC_EXTERNAL_PROGRAM)?;
         dp.load_program(TC_FLOOR_PROGRAM)?;
         dp.load_program(TC_REFERENCE_PROGRAM)?;
         Ok(dp)
@@ -855,13 +875,21 @@ impl Dataplane {
             }
             fd_link.pin(&pin).map_err(|e| attach_err(&e))?;
             for (old_ifindex, old_hook, old_pin) in link_pins(&dir)? {
-                if old_ifindex == ifindex && old_hook == hook && old_pin != pin {
+                if old_ifindex == ifindex && old_hook.same_place(hook) && old_pin != pin {
                     std::fs::remove_file(&old_pin)?;
                 }
             }
             // An agent of before that used the clsact qdisc left its filter: both would act
             // on every packet. The filter goes, and the qdisc if it was only there for it.
-            if tc::qdisc_detach_program(name, hook.attach_type(), hook.program()).is_ok() {
+            let left =
+                Hook::ALL
+                    .into_iter()
+                    .filter(|h| h.same_place(hook))
+                    .fold(false, |removed, old| {
+                        tc::qdisc_detach_program(name, old.attach_type(), old.program()).is_ok()
+                            || removed
+                    });
+            if left {
                 remove_empty_clsact(name);
             }
         } else {
@@ -914,7 +942,7 @@ impl Dataplane {
         // packet. Unpinned, the link (held by no process) detaches.
         if let Some(bpffs) = &self.bpffs {
             for (old_ifindex, old_hook, old_pin) in link_pins(&bpffs.join(LINKS_DIR))? {
-                if old_ifindex == ifindex && old_hook == hook {
+                if old_ifindex == ifindex && old_hook.same_place(hook) {
                     std::fs::remove_file(&old_pin)?;
                 }
             }
@@ -1073,7 +1101,7 @@ fn link_pins(dir: &Path) -> Result<Vec<(u32, Hook, PathBuf)>> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        for hook in [Hook::Ingress, Hook::Egress] {
+        for hook in Hook::ALL {
             if let Some(ifindex) = name
                 .strip_prefix(hook.pin_prefix())
                 .and_then(|r| r.split('-').next())
@@ -1181,7 +1209,7 @@ pub fn reset(bpffs: &Path) -> Result<Vec<PathBuf>> {
 fn remove_legacy_filters() {
     for name in interfaces().into_values() {
         let mut ours = false;
-        for hook in [Hook::Ingress, Hook::Egress] {
+        for hook in Hook::ALL {
             // Filters carry their program's name.
             if tc::qdisc_detach_program(&name, hook.attach_type(), hook.program()).is_ok() {
                 ours = true;
