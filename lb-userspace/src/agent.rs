@@ -3,6 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
+    ops::RangeInclusive,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -22,6 +23,7 @@ use crate::{
     desired::{Algorithm, DesiredDataplane, Frontend},
     diff::{self, ActualDataplane},
     events::{self, EventsLevel},
+    external::AllocationRanges,
     model::ObjectName,
     sources::{cluster, manifests::ManifestStore},
 };
@@ -56,6 +58,19 @@ pub struct AgentConfig {
     /// cluster mode the API server allocates them).
     #[arg(long, default_value = "10.96.0.0/12")]
     pub service_cidr: Ipv4Net,
+    /// Standalone mode: the range that nodePorts are allocated from and must lie in (in
+    /// cluster mode the API server allocates them).
+    #[arg(long, default_value = "30000-32767", value_parser = port_range)]
+    pub node_port_range: RangeInclusive<u16>,
+    /// Standalone mode: where LoadBalancer Services without an address (no cloud writes their
+    /// status here) get one, unless they ask with spec.loadBalancerIP. Without it they answer
+    /// on their nodePorts only.
+    #[arg(long)]
+    pub loadbalancer_cidr: Option<Ipv4Net>,
+    /// Which addresses of the external interfaces answer on nodePorts (CIDRs, comma
+    /// separated), as kube-proxy's flag. Default: all of them.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    pub nodeport_addresses: Vec<Ipv4Net>,
     /// Directory on a bpf filesystem where maps and links are pinned.
     #[arg(long, default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
@@ -109,6 +124,25 @@ pub struct AgentConfig {
 pub enum LbAlgorithm {
     Random,
     Maglev,
+}
+
+/// `--node-port-range`: `FIRST-LAST`, as the API server's `--service-node-port-range`.
+fn port_range(value: &str) -> Result<RangeInclusive<u16>, String> {
+    let (first, last) = value
+        .split_once('-')
+        .ok_or_else(|| format!("{value:?} is not a range FIRST-LAST"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{p:?} is not a port number"))
+    };
+    let (first, last) = (port(first)?, port(last)?);
+    if first > last {
+        return Err(format!("{value:?}: the first port is above the last"));
+    }
+    Ok(first..=last)
 }
 
 fn maglev_table_size(value: &str) -> Result<u32, String> {
@@ -281,8 +315,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut control = if client.is_some() {
         ControlPlane::following_api_server()
     } else {
-        ControlPlane::new(config.service_cidr)
+        let mut control = ControlPlane::new(config.service_cidr);
+        control.set_allocation_ranges(AllocationRanges {
+            node_ports: Some(config.node_port_range.clone()),
+            load_balancer_cidr: config.loadbalancer_cidr,
+        });
+        control
     };
+    control.set_node_name(Some(config.node_name.clone()));
     let held = dataplane.read_cluster_ips()?;
     control.held_before(held.iter().filter_map(|(ip, holder)| {
         let (namespace, name) = holder.split_once('/')?;
@@ -341,6 +381,26 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }?;
     info!("agent stopping; programs stay attached and maps pinned (`lb reset` removes them)");
     Ok(())
+}
+
+/// The IPv4 addresses of the external interfaces, narrowed to `--nodeport-addresses`: where
+/// nodePorts answer, the first also the source of flows sent on to other nodes.
+fn node_addresses(patterns: &LinkPatterns, wanted: &[Ipv4Net]) -> Vec<std::net::Ipv4Addr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut found: Vec<std::net::Ipv4Addr> = addrs
+        .filter(|a| {
+            patterns
+                .external
+                .iter()
+                .any(|p| p.matches(&a.interface_name))
+        })
+        .filter_map(|a| Some(a.address?.as_sockaddr_in()?.ip()))
+        .filter(|ip| wanted.is_empty() || wanted.iter().any(|net| net.contains(ip)))
+        .collect();
+    found.dedup();
+    found
 }
 
 /// The maps as read back, with the digests of the Maglev tables this agent wrote and that are
@@ -568,6 +628,16 @@ impl Agent {
     }
 
     fn scan_links(&mut self) {
+        let addresses = node_addresses(&self.patterns, &self.config.nodeport_addresses);
+        if addresses != self.shared.status().node_addresses {
+            match self.dataplane.set_node_addresses(&addresses) {
+                Ok(()) => {
+                    info!(?addresses, "nodePorts answer on these addresses");
+                    self.shared.status_mut().node_addresses = addresses;
+                }
+                Err(e) => warn!("writing the node's addresses: {e}"),
+            }
+        }
         match self.dataplane.attach_matching(&self.patterns) {
             Ok(new) => {
                 for (name, hook) in &new {
@@ -765,6 +835,7 @@ impl Agent {
             datapath_events: status.datapath_events,
             affinity_entries: status.affinity_entries,
             backend_choice: std::mem::take(&mut status.backend_choice),
+            node_addresses: std::mem::take(&mut status.node_addresses),
         };
     }
 }

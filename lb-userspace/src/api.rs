@@ -63,6 +63,9 @@ pub struct StatusView {
     /// How new connections pick their backend (`--lb-algorithm`, and the Maglev table size).
     #[serde(default)]
     pub backend_choice: String,
+    /// The addresses nodePorts answer on.
+    #[serde(default)]
+    pub node_addresses: Vec<std::net::Ipv4Addr>,
 }
 
 /// The metrics kube-proxy exports under the same names and meanings, so that its dashboards

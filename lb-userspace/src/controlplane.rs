@@ -13,6 +13,7 @@ use std::{
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
+use crate::external::{AllocationRanges, Allocator, DEFAULT_NODE_PORT_RANGE, External};
 use crate::model::{
     ClusterIpRequest, EndpointConditions, FieldError, ManualEndpoints, Object, ObjectKey,
     ObjectName, Pod, Service, ServicePort, ServiceType, TargetPort,
@@ -28,6 +29,8 @@ pub struct ResolvedPort {
     pub terminating: Vec<SocketAddrV4>,
     /// Neither ready nor serving-and-terminating: no new connection, but established ones go on.
     pub not_ready: Vec<SocketAddrV4>,
+    /// The endpoints (of all three lists) on this node, sorted.
+    pub on_node: Vec<SocketAddrV4>,
 }
 
 impl ResolvedPort {
@@ -53,6 +56,23 @@ impl ResolvedPort {
             })
             .copied()
     }
+
+    /// The same port with only this node's endpoints (the Local traffic policies).
+    pub fn local(&self) -> ResolvedPort {
+        let here = |list: &[SocketAddrV4]| -> Vec<SocketAddrV4> {
+            list.iter()
+                .filter(|a| self.on_node.binary_search(a).is_ok())
+                .copied()
+                .collect()
+        };
+        ResolvedPort {
+            port: self.port.clone(),
+            ready: here(&self.ready),
+            terminating: here(&self.terminating),
+            not_ready: here(&self.not_ready),
+            on_node: self.on_node.clone(),
+        }
+    }
 }
 
 /// A Service as the cluster would present it: with its address and its endpoints.
@@ -62,6 +82,8 @@ pub struct ServiceState {
     /// `None` for headless and ExternalName Services.
     pub cluster_ip: Option<Ipv4Addr>,
     pub ports: Vec<ResolvedPort>,
+    /// Its nodePorts and LoadBalancer addresses.
+    pub external: External,
     #[serde(skip)]
     pub created: SystemTime,
 }
@@ -117,12 +139,26 @@ pub struct ControlPlane {
     held_before: HashMap<ObjectName, Ipv4Addr>,
     /// This node's zone (its `topology.kubernetes.io/zone` label), for topology hints.
     zone: Option<String>,
+    /// This node's name, for the Local traffic policies.
+    node_name: Option<String>,
+    /// Which Service holds each nodePort and LoadBalancer address.
+    external: Allocator,
 }
 
 impl ControlPlane {
     /// Standalone mode: this agent allocates ClusterIPs from `cidr`.
     pub fn new(cidr: Ipv4Net) -> Self {
-        Self::with_cidr(Some(cidr))
+        let mut control = Self::with_cidr(Some(cidr));
+        control.external = Allocator::new(AllocationRanges {
+            node_ports: Some(DEFAULT_NODE_PORT_RANGE),
+            load_balancer_cidr: None,
+        });
+        control
+    }
+
+    /// Standalone mode: where nodePorts and LoadBalancer addresses are allocated from.
+    pub fn set_allocation_ranges(&mut self, ranges: AllocationRanges) {
+        self.external = Allocator::new(ranges);
     }
 
     /// Cluster mode: the API server has allocated every ClusterIP; a Service without one (which
@@ -143,6 +179,16 @@ impl ControlPlane {
             dirty: BTreeSet::new(),
             held_before: HashMap::new(),
             zone: None,
+            node_name: None,
+            external: Allocator::default(),
+        }
+    }
+
+    /// This node's name: the Local traffic policies send traffic to the endpoints on it.
+    pub fn set_node_name(&mut self, name: Option<String>) {
+        if self.node_name != name {
+            self.node_name = name;
+            self.dirty.extend(self.services.keys().cloned());
         }
     }
 
@@ -284,12 +330,36 @@ impl ControlPlane {
                 None => self.rejected.remove(name),
             };
             let old = self.states.get(name);
-            let chosen = match (self.services.get(name), addresses.get(name)) {
+            let mut chosen = match (self.services.get(name), addresses.get(name)) {
                 (Some(svc), Some(ip)) => Some((svc, *ip)),
                 // Rejected now but accepted before: the previous version stays in force.
                 (Some(_), None) => old.map(|s| (&s.service, s.cluster_ip)),
                 (None, _) => None,
             };
+            // The nodePorts and LoadBalancer addresses of a version accepted so far: one that
+            // cannot have them is rejected too (and gives back the ClusterIP it just got).
+            let mut external = old.map(|s| s.external.clone());
+            if let (Some((svc, ip)), true) = (chosen, addresses.contains_key(name)) {
+                match self.external.assign(svc, old.map(|s| &s.external)) {
+                    Ok(assigned) => external = Some(assigned),
+                    Err(error) => {
+                        self.rejected.insert(name.clone(), error);
+                        if let Some(ip) = ip
+                            && old.and_then(|s| s.cluster_ip) != Some(ip)
+                        {
+                            self.owners.remove(&ip);
+                        }
+                        chosen = old.map(|s| (&s.service, s.cluster_ip));
+                    }
+                }
+            }
+            if let Some(old) = old {
+                self.external.release(
+                    name,
+                    &old.external,
+                    external.as_ref().filter(|_| chosen.is_some()),
+                );
+            }
             let previous_ip = old.and_then(|s| s.cluster_ip);
             let new_ip = chosen.and_then(|(_, ip)| ip);
             if let Some(ip) = previous_ip
@@ -306,11 +376,18 @@ impl ControlPlane {
             };
             // Without a creation time (a manifest), a Service is as old as its first state.
             let created = svc.created.or(old.map(|s| s.created)).unwrap_or(now);
-            let ports = resolve_ports(svc, &self.endpoints, self.zone.as_deref());
+            let ports = resolve_ports(
+                svc,
+                &self.endpoints,
+                self.zone.as_deref(),
+                self.node_name.as_deref(),
+            );
+            let external = external.unwrap_or_default();
             let unchanged = old.is_some_and(|old| {
                 old.cluster_ip == cluster_ip
                     && old.created == created
                     && old.ports == ports
+                    && old.external == external
                     && old.service == *svc
             });
             if !unchanged {
@@ -318,6 +395,7 @@ impl ControlPlane {
                     service: svc.clone(),
                     cluster_ip,
                     ports,
+                    external,
                     created,
                 };
                 let old = self.states.insert(name.clone(), state);
@@ -620,6 +698,7 @@ fn resolve_ports(
     svc: &Service,
     sources: &EndpointSources,
     zone: Option<&str>,
+    node: Option<&str>,
 ) -> Vec<ResolvedPort> {
     if svc.service_type == ServiceType::ExternalName {
         return Vec::new();
@@ -631,6 +710,8 @@ fn resolve_ports(
             let mut terminating = BTreeSet::new();
             let mut not_ready = BTreeSet::new();
             let mut hinted: BTreeMap<SocketAddrV4, &[String]> = BTreeMap::new();
+            let mut on_node = BTreeSet::new();
+            let here = |name: Option<&String>| node.is_some() && name.map(String::as_str) == node;
             let mut add = |addr: SocketAddrV4, c: EndpointConditions| {
                 // publishNotReadyAddresses: the endpoint controller reports every one ready.
                 if c.ready || svc.publish_not_ready_addresses {
@@ -654,7 +735,11 @@ fn resolve_ports(
                                 .map(|np| np.port),
                         };
                         if let Some(target) = target {
-                            add(SocketAddrV4::new(ip, target), pod.conditions);
+                            let addr = SocketAddrV4::new(ip, target);
+                            add(addr, pod.conditions);
+                            if here(pod.node_name.as_ref()) {
+                                on_node.insert(addr);
+                            }
                         }
                     }
                 }
@@ -673,6 +758,9 @@ fn resolve_ports(
                                 add(addr, *conditions);
                                 if let Some(zones) = group.zone_hints.get(ip) {
                                     hinted.insert(addr, zones);
+                                }
+                                if here(group.nodes.get(ip)) {
+                                    on_node.insert(addr);
                                 }
                             }
                         }
@@ -706,6 +794,7 @@ fn resolve_ports(
                 ready: ready.into_iter().collect(),
                 terminating: terminating.into_iter().collect(),
                 not_ready,
+                on_node: on_node.into_iter().collect(),
             }
         })
         .collect()

@@ -17,9 +17,9 @@ use aya::{
 use lb_common::{
     AFFINITY_MAP, ALL_MAPS, Affinity, AffinityKey, AllocationKey, BACKENDS_MAP, Backend,
     CLUSTER_IPS_MAP, CONFIG_MAP, CONNTRACK_MAP, Config, CtEntry, CtKey, EVENTS_MAP, FRONTENDS_MAP,
-    Frontend, FrontendKey, LEGACY_MAPS, MAGLEV_MAP, SERVICE_NAME_LEN, SERVICE_TRAFFIC_MAP,
-    SLOTS_MAP, STATS_MAP, ServiceName, ServiceTraffic, SlotKey, affinity, conntrack,
-    stats::COUNTER_COUNT,
+    Frontend, FrontendKey, LEGACY_MAPS, MAGLEV_MAP, NODE_ADDRS_MAP, SERVICE_NAME_LEN,
+    SERVICE_TRAFFIC_MAP, SLOTS_MAP, STATS_MAP, ServiceName, ServiceTraffic, SlotKey, affinity,
+    conntrack, stats::COUNTER_COUNT,
 };
 
 use crate::{
@@ -263,6 +263,29 @@ impl Dataplane {
         map.set(0, config, 0).map_err(map_err(CONFIG_MAP))?;
         self.config = config;
         Ok(())
+    }
+
+    /// The node's addresses that nodePorts answer on; the first is also the source of flows
+    /// sent on to other nodes from a LoadBalancer IP or externalIP.
+    pub fn set_node_addresses(&mut self, addresses: &[std::net::Ipv4Addr]) -> Result<()> {
+        let mut map: BpfHashMap<_, AllocationKey, u32> =
+            BpfHashMap::try_from(self.map_mut(NODE_ADDRS_MAP)?).map_err(map_err(NODE_ADDRS_MAP))?;
+        let wanted: Vec<AllocationKey> = addresses
+            .iter()
+            .map(|a| AllocationKey { addr: a.octets() })
+            .collect();
+        let present: Vec<AllocationKey> = map.keys().filter_map(|k| k.ok()).collect();
+        for key in present.iter().filter(|k| !wanted.contains(k)) {
+            map.remove(key).map_err(map_err(NODE_ADDRS_MAP))?;
+        }
+        for key in &wanted {
+            map.insert(key, 1, 0).map_err(map_err(NODE_ADDRS_MAP))?;
+        }
+        let snat_addr = wanted.first().map_or([0; 4], |k| k.addr);
+        self.set_config(Config {
+            snat_addr,
+            ..self.config
+        })
     }
 
     /// The kernel's tick counter (jiffies), as the datapath reads it.
@@ -881,14 +904,13 @@ impl Dataplane {
             }
             // An agent of before that used the clsact qdisc left its filter: both would act
             // on every packet. The filter goes, and the qdisc if it was only there for it.
-            let left =
-                Hook::ALL
-                    .into_iter()
-                    .filter(|h| h.same_place(hook))
-                    .fold(false, |removed, old| {
-                        tc::qdisc_detach_program(name, old.attach_type(), old.program()).is_ok()
-                            || removed
-                    });
+            // Every program that sat here goes (an uplink had the pod ingress program before).
+            let mut left = false;
+            for old in Hook::ALL.into_iter().filter(|h| h.same_place(hook)) {
+                if tc::qdisc_detach_program(name, old.attach_type(), old.program()).is_ok() {
+                    left = true;
+                }
+            }
             if left {
                 remove_empty_clsact(name);
             }

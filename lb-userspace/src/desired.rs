@@ -5,21 +5,54 @@ use std::{
 };
 
 use crate::{
-    controlplane::{ControlPlane, ServiceChange, ServiceState},
-    model::{Protocol, ServicePort, SessionAffinity},
+    controlplane::{ControlPlane, ResolvedPort, ServiceChange, ServiceState},
+    model::{Protocol, ServicePort, SessionAffinity, TrafficPolicy},
 };
 
-/// An address, port and protocol that a Service answers on.
+/// Who a frontend entry serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Clients in the cluster (pods, the node), and outside clients where no
+    /// [`Scope::External`] entry exists.
+    Cluster,
+    /// Clients outside the cluster under `externalTrafficPolicy: Local`.
+    External,
+}
+
+/// An address, port and protocol that a Service answers on, and who it serves there. The
+/// address of a nodePort is 0.0.0.0: every one of the node's addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
     pub ip: Ipv4Addr,
     pub port: u16,
     pub protocol: Protocol,
+    pub scope: Scope,
+}
+
+impl Frontend {
+    /// A frontend in the cluster scope.
+    pub fn cluster(ip: Ipv4Addr, port: u16, protocol: Protocol) -> Self {
+        Self {
+            ip,
+            port,
+            protocol,
+            scope: Scope::Cluster,
+        }
+    }
 }
 
 impl std::fmt::Display for Frontend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol.as_str())
+        if self.ip.is_unspecified() {
+            write!(f, "<node>")?;
+        } else {
+            write!(f, "{}", self.ip)?;
+        }
+        write!(f, ":{}/{}", self.port, self.protocol.as_str())?;
+        if self.scope == Scope::External {
+            write!(f, " (external clients)")?;
+        }
+        Ok(())
     }
 }
 
@@ -99,39 +132,84 @@ impl DesiredDataplane {
     }
 }
 
+/// A Service's frontends: each with the index of the port it serves, and whether only this
+/// node's endpoints serve it (a Local traffic policy).
+fn frontends(state: &ServiceState) -> Vec<(Frontend, usize, bool)> {
+    let svc = &state.service;
+    let mut out = Vec::new();
+    for (i, resolved) in state.ports.iter().enumerate() {
+        let port = &resolved.port;
+        let at = |ip, number, scope| Frontend {
+            ip,
+            port: number,
+            protocol: port.protocol,
+            scope,
+        };
+        if let Some(ip) = state.cluster_ip {
+            let local = svc.internal_traffic_policy == TrafficPolicy::Local;
+            out.push((at(ip, port.port, Scope::Cluster), i, local));
+        }
+        let node_port = state.external.node_ports.get(i).copied().flatten();
+        let external = node_port
+            .map(|n| (Ipv4Addr::UNSPECIFIED, n))
+            .into_iter()
+            .chain(
+                state
+                    .external
+                    .load_balancer_ips
+                    .iter()
+                    .chain(&svc.external_ips)
+                    .map(|ip| (*ip, port.port)),
+            );
+        // Clients in the cluster calling an external address are served as at the ClusterIP
+        // by every endpoint; outside clients too unless the external policy is Local.
+        for (ip, number) in external {
+            out.push((at(ip, number, Scope::Cluster), i, false));
+            if svc.external_traffic_policy == TrafficPolicy::Local {
+                out.push((at(ip, number, Scope::External), i, true));
+            }
+        }
+    }
+    out
+}
+
 /// A Service's frontends, each with the port it serves.
 pub fn frontend_ports(state: &ServiceState) -> impl Iterator<Item = (Frontend, &ServicePort)> {
-    state.cluster_ip.into_iter().flat_map(|ip| {
-        state.ports.iter().map(move |p| {
-            let frontend = Frontend {
-                ip,
-                port: p.port.port,
-                protocol: p.port.protocol,
-            };
-            (frontend, &p.port)
-        })
-    })
+    frontends(state)
+        .into_iter()
+        .map(|(frontend, i, _)| (frontend, &state.ports[i].port))
 }
 
 /// A Service's frontends, each with its backends in order.
-fn frontends_of(state: &ServiceState) -> impl Iterator<Item = (Frontend, Backends)> {
-    frontend_ports(state)
-        .zip(&state.ports)
-        .map(|((frontend, _), p)| {
-            let mut backends = Backends::serving(p.serving().to_vec());
-            let mut draining: Vec<_> = p
-                .draining()
-                .filter(|a| !backends.serving.contains(a))
-                .collect();
-            draining.sort();
-            draining.dedup();
-            backends.draining = draining;
-            backends.affinity_timeout_s = match state.service.session_affinity {
-                SessionAffinity::ClientIp { timeout_s } => Some(timeout_s),
-                SessionAffinity::None => None,
+fn frontends_of(state: &ServiceState) -> impl Iterator<Item = (Frontend, Backends)> + '_ {
+    let affinity_timeout_s = match state.service.session_affinity {
+        SessionAffinity::ClientIp { timeout_s } => Some(timeout_s),
+        SessionAffinity::None => None,
+    };
+    frontends(state)
+        .into_iter()
+        .map(move |(frontend, i, local)| {
+            let port = &state.ports[i];
+            let backends = if local {
+                backends(&port.local(), affinity_timeout_s)
+            } else {
+                backends(port, affinity_timeout_s)
             };
             (frontend, backends)
         })
+}
+
+fn backends(port: &ResolvedPort, affinity_timeout_s: Option<u32>) -> Backends {
+    let mut backends = Backends::serving(port.serving().to_vec());
+    let mut draining: Vec<_> = port
+        .draining()
+        .filter(|a| !backends.serving.contains(a))
+        .collect();
+    draining.sort();
+    draining.dedup();
+    backends.draining = draining;
+    backends.affinity_timeout_s = affinity_timeout_s;
+    backends
 }
 
 #[cfg(test)]
@@ -149,11 +227,7 @@ apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {app: dns}}\nspec: {conta
         assert_eq!(d.frontends.len(), 2, "headless has no frontend");
         let ip: Ipv4Addr = "198.19.0.53".parse().unwrap();
         for protocol in [Protocol::Tcp, Protocol::Udp] {
-            let b = &d.frontends[&Frontend {
-                ip,
-                port: 53,
-                protocol,
-            }];
+            let b = &d.frontends[&Frontend::cluster(ip, 53, protocol)];
             assert_eq!(
                 b.serving,
                 vec!["198.18.1.9:53".parse::<SocketAddrV4>().unwrap()]

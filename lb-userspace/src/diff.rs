@@ -14,7 +14,7 @@ use std::{
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, Backend, FAMILY_IPV4, FRONTEND_AFFINITY, FRONTEND_MAGLEV,
     Frontend, FrontendKey, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICE_ID, MAX_SLOTS, SCOPE_CLUSTER,
-    SlotKey, ipv4_addr, maglev, net_port,
+    SCOPE_EXTERNAL, SlotKey, ipv4_addr, maglev, net_port,
 };
 
 use crate::desired::{self, Algorithm, Backends, DesiredDataplane};
@@ -127,7 +127,10 @@ pub fn frontend_key(f: &desired::Frontend) -> FrontendKey {
         addr: f.ip.octets(),
         port: net_port(f.port),
         protocol: f.protocol.number(),
-        scope: SCOPE_CLUSTER,
+        scope: match f.scope {
+            desired::Scope::Cluster => SCOPE_CLUSTER,
+            desired::Scope::External => SCOPE_EXTERNAL,
+        },
     }
 }
 
@@ -719,11 +722,11 @@ mod tests {
     use crate::{desired::Frontend as Fe, model::Protocol};
 
     fn fe(last: u8, port: u16) -> Fe {
-        Fe {
-            ip: std::net::Ipv4Addr::new(198, 19, 0, last),
+        Fe::cluster(
+            std::net::Ipv4Addr::new(198, 19, 0, last),
             port,
-            protocol: Protocol::Tcp,
-        }
+            Protocol::Tcp,
+        )
     }
 
     fn backends(n: u8) -> Vec<SocketAddrV4> {
@@ -1003,11 +1006,7 @@ mod tests {
     }
 
     fn fe_n(i: u32) -> Fe {
-        Fe {
-            ip: std::net::Ipv4Addr::from(0xc613_0000 + i),
-            port: 80,
-            protocol: Protocol::Tcp,
-        }
+        Fe::cluster(std::net::Ipv4Addr::from(0xc613_0000 + i), 80, Protocol::Tcp)
     }
 
     #[test]
@@ -1088,11 +1087,7 @@ mod tests {
             frontends: (0..4_000u32)
                 .map(|i| {
                     let ip = std::net::Ipv4Addr::from(0xc613_0000 + i);
-                    let f = Fe {
-                        ip,
-                        port: 80,
-                        protocol: Protocol::Tcp,
-                    };
+                    let f = Fe::cluster(ip, 80, Protocol::Tcp);
                     let b = (0..10u32)
                         .map(|k| {
                             SocketAddrV4::new(

@@ -8,6 +8,7 @@ pub mod dataplane;
 pub mod desired;
 pub mod diff;
 pub mod events;
+pub mod external;
 pub mod model;
 pub mod sources;
 pub mod tick;

@@ -102,6 +102,25 @@ pub enum SessionAffinity {
     },
 }
 
+/// `externalTrafficPolicy` / `internalTrafficPolicy`: which endpoints a node sends traffic to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum TrafficPolicy {
+    /// Every endpoint in the cluster.
+    #[default]
+    Cluster,
+    /// Only the endpoints on the node the traffic arrived at (the client's address is kept).
+    Local,
+}
+
+/// An address in `status.loadBalancer.ingress`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct LoadBalancerIngress {
+    pub ip: Ipv4Addr,
+    /// `ipMode: Proxy`: the load balancer proxies the traffic (it arrives addressed to the
+    /// node), so pods calling this address must go out to it too, not be served in the node.
+    pub proxy: bool,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Service {
     pub id: ObjectName,
@@ -115,8 +134,32 @@ pub struct Service {
     pub session_affinity: SessionAffinity,
     /// `spec.publishNotReadyAddresses`: every endpoint counts as ready.
     pub publish_not_ready_addresses: bool,
+    /// For clients outside the cluster at a nodePort, LoadBalancer IP or externalIP.
+    pub external_traffic_policy: TrafficPolicy,
+    /// For clients in the cluster at the ClusterIP.
+    pub internal_traffic_policy: TrafficPolicy,
+    /// `spec.loadBalancerIP`: the address asked for (standalone mode assigns it).
+    pub load_balancer_ip: Option<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip`: the addresses a load balancer answers on.
+    pub load_balancer_ingress: Vec<LoadBalancerIngress>,
+    /// `spec.loadBalancerSourceRanges`: the clients allowed at the LoadBalancer addresses
+    /// (empty: all).
+    pub load_balancer_source_ranges: Vec<ipnet::Ipv4Net>,
+    /// `spec.healthCheckNodePort`: where a LoadBalancer Service with the Local external
+    /// policy tells the load balancer whether this node has endpoints.
+    pub health_check_node_port: Option<u16>,
     #[serde(skip)]
     pub created: Option<SystemTime>,
+}
+
+impl Service {
+    /// Whether clients outside the cluster reach it at nodePorts.
+    pub fn has_node_ports(&self) -> bool {
+        matches!(
+            self.service_type,
+            ServiceType::NodePort | ServiceType::LoadBalancer
+        )
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -158,6 +201,8 @@ pub struct Pod {
     /// Serving unless a `Ready` condition says `False`; terminating once being deleted.
     pub conditions: EndpointConditions,
     pub named_ports: Vec<NamedPort>,
+    /// `spec.nodeName`: the node it runs on.
+    pub node_name: Option<String>,
 }
 
 /// One port of a manually given endpoint set.
@@ -176,6 +221,8 @@ pub struct EndpointGroup {
     /// Topology hints: the zones each address is meant for (`hints.forZones`), for the
     /// addresses that have any.
     pub zone_hints: BTreeMap<Ipv4Addr, Vec<String>>,
+    /// The node each address is on (`nodeName`), for the addresses that say.
+    pub nodes: BTreeMap<Ipv4Addr, String>,
 }
 
 /// A hand-written Endpoints object or EndpointSlice for a Service without selector.
@@ -329,7 +376,7 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
     if service_type == ServiceType::ExternalName && external_name.is_none() {
         return Err(field_error("spec.externalName", "Required value"));
     }
-    let external_ips = spec
+    let external_ips: Vec<Ipv4Addr> = spec
         .external_ips
         .iter()
         .flatten()
@@ -409,6 +456,70 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
         });
     }
 
+    let external_reach = matches!(
+        service_type,
+        ServiceType::NodePort | ServiceType::LoadBalancer
+    ) || !external_ips.is_empty();
+    let external_traffic_policy = match spec.external_traffic_policy.as_deref() {
+        None | Some("") => TrafficPolicy::Cluster,
+        Some(_) if !external_reach => {
+            return Err(field_error(
+                "spec.externalTrafficPolicy",
+                "Invalid value: may only be set for externally-accessible services",
+            ));
+        }
+        Some(p) => traffic_policy(p, "spec.externalTrafficPolicy")?,
+    };
+    let internal_traffic_policy = match spec.internal_traffic_policy.as_deref() {
+        None | Some("") => TrafficPolicy::Cluster,
+        Some(p) => traffic_policy(p, "spec.internalTrafficPolicy")?,
+    };
+    let load_balancer_ip = match spec.load_balancer_ip.as_deref() {
+        None | Some("") => None,
+        Some(ip) => Some(ipv4(ip, "spec.loadBalancerIP")?),
+    };
+    let load_balancer_ingress = svc
+        .status
+        .iter()
+        .filter_map(|s| s.load_balancer.as_ref())
+        .flat_map(|lb| lb.ingress.iter().flatten())
+        .enumerate()
+        .filter_map(|(i, ingress)| {
+            let ip = ingress.ip.as_deref().filter(|ip| !ip.is_empty())?;
+            Some(
+                ipv4(ip, &format!("status.loadBalancer.ingress[{i}].ip")).map(|ip| {
+                    LoadBalancerIngress {
+                        ip,
+                        proxy: ingress.ip_mode.as_deref() == Some("Proxy"),
+                    }
+                }),
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    let load_balancer_source_ranges = spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, range)| {
+            let range = range.trim();
+            range
+                .parse::<ipnet::Ipv4Net>()
+                .or_else(|_| range.parse::<Ipv4Addr>().map(ipnet::Ipv4Net::from))
+                .map(|net| net.trunc())
+                .map_err(|_| {
+                    field_error(
+                        format!("spec.loadBalancerSourceRanges[{i}]"),
+                        format!("Invalid value: {range:?}: must be an IPv4 CIDR"),
+                    )
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let health_check_node_port = match spec.health_check_node_port {
+        None | Some(0) => None,
+        Some(n) => Some(port_number(n, "spec.healthCheckNodePort")?),
+    };
+
     Ok(Service {
         id,
         service_type,
@@ -419,8 +530,25 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
         ports,
         session_affinity,
         publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
+        external_traffic_policy,
+        internal_traffic_policy,
+        load_balancer_ip,
+        load_balancer_ingress,
+        load_balancer_source_ranges,
+        health_check_node_port,
         created: created(&svc.metadata),
     })
+}
+
+fn traffic_policy(value: &str, field: &str) -> Result<TrafficPolicy, FieldError> {
+    match value {
+        "Cluster" => Ok(TrafficPolicy::Cluster),
+        "Local" => Ok(TrafficPolicy::Local),
+        other => Err(field_error(
+            field,
+            format!("Unsupported value: {other:?}: supported values: \"Cluster\", \"Local\""),
+        )),
+    }
 }
 
 /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds`, validated as the API server does.
@@ -488,6 +616,11 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, FieldError> {
             terminating,
         },
         named_ports,
+        node_name: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .filter(|n| !n.is_empty()),
     })
 }
 
@@ -505,6 +638,7 @@ pub fn endpoints(ep: &core::Endpoints) -> Result<ManualEndpoints, FieldError> {
             });
         }
         let mut addresses = Vec::new();
+        let mut nodes = BTreeMap::new();
         for (list, conditions, field) in [
             (&subset.addresses, EndpointConditions::READY, "addresses"),
             (
@@ -514,16 +648,18 @@ pub fn endpoints(ep: &core::Endpoints) -> Result<ManualEndpoints, FieldError> {
             ),
         ] {
             for (ai, a) in list.iter().flatten().enumerate() {
-                addresses.push((
-                    ipv4(&a.ip, &format!("subsets[{si}].{field}[{ai}].ip"))?,
-                    conditions,
-                ));
+                let ip = ipv4(&a.ip, &format!("subsets[{si}].{field}[{ai}].ip"))?;
+                addresses.push((ip, conditions));
+                if let Some(node) = a.node_name.as_ref().filter(|n| !n.is_empty()) {
+                    nodes.insert(ip, node.clone());
+                }
             }
         }
         groups.push(EndpointGroup {
             ports,
             addresses,
             zone_hints: BTreeMap::new(),
+            nodes,
         });
     }
     Ok(ManualEndpoints {
@@ -572,6 +708,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<ManualEndpoint
     }
     let mut addresses = Vec::new();
     let mut zone_hints = BTreeMap::new();
+    let mut nodes = BTreeMap::new();
     for (ei, e) in slice.endpoints.iter().enumerate() {
         let zones: Vec<String> = e
             .hints
@@ -594,6 +731,9 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<ManualEndpoint
             if !zones.is_empty() {
                 zone_hints.insert(ip, zones.clone());
             }
+            if let Some(node) = e.node_name.as_ref().filter(|n| !n.is_empty()) {
+                nodes.insert(ip, node.clone());
+            }
         }
     }
     Ok(ManualEndpoints {
@@ -606,6 +746,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<ManualEndpoint
             ports,
             addresses,
             zone_hints,
+            nodes,
         }],
     })
 }

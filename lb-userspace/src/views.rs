@@ -44,7 +44,14 @@ pub fn service_view(state: &ServiceState) -> ServiceView {
         (_, _, Some(ip)) => ip.to_string(),
         _ => "<none>".to_string(),
     };
-    let external: Vec<String> = svc.external_ips.iter().map(|ip| ip.to_string()).collect();
+    // As kubectl: the load balancer's addresses, then the externalIPs.
+    let external: Vec<String> = state
+        .external
+        .load_balancer_ips
+        .iter()
+        .chain(&svc.external_ips)
+        .map(|ip| ip.to_string())
+        .collect();
     let external_ip = match svc.service_type {
         ServiceType::ExternalName => svc.external_name.clone().unwrap_or_default(),
         ServiceType::LoadBalancer if external.is_empty() => "<pending>".to_string(),
@@ -54,9 +61,11 @@ pub fn service_view(state: &ServiceState) -> ServiceView {
     let ports = if svc.ports.is_empty() {
         "<none>".to_string()
     } else {
+        let node_ports = state.external.node_ports.iter().copied();
         svc.ports
             .iter()
-            .map(|p| match p.node_port {
+            .zip(node_ports.chain(std::iter::repeat(None)))
+            .map(|(p, node_port)| match node_port.or(p.node_port) {
                 Some(np) => format!("{}:{}/{}", p.port, np, p.protocol.as_str()),
                 None => format!("{}/{}", p.port, p.protocol.as_str()),
             })

@@ -333,14 +333,6 @@ fn bulk(bed: &Testbed, client: &Pod, verb: &'static str, n: u64) -> std::io::Res
     .unwrap()
 }
 
-fn counter(bed: &Testbed, node: usize, name: &str) -> u64 {
-    bed.lb_on(node, &["status"])
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn path_mtu_discovery_works_through_a_cluster_ip() {
     let mut bed = two_nodes();

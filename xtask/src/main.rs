@@ -91,12 +91,13 @@ fn cargo_test(extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(u64, u64)
 }
 
 /// Test binaries that run agents in network namespaces (run once per TC attach mode).
-const NAMESPACE_TESTS: [&str; 5] = [
+const NAMESPACE_TESTS: [&str; 6] = [
     "netns",
     "reliability",
     "multinode",
     "cluster_mode",
     "selection",
+    "external",
 ];
 
 pub fn build() -> anyhow::Result<PathBuf> {

@@ -520,6 +520,21 @@ impl Testbed {
         .map_err(|_| anyhow::anyhow!("thread in {} panicked", pod.netns))?
     }
 
+    /// Runs `f` on a thread inside the namespace of the host outside the cluster.
+    pub fn in_outside<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let ns = self.outside_netns.as_ref().context("no outside host")?;
+        let path = format!("/run/netns/{ns}");
+        std::thread::spawn(move || -> anyhow::Result<T> {
+            enter_netns(&path)?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread outside the cluster panicked"))?
+    }
+
     /// A TCP socket listening on `addr` in node `node`'s namespace (for a service the agents
     /// reach, such as a stand-in API server).
     pub fn listen_on_node(

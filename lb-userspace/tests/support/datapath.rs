@@ -100,17 +100,9 @@ impl TestDatapath {
 }
 
 pub fn tcp_frontend(ip: Ipv4Addr, port: u16) -> Frontend {
-    Frontend {
-        ip,
-        port,
-        protocol: Protocol::Tcp,
-    }
+    Frontend::cluster(ip, port, Protocol::Tcp)
 }
 
 pub fn udp_frontend(ip: Ipv4Addr, port: u16) -> Frontend {
-    Frontend {
-        ip,
-        port,
-        protocol: Protocol::Udp,
-    }
+    Frontend::cluster(ip, port, Protocol::Udp)
 }

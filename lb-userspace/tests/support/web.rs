@@ -172,3 +172,12 @@ pub fn endpoint_gone(bed: &Testbed, node: usize, endpoint: SocketAddrV4) -> bool
         .unwrap()
         .contains(&format!("\"{endpoint}\""))
 }
+
+/// A datapath counter of node `node`, as `lb status` shows it.
+pub fn counter(bed: &Testbed, node: usize, name: &str) -> u64 {
+    bed.lb_on(node, &["status"])
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,264 @@
+//! Traffic from outside the cluster, with real sockets: NodePort, LoadBalancer and externalIPs,
+//! and the traffic policies, on two simulated nodes (node-1, index 0, and node-2, index 1)
+//! and a host outside the cluster on their LAN. The pods serve on node-2 unless a test says
+//! otherwise.
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    time::Duration,
+};
+
+mod support;
+
+use support::web::*;
+use xtask::testbed::{OUTSIDE_IP, Testbed, lan_ip, wait_for};
+
+fn two_nodes() -> Testbed {
+    support::bed::testbed(2)
+}
+
+/// Where the agents assign LoadBalancer addresses.
+const LB_CIDR: &str = "198.18.200.0/24";
+const EXTERNAL_IP: &str = "198.18.201.1";
+const HTTP_NODE_PORT: u16 = 30080;
+
+/// The `web` Service of `service_type`: TCP 80 -> 8080 on nodePort 30080, UDP 53 -> 5353 on
+/// a nodePort the agents allocate.
+fn external_service(service_type: &str, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  type: {service_type}\n  clusterIP: {VIP}\n  selector: {{app: web}}\n{extra_spec}  ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: {HTTP_NODE_PORT}}}\n  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}\n"
+    )
+}
+
+/// The pod manifests of `web_pods`, with the node each runs on (`node-<index + 1>`).
+fn place_pods(bed: &Testbed, names: &[(&str, u8)], node: usize) {
+    for (name, i) in names {
+        let manifest = pod_manifest(name, backend_ip(*i), "", "").replace(
+            "spec:\n",
+            &format!("spec:\n  nodeName: node-{}\n", node + 1),
+        );
+        bed.write_manifest(&format!("{name}.yaml"), &manifest)
+            .unwrap();
+    }
+}
+
+/// The answering pod's name, over HTTP from the host outside the cluster.
+fn from_outside(bed: &Testbed, to: SocketAddrV4) -> std::io::Result<String> {
+    let to = to.to_string();
+    bed.in_outside(move || http_from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), &to))
+        .unwrap()
+}
+
+/// The answers to `count` UDP datagrams sent from the outside host by a socket connected to
+/// `to` (which accepts datagrams from `to` only).
+fn udp_from_outside(bed: &Testbed, to: SocketAddrV4, count: usize) -> Vec<String> {
+    bed.in_outside(move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.connect(to).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        (0..count)
+            .map(|i| {
+                socket.send(format!("q{i}").as_bytes()).unwrap();
+                let mut buf = [0u8; 512];
+                let n = socket
+                    .recv(&mut buf)
+                    .expect("UDP answer from the address called");
+                String::from_utf8_lossy(&buf[..n]).to_string()
+            })
+            .collect()
+    })
+    .unwrap()
+}
+
+/// A column of the `web` Service's line in `lb get svc` on `node`.
+fn svc_column(bed: &Testbed, node: usize, column: &str) -> String {
+    let table = bed.lb_on(node, &["get", "svc"]).unwrap();
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let index = header.iter().position(|h| *h == column).expect(column);
+    let line = lines
+        .find(|l| l.split_whitespace().nth(1) == Some("web") || l.starts_with("web "))
+        .unwrap_or_else(|| panic!("web in {table}"));
+    line.split_whitespace().nth(index).unwrap().to_string()
+}
+
+/// The nodePort `lb get svc` shows for `service_port`/`protocol`.
+fn node_port(bed: &Testbed, node: usize, service_port: u16, protocol: &str) -> u16 {
+    let ports = svc_column(bed, node, "PORT(S)");
+    ports
+        .split(',')
+        .find_map(|p| {
+            let (numbers, proto) = p.split_once('/')?;
+            let (port, node_port) = numbers.split_once(':')?;
+            (port == service_port.to_string() && proto == protocol)
+                .then(|| node_port.parse().ok())
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("{service_port}/{protocol} in {ports}"))
+}
+
+/// The peer addresses the `web` pods accepted connections from.
+fn clients_seen(bed: &Testbed, pods: &[&str]) -> BTreeSet<Ipv4Addr> {
+    pods.iter()
+        .flat_map(|p| bed.accepted(p))
+        .filter_map(|a| match a {
+            SocketAddr::V4(a) => Some(*a.ip()),
+            SocketAddr::V6(_) => None,
+        })
+        .collect()
+}
+
+#[test]
+fn node_ports_answer_on_every_node_whichever_node_the_endpoints_are_on() {
+    let mut bed = two_nodes();
+    web_pods(&mut bed, 2, 1);
+    bed.write_manifest("svc.yaml", &external_service("NodePort", ""))
+        .unwrap();
+    bed.start_agent().unwrap();
+
+    let udp_port = node_port(&bed, 0, 53, "UDP");
+    assert_eq!(
+        node_port(&bed, 1, 53, "UDP"),
+        udp_port,
+        "both nodes allocate the same nodePort from the same manifests"
+    );
+    assert_eq!(node_port(&bed, 0, 80, "TCP"), HTTP_NODE_PORT);
+    assert!((30000..=32767).contains(&udp_port));
+
+    for node in [0, 1] {
+        let answers: BTreeSet<String> = (0..12)
+            .map(|_| {
+                from_outside(&bed, SocketAddrV4::new(lan_ip(node), HTTP_NODE_PORT))
+                    .expect("HTTP to a nodePort from outside")
+            })
+            .collect();
+        assert_eq!(
+            answers,
+            ["web-1", "web-2"].map(String::from).into(),
+            "node {node}: both pods serve"
+        );
+        let udp = udp_from_outside(&bed, SocketAddrV4::new(lan_ip(node), udp_port), 5);
+        assert!(udp.iter().all(|a| a.starts_with("web-")), "{udp:?}");
+    }
+    // Through node-1 the flows went on to node-2 from node-1's address (the Cluster policy);
+    // node-2 served its own pods with the client's address.
+    assert_eq!(
+        clients_seen(&bed, &["web-1", "web-2"]),
+        [lan_ip(0), OUTSIDE_IP].into()
+    );
+    assert!(counter(&bed, 0, "snat_new") > 0);
+    assert!(counter(&bed, 0, "fib_redirect") > 0);
+    assert_eq!(
+        counter(&bed, 1, "snat_new"),
+        0,
+        "node-2's endpoints are local"
+    );
+}
+
+#[test]
+fn the_local_policy_keeps_the_client_address_and_a_node_without_endpoints_drops() {
+    let mut bed = two_nodes();
+    let (client, _) = web_pods(&mut bed, 2, 1);
+    place_pods(&bed, &[("web-1", 1), ("web-2", 2)], 1);
+    bed.write_manifest(
+        "svc.yaml",
+        &external_service("NodePort", "  externalTrafficPolicy: Local\n"),
+    )
+    .unwrap();
+    bed.start_agent().unwrap();
+
+    let at_node2 = SocketAddrV4::new(lan_ip(1), HTTP_NODE_PORT);
+    for _ in 0..6 {
+        from_outside(&bed, at_node2).expect("the node with endpoints serves");
+    }
+    assert_eq!(clients_seen(&bed, &["web-1", "web-2"]), [OUTSIDE_IP].into());
+
+    let at_node1 = SocketAddrV4::new(lan_ip(0), HTTP_NODE_PORT);
+    assert!(
+        from_outside(&bed, at_node1).is_err(),
+        "node-1 has no endpoint: dropped"
+    );
+    assert!(counter(&bed, 0, "drop_no_local_endpoint") > 0);
+
+    // A pod calling a node's address is served by every endpoint, as at the ClusterIP.
+    let to = format!("http://{}:{HTTP_NODE_PORT}/", lan_ip(0));
+    assert!(curl(&bed, &client, &to).unwrap().starts_with("web-"));
+}
+
+#[test]
+fn load_balancer_addresses_and_external_ips_answer_on_the_service_port() {
+    let mut bed = two_nodes();
+    let (client, _) = web_pods(&mut bed, 2, 1);
+    bed.write_manifest(
+        "svc.yaml",
+        &external_service("LoadBalancer", &format!("  externalIPs: [{EXTERNAL_IP}]\n")),
+    )
+    .unwrap();
+    bed.start_agent_with(&["--loadbalancer-cidr", LB_CIDR])
+        .unwrap();
+
+    let shown = svc_column(&bed, 0, "EXTERNAL-IP");
+    assert_eq!(
+        svc_column(&bed, 1, "EXTERNAL-IP"),
+        shown,
+        "the same on both nodes"
+    );
+    let lb_ip: Ipv4Addr = shown.split(',').next().unwrap().parse().unwrap();
+    assert!(
+        LB_CIDR.parse::<ipnet::Ipv4Net>().unwrap().contains(&lb_ip),
+        "{shown}"
+    );
+    assert!(shown.contains(EXTERNAL_IP), "{shown}");
+    // As a cloud load balancer or a BGP speaker would: the outside reaches them via node-1.
+    for address in [lb_ip.to_string(), EXTERNAL_IP.to_string()] {
+        bed.exec_outside(&[
+            "ip",
+            "route",
+            "add",
+            &address,
+            "via",
+            &lan_ip(0).to_string(),
+        ])
+        .unwrap();
+    }
+    let external_ip: Ipv4Addr = EXTERNAL_IP.parse().unwrap();
+    for address in [lb_ip, external_ip] {
+        let answer = from_outside(&bed, SocketAddrV4::new(address, 80))
+            .unwrap_or_else(|e| panic!("HTTP to {address}:80 from outside: {e}"));
+        assert!(answer.starts_with("web-"), "{answer}");
+        let udp = udp_from_outside(&bed, SocketAddrV4::new(address, 53), 3);
+        assert!(udp.iter().all(|a| a.starts_with("web-")), "{udp:?}");
+    }
+    // A pod calling the LoadBalancer address is served in the cluster.
+    let answer = curl(&bed, &client, &format!("http://{lb_ip}/")).unwrap();
+    assert!(answer.starts_with("web-"), "{answer}");
+    // And on both nodes' nodePorts.
+    for node in [0, 1] {
+        let to = format!("http://{}:{HTTP_NODE_PORT}/", lan_ip(node));
+        assert!(curl(&bed, &client, &to).unwrap().starts_with("web-"));
+    }
+}
+
+#[test]
+fn the_internal_local_policy_keeps_pods_on_their_node() {
+    let mut bed = two_nodes();
+    let (client, _) = web_pods(&mut bed, 2, 1);
+    place_pods(&bed, &[("web-1", 1), ("web-2", 2)], 1);
+    bed.write_manifest("svc.yaml", &web_service("  internalTrafficPolicy: Local\n"))
+        .unwrap();
+    bed.start_agent().unwrap();
+    assert!(
+        curl(&bed, &client, &format!("http://{VIP}/")).is_err(),
+        "no endpoint on the client's node: refused"
+    );
+
+    let local = bed.add_pod_on(0, "web-3", backend_ip(3)).unwrap();
+    bed.serve_http(&local, 8080).unwrap();
+    place_pods(&bed, &[("web-3", 3)], 0);
+    wait_for("the local pod to serve", Duration::from_secs(5), || {
+        curl(&bed, &client, &format!("http://{VIP}/")).is_ok()
+    });
+    assert_eq!(spread(&bed, &client, 12), ["web-3".to_string()].into());
+}
