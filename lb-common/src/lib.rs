@@ -61,8 +61,13 @@ pub const MAGLEV_MAP: &str = "LB_MAGLEV_V1";
 /// (`--external-iface`, narrowed by `--nodeport-addresses`).
 pub const NODE_ADDRS_MAP: &str = "LB_NODEADDRS4_V1";
 
+/// (service id, client prefix) -> 1, an LPM trie: the clients a LoadBalancer address with
+/// `loadBalancerSourceRanges` takes ([`FRONTEND_SOURCE_RANGES`]). The key's prefix length
+/// counts the 32 bits of the service id too.
+pub const SOURCE_RANGES_MAP: &str = "LB_SRCRANGES4_V1";
+
 /// Every map the agent pins, in the order they are created.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 15] = [
     FRONTENDS_MAP,
     SLOTS_MAP,
     BACKENDS_MAP,
@@ -77,6 +82,7 @@ pub const ALL_MAPS: [&str; 14] = [
     AFFINITY_MAP,
     MAGLEV_MAP,
     NODE_ADDRS_MAP,
+    SOURCE_RANGES_MAP,
 ];
 
 /// Maps of earlier layouts that an upgraded agent removes (their flows start over).
@@ -110,6 +116,8 @@ pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_SERVICE_ID: u32 = MAX_FRONTENDS;
 /// Clients with affinity to an endpoint at once (LRU: more evicts the longest idle).
 pub const MAX_AFFINITY: u32 = 131_072;
+/// Client ranges of all LoadBalancer frontends with source ranges together.
+pub const MAX_SOURCE_RANGES: u32 = 65_536;
 /// Addresses of this node that answer on nodePorts.
 pub const MAX_NODE_ADDRS: u32 = 64;
 /// Datagrams being fragmented at once; more only evicts the oldest.
@@ -187,6 +195,19 @@ pub struct Frontend {
 pub const FRONTEND_AFFINITY: u32 = 1;
 /// New flows pick their endpoint from the Maglev table, not at random.
 pub const FRONTEND_MAGLEV: u32 = 2;
+/// Only clients in the frontend's [`SOURCE_RANGES_MAP`] ranges may open flows
+/// (`loadBalancerSourceRanges`); others are dropped.
+pub const FRONTEND_SOURCE_RANGES: u32 = 4;
+
+/// The data of a [`SOURCE_RANGES_MAP`] key: a service id and a client address.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SourceRange {
+    /// Network byte order, so that the trie compares it first, whole.
+    pub service_id: u32,
+    pub addr: [u8; 4],
+}
 
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
@@ -441,6 +462,7 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<Affinity>() == 16);
     assert!(core::mem::size_of::<SlotKey>() == 8);
+    assert!(core::mem::size_of::<SourceRange>() == 8);
     assert!(core::mem::size_of::<Backend>() == 24);
     assert!(core::mem::size_of::<CtKey>() == 16);
     assert!(core::mem::size_of::<CtEntry>() == 32);
@@ -471,6 +493,7 @@ mod user_pod {
     unsafe impl aya::Pod for super::ServiceTraffic {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::Affinity {}
+    unsafe impl aya::Pod for super::SourceRange {}
 }
 
 #[cfg(test)]

@@ -56,9 +56,11 @@ pub enum Counter {
     FibRedirect = 21,
     /// A packet to send out by FIB lookup to a destination without a route: dropped.
     DropNoRoute = 22,
+    /// A client outside a LoadBalancer Service's `loadBalancerSourceRanges`: dropped.
+    DropSourceRange = 23,
 }
 
-pub const COUNTER_COUNT: u32 = 23;
+pub const COUNTER_COUNT: u32 = 24;
 
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "pass_not_ipv4",
@@ -84,4 +86,5 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "drop_snat_exhausted",
     "fib_redirect",
     "drop_no_route",
+    "drop_source_range",
 ];

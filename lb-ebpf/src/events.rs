@@ -20,6 +20,10 @@ fn reason(counter: Counter) -> &'static str {
         Counter::DropNoBackend => "no backend in the slot",
         Counter::DropConntrackFull => "conntrack full",
         Counter::DropIcmpRateLimited => "no endpoints, ICMP reply over the rate",
+        Counter::DropNoLocalEndpoint => "externalTrafficPolicy Local, no endpoint on this node",
+        Counter::DropSnatExhausted => "no source port or address to send the flow to another node",
+        Counter::DropNoRoute => "no route",
+        Counter::DropSourceRange => "client outside loadBalancerSourceRanges",
         _ => "other",
     }
 }

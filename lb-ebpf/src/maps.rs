@@ -1,14 +1,15 @@
 //! The datapath's maps. Layouts, names and capacities come from lb-common.
 use aya_ebpf::{
     bindings::{BPF_F_INNER_MAP, BPF_F_NO_PREALLOC},
-    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     Affinity, AffinityKey, AllocationKey, Backend, Config, CtEntry, CtKey, EVENTS_OFF, FragKey,
     FragPorts, Frontend, FrontendKey, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS,
-    MAX_FRONTENDS, MAX_NODE_ADDRS, MAX_SERVICE_ID, MAX_SLOTS, ServiceName, ServiceTraffic, SlotKey,
-    TokenBucket, maglev::DEFAULT_TABLE_SIZE, stats::COUNTER_COUNT,
+    MAX_FRONTENDS, MAX_NODE_ADDRS, MAX_SERVICE_ID, MAX_SLOTS, MAX_SOURCE_RANGES, ServiceName,
+    ServiceTraffic, SlotKey, SourceRange, TokenBucket, maglev::DEFAULT_TABLE_SIZE,
+    stats::COUNTER_COUNT,
 };
 
 /// IPv4 (service address, port, protocol) -> service id, backend counts, selection settings.
@@ -80,6 +81,12 @@ pub static LB_CLUSTERIPS_V1: HashMap<AllocationKey, ServiceName, { MAX_FRONTENDS
 #[btf_map]
 pub static LB_SERVICE_TRAFFIC_V1: PerCpuArray<ServiceTraffic, { MAX_SERVICE_ID as usize + 1 }> =
     PerCpuArray::new();
+
+/// (service id, client prefix) -> 1: who may open flows to a LoadBalancer address with
+/// source ranges.
+#[btf_map]
+pub static LB_SRCRANGES4_V1: LpmTrie<SourceRange, u32, { MAX_SOURCE_RANGES as usize }> =
+    LpmTrie::new();
 
 /// This node's address -> 1: the addresses nodePorts answer on.
 #[btf_map]

@@ -2,13 +2,14 @@
 //! They only read and update maps; rewriting the packet is the entry point's job.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
+    btf_maps::lpm_trie::Key,
     helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
     Affinity, AffinityKey, AllocationKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CT_EXTERNAL,
-    CT_FORWARD, CT_REPLY, CT_SNAT, Config, CtEntry, CtKey, FRONTEND_MAGLEV, FragKey, FragPorts,
-    Frontend, FrontendKey, NODE_PORT_ADDR, PROTO_TCP, PROTO_UDP, SCOPE_CLUSTER, SCOPE_EXTERNAL,
-    SlotKey, affinity,
+    CT_FORWARD, CT_REPLY, CT_SNAT, Config, CtEntry, CtKey, FRONTEND_MAGLEV, FRONTEND_SOURCE_RANGES,
+    FragKey, FragPorts, Frontend, FrontendKey, NODE_PORT_ADDR, PROTO_TCP, PROTO_UDP, SCOPE_CLUSTER,
+    SCOPE_EXTERNAL, SlotKey, SourceRange, affinity,
     conntrack::{
         TCP_ACK, TCP_SYN, expired, is_hairpin_forward, is_hairpin_reply, needs_write, next_state,
         peer_key, reopens,
@@ -22,7 +23,7 @@ use crate::{
     Verdict,
     maps::{
         LB_AFFINITY4_V1, LB_BACKENDS_V2, LB_CONNTRACK4_V3, LB_FRONTENDS4_V3, LB_IPFRAG4_V1,
-        LB_MAGLEV_V1, LB_NODEADDRS4_V1, LB_SLOTS_V2, config, count,
+        LB_MAGLEV_V1, LB_NODEADDRS4_V1, LB_SLOTS_V2, LB_SRCRANGES4_V1, config, count,
     },
     parse::Flow,
 };
@@ -224,6 +225,9 @@ pub fn decide_ingress<const EXTERNAL: bool>(flow: &Flow) -> Result<Translation, 
         forget_replaced_reply(flow, &key);
         return Err(Verdict::Pass(Counter::PassNoService));
     };
+    if frontend.flags & FRONTEND_SOURCE_RANGES != 0 && !in_source_ranges(&frontend, flow) {
+        return Err(Verdict::Drop(Counter::DropSourceRange));
+    }
     if frontend.backend_count == 0 {
         if scope == SCOPE_EXTERNAL {
             return Err(Verdict::Drop(Counter::DropNoLocalEndpoint));
@@ -310,6 +314,19 @@ fn routed_reply(flow: &Flow, entry: &CtEntry) -> Translation {
         backend_id: entry.backend_id,
         inbound: false,
     }
+}
+
+/// Whether the client is in the frontend's `loadBalancerSourceRanges`.
+#[inline(always)]
+fn in_source_ranges(frontend: &Frontend, flow: &Flow) -> bool {
+    let key = Key::new(
+        64,
+        SourceRange {
+            service_id: frontend.service_id.to_be(),
+            addr: flow.saddr.to_ne_bytes(),
+        },
+    );
+    LB_SRCRANGES4_V1.get(&key).is_some()
 }
 
 /// The frontend a new flow is addressed to, and the scope it was found in. A client outside

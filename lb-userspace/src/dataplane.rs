@@ -7,19 +7,20 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, HashOfMaps, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap as BpfHashMap, HashOfMaps, LpmTrie, MapData, PerCpuArray, PerCpuValues},
     programs::{
         SchedClassifier, TcAttachType, TestRun, TestRunOptions,
         links::{FdLink, LinkOrder},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
     },
 };
+use ipnet::Ipv4Net;
 use lb_common::{
     AFFINITY_MAP, ALL_MAPS, Affinity, AffinityKey, AllocationKey, BACKENDS_MAP, Backend,
     CLUSTER_IPS_MAP, CONFIG_MAP, CONNTRACK_MAP, Config, CtEntry, CtKey, EVENTS_MAP, FRONTENDS_MAP,
     Frontend, FrontendKey, LEGACY_MAPS, MAGLEV_MAP, NODE_ADDRS_MAP, SERVICE_NAME_LEN,
-    SERVICE_TRAFFIC_MAP, SLOTS_MAP, STATS_MAP, ServiceName, ServiceTraffic, SlotKey, affinity,
-    conntrack, stats::COUNTER_COUNT,
+    SERVICE_TRAFFIC_MAP, SLOTS_MAP, SOURCE_RANGES_MAP, STATS_MAP, ServiceName, ServiceTraffic,
+    SlotKey, SourceRange, affinity, conntrack, stats::COUNTER_COUNT,
 };
 
 use crate::{
@@ -438,8 +439,32 @@ impl Dataplane {
                 .into_iter()
                 .map(|(service_id, _)| (service_id, UNKNOWN_TABLE))
                 .collect(),
+            source_ranges: self.read_source_ranges()?.into_iter().collect(),
         };
         Ok(actual)
+    }
+
+    /// Service id -> client ranges, as the LPM trie holds them (walked key by key: tries have
+    /// no batch lookup).
+    fn read_source_ranges(&self) -> Result<HashMap<u32, BTreeSet<Ipv4Net>>> {
+        let trie: LpmTrie<_, SourceRange, u32> =
+            LpmTrie::try_from(self.map(SOURCE_RANGES_MAP)?).map_err(map_err(SOURCE_RANGES_MAP))?;
+        let mut ranges: HashMap<u32, BTreeSet<Ipv4Net>> = HashMap::new();
+        for key in trie.keys() {
+            let key = key.map_err(map_err(SOURCE_RANGES_MAP))?;
+            let data = key.data();
+            let prefix = key.prefix_len().saturating_sub(32).min(32) as u8;
+            let net = Ipv4Net::new(data.addr.into(), prefix).expect("prefix within 32");
+            ranges
+                .entry(u32::from_be(data.service_id))
+                .or_default()
+                .insert(net);
+        }
+        Ok(ranges)
+    }
+
+    fn source_ranges(&mut self) -> Result<LpmTrie<&mut MapData, SourceRange, u32>> {
+        LpmTrie::try_from(self.map_mut(SOURCE_RANGES_MAP)?).map_err(map_err(SOURCE_RANGES_MAP))
     }
 
     /// Writes `ops` in order, each run of writes into one map as one batch (a few system calls
@@ -567,6 +592,14 @@ impl Dataplane {
                 }
                 MapOp::DeleteMaglev(service_id) => self.delete_tables(&[service_id])?,
                 MapOp::ForgetAffinity(id) => self.forget_affinity(&HashSet::from([id]))?,
+                MapOp::PutSourceRange(id, range) => self
+                    .source_ranges()?
+                    .insert(&source_range_key(id, range), 1, 0)
+                    .map_err(map_err(SOURCE_RANGES_MAP))?,
+                MapOp::DeleteSourceRange(id, range) => {
+                    ignore_missing(self.source_ranges()?.remove(&source_range_key(id, range)))
+                        .map_err(map_err(SOURCE_RANGES_MAP))?
+                }
                 MapOp::PutBackend(id, b) => self
                     .backends()?
                     .set(id, b, 0)
@@ -1039,6 +1072,17 @@ fn filled_table(table: &MaglevTable) -> Result<Array<MapData, u32>> {
 }
 
 /// The map a write goes to, for writes that go in batches.
+/// The trie key of a service id's client range: the id's 32 bits, then the range's prefix.
+fn source_range_key(service_id: u32, range: Ipv4Net) -> aya::maps::lpm_trie::Key<SourceRange> {
+    aya::maps::lpm_trie::Key::new(
+        32 + u32::from(range.prefix_len()),
+        SourceRange {
+            service_id: service_id.to_be(),
+            addr: range.network().octets(),
+        },
+    )
+}
+
 fn batch_map(op: &MapOp) -> Option<&'static str> {
     match op {
         MapOp::PutBackend(..) | MapOp::ClearBackend(_) => Some(BACKENDS_MAP),

@@ -66,6 +66,9 @@ pub struct Backends {
     /// `sessionAffinity: ClientIP`: the seconds a client keeps its backend after its last new
     /// flow.
     pub affinity_timeout_s: Option<u32>,
+    /// `loadBalancerSourceRanges` at a LoadBalancer address: the only clients that may open
+    /// flows (sorted, no duplicates; empty: every client).
+    pub source_ranges: Vec<ipnet::Ipv4Net>,
 }
 
 /// How new flows pick among a frontend's serving backends.
@@ -132,9 +135,9 @@ impl DesiredDataplane {
     }
 }
 
-/// A Service's frontends: each with the index of the port it serves, and whether only this
-/// node's endpoints serve it (a Local traffic policy).
-fn frontends(state: &ServiceState) -> Vec<(Frontend, usize, bool)> {
+/// A Service's frontends: each with the index of the port it serves, whether only this node's
+/// endpoints serve it (a Local traffic policy), and whether it is a LoadBalancer address.
+fn frontends(state: &ServiceState) -> Vec<(Frontend, usize, bool, bool)> {
     let svc = &state.service;
     let mut out = Vec::new();
     for (i, resolved) in state.ports.iter().enumerate() {
@@ -147,26 +150,27 @@ fn frontends(state: &ServiceState) -> Vec<(Frontend, usize, bool)> {
         };
         if let Some(ip) = state.cluster_ip {
             let local = svc.internal_traffic_policy == TrafficPolicy::Local;
-            out.push((at(ip, port.port, Scope::Cluster), i, local));
+            out.push((at(ip, port.port, Scope::Cluster), i, local, false));
         }
         let node_port = state.external.node_ports.get(i).copied().flatten();
         let external = node_port
-            .map(|n| (Ipv4Addr::UNSPECIFIED, n))
+            .map(|n| (Ipv4Addr::UNSPECIFIED, n, false))
             .into_iter()
             .chain(
-                state
+                (state
                     .external
                     .load_balancer_ips
                     .iter()
-                    .chain(&svc.external_ips)
-                    .map(|ip| (*ip, port.port)),
+                    .map(|ip| (*ip, true)))
+                .chain(svc.external_ips.iter().map(|ip| (*ip, false)))
+                .map(|(ip, balancer)| (ip, port.port, balancer)),
             );
         // Clients in the cluster calling an external address are served as at the ClusterIP
         // by every endpoint; outside clients too unless the external policy is Local.
-        for (ip, number) in external {
-            out.push((at(ip, number, Scope::Cluster), i, false));
+        for (ip, number, balancer) in external {
+            out.push((at(ip, number, Scope::Cluster), i, false, balancer));
             if svc.external_traffic_policy == TrafficPolicy::Local {
-                out.push((at(ip, number, Scope::External), i, true));
+                out.push((at(ip, number, Scope::External), i, true, balancer));
             }
         }
     }
@@ -177,7 +181,7 @@ fn frontends(state: &ServiceState) -> Vec<(Frontend, usize, bool)> {
 pub fn frontend_ports(state: &ServiceState) -> impl Iterator<Item = (Frontend, &ServicePort)> {
     frontends(state)
         .into_iter()
-        .map(|(frontend, i, _)| (frontend, &state.ports[i].port))
+        .map(|(frontend, i, _, _)| (frontend, &state.ports[i].port))
 }
 
 /// A Service's frontends, each with its backends in order.
@@ -186,15 +190,21 @@ fn frontends_of(state: &ServiceState) -> impl Iterator<Item = (Frontend, Backend
         SessionAffinity::ClientIp { timeout_s } => Some(timeout_s),
         SessionAffinity::None => None,
     };
+    let mut source_ranges = state.service.load_balancer_source_ranges.clone();
+    source_ranges.sort();
+    source_ranges.dedup();
     frontends(state)
         .into_iter()
-        .map(move |(frontend, i, local)| {
+        .map(move |(frontend, i, local, balancer)| {
             let port = &state.ports[i];
-            let backends = if local {
+            let mut backends = if local {
                 backends(&port.local(), affinity_timeout_s)
             } else {
                 backends(port, affinity_timeout_s)
             };
+            if balancer {
+                backends.source_ranges = source_ranges.clone();
+            }
             (frontend, backends)
         })
 }

@@ -13,9 +13,11 @@ use std::{
 
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, Backend, FAMILY_IPV4, FRONTEND_AFFINITY, FRONTEND_MAGLEV,
-    Frontend, FrontendKey, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICE_ID, MAX_SLOTS, SCOPE_CLUSTER,
-    SCOPE_EXTERNAL, SlotKey, ipv4_addr, maglev, net_port,
+    FRONTEND_SOURCE_RANGES, Frontend, FrontendKey, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICE_ID,
+    MAX_SLOTS, SCOPE_CLUSTER, SCOPE_EXTERNAL, SlotKey, ipv4_addr, maglev, net_port,
 };
+
+use ipnet::Ipv4Net;
 
 use crate::desired::{self, Algorithm, Backends, DesiredDataplane};
 
@@ -30,6 +32,8 @@ pub struct ActualDataplane {
     /// ([`MaglevTable::digest`]); [`UNKNOWN_TABLE`] for a table read back from the maps,
     /// whose making this agent did not see (it is built again).
     pub maglev: HashMap<u32, u64>,
+    /// Service ids with `loadBalancerSourceRanges` -> their client ranges.
+    pub source_ranges: HashMap<u32, BTreeSet<Ipv4Net>>,
 }
 
 /// The digest of a Maglev table found in the maps.
@@ -88,6 +92,9 @@ pub enum MapOp {
     /// Removes the clients' affinity entries of a service id (its frontend went, or dropped
     /// affinity).
     ForgetAffinity(u32),
+    /// Lets clients in the range open flows to the service id ([`FRONTEND_SOURCE_RANGES`]).
+    PutSourceRange(u32, Ipv4Net),
+    DeleteSourceRange(u32, Ipv4Net),
 }
 
 /// A frontend that could not be programmed because a map is full. The frontend keeps what
@@ -272,6 +279,7 @@ pub fn plan(
             planner.clear_unreferenced();
             planner.delete_orphan_slots();
             planner.delete_orphan_tables();
+            planner.delete_orphan_ranges();
         }
         Scope::Frontends(frontends) => {
             planner.place(
@@ -328,6 +336,9 @@ struct Planner<'a> {
     tables_kept: HashSet<u32>,
     tables_dropped: HashSet<u32>,
     forget_affinity: Vec<MapOp>,
+    /// Client ranges: added before the frontends that check them, removed after.
+    put_ranges: Vec<MapOp>,
+    del_ranges: Vec<MapOp>,
     crowded_tables: Vec<(desired::Frontend, usize)>,
 }
 
@@ -363,6 +374,8 @@ impl<'a> Planner<'a> {
             tables_kept: HashSet::new(),
             tables_dropped: HashSet::new(),
             forget_affinity: Vec::new(),
+            put_ranges: Vec::new(),
+            del_ranges: Vec::new(),
             crowded_tables: Vec::new(),
         }
     }
@@ -517,6 +530,10 @@ impl<'a> Planner<'a> {
         } else {
             self.drop_table(service_id);
         }
+        if !backends.source_ranges.is_empty() {
+            wanted.flags |= FRONTEND_SOURCE_RANGES;
+        }
+        self.plan_ranges(service_id, &backends.source_ranges);
         if let Some(o) = old
             && o.flags & FRONTEND_AFFINITY != 0
             && wanted.flags & FRONTEND_AFFINITY == 0
@@ -576,6 +593,38 @@ impl<'a> Planner<'a> {
         self.put_tables.push(MapOp::PutMaglev(service_id, table));
     }
 
+    /// Makes the service id's client ranges `wanted`.
+    fn plan_ranges(&mut self, service_id: u32, wanted: &[Ipv4Net]) {
+        let old = self.actual.source_ranges.get(&service_id);
+        for range in wanted {
+            if !old.is_some_and(|o| o.contains(range)) {
+                self.put_ranges
+                    .push(MapOp::PutSourceRange(service_id, *range));
+            }
+        }
+        for range in old.into_iter().flatten() {
+            if !wanted.contains(range) {
+                self.del_ranges
+                    .push(MapOp::DeleteSourceRange(service_id, *range));
+            }
+        }
+    }
+
+    /// Deletes the client ranges of service ids no planned frontend has.
+    fn delete_orphan_ranges(&mut self) {
+        let mut orphans: Vec<u32> = self
+            .actual
+            .source_ranges
+            .keys()
+            .filter(|id| !self.slot_counts.contains_key(id))
+            .copied()
+            .collect();
+        orphans.sort_unstable();
+        for id in orphans {
+            self.plan_ranges(id, &[]);
+        }
+    }
+
     /// Deletes the service id's table, if it has one (once the frontend no longer uses it).
     fn drop_table(&mut self, service_id: u32) {
         if self.actual.maglev.contains_key(&service_id) && self.tables_dropped.insert(service_id) {
@@ -606,6 +655,7 @@ impl<'a> Planner<'a> {
                     .push(MapOp::ForgetAffinity(fe.service_id));
             }
             self.drop_table(fe.service_id);
+            self.plan_ranges(fe.service_id, &[]);
             for slot in 0..slot_count(fe) {
                 self.del_slots.push(MapOp::DeleteSlot(SlotKey {
                     service_id: fe.service_id,
@@ -666,6 +716,7 @@ impl<'a> Planner<'a> {
         ops.extend(self.shrink_frontends);
         ops.extend(self.put_slots);
         ops.extend(self.put_tables);
+        ops.extend(self.put_ranges);
         ops.extend(self.clear_traffic);
         ops.extend(self.put_frontends);
         ops.extend(self.demote_backends);
@@ -673,6 +724,7 @@ impl<'a> Planner<'a> {
         ops.extend(self.forget_affinity);
         ops.extend(self.del_slots);
         ops.extend(self.del_tables);
+        ops.extend(self.del_ranges);
         ops.extend(self.clear_backends);
         Plan {
             ops,
@@ -693,6 +745,17 @@ pub fn apply(actual: &mut ActualDataplane, ops: &[MapOp]) {
                 actual.maglev.remove(&id);
             }
             MapOp::ForgetAffinity(_) => {}
+            MapOp::PutSourceRange(id, range) => {
+                actual.source_ranges.entry(id).or_default().insert(range);
+            }
+            MapOp::DeleteSourceRange(id, range) => {
+                if let Some(ranges) = actual.source_ranges.get_mut(&id) {
+                    ranges.remove(&range);
+                    if ranges.is_empty() {
+                        actual.source_ranges.remove(&id);
+                    }
+                }
+            }
             MapOp::PutBackend(id, b) => {
                 actual.backends.insert(id, b);
             }
@@ -895,6 +958,44 @@ mod tests {
             .iter()
             .position(|o| matches!(o, MapOp::ForgetAffinity(_)));
         assert!(del < forget);
+    }
+
+    #[test]
+    fn source_ranges_are_in_place_before_the_frontend_checks_them_and_go_after() {
+        let mut actual = ActualDataplane::default();
+        let ranged = |ranges: &[&str]| {
+            let mut d = desired(&[(fe(1, 80), backends(2))]);
+            for b in d.frontends.values_mut() {
+                b.source_ranges = ranges.iter().map(|r| r.parse().unwrap()).collect();
+            }
+            d
+        };
+        let position = |ops: &[MapOp], what: fn(&MapOp) -> bool| ops.iter().position(what);
+        let ops = diff(&ranged(&["198.18.254.0/24", "203.0.113.0/24"]), &actual).ops;
+        let put = position(&ops, |o| matches!(o, MapOp::PutSourceRange(..)));
+        let frontend = position(&ops, |o| matches!(o, MapOp::PutFrontend(..)));
+        assert!(put < frontend, "{ops:?}");
+        apply_checked(&mut actual, &ops);
+        let f = actual.frontends[&frontend_key(&fe(1, 80))];
+        assert_eq!(f.flags, FRONTEND_SOURCE_RANGES);
+        assert_eq!(actual.source_ranges[&f.service_id].len(), 2);
+        // One range goes, one comes: only those two writes.
+        let ops = diff(&ranged(&["198.18.254.0/24", "198.51.100.0/24"]), &actual).ops;
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        apply_checked(&mut actual, &ops);
+        // No ranges: the frontend stops checking, then the ranges go.
+        let ops = diff(&ranged(&[]), &actual).ops;
+        let frontend = position(&ops, |o| matches!(o, MapOp::PutFrontend(..)));
+        let deleted = position(&ops, |o| matches!(o, MapOp::DeleteSourceRange(..)));
+        assert!(frontend < deleted, "{ops:?}");
+        apply_checked(&mut actual, &ops);
+        assert!(actual.source_ranges.is_empty());
+        // The frontend goes with its ranges.
+        let ops = diff(&ranged(&["10.0.0.0/8"]), &actual).ops;
+        apply_checked(&mut actual, &ops);
+        let ops = diff(&DesiredDataplane::default(), &actual).ops;
+        apply_checked(&mut actual, &ops);
+        assert!(actual.source_ranges.is_empty());
     }
 
     #[test]

@@ -262,3 +262,47 @@ fn the_internal_local_policy_keeps_pods_on_their_node() {
     });
     assert_eq!(spread(&bed, &client, 12), ["web-3".to_string()].into());
 }
+
+#[test]
+fn load_balancer_source_ranges_drop_other_clients() {
+    let mut bed = two_nodes();
+    web_pods(&mut bed, 1, 1);
+    let service = |ranges: &str| {
+        external_service(
+            "LoadBalancer",
+            &format!("  loadBalancerIP: 198.18.200.7\n  loadBalancerSourceRanges: [{ranges}]\n"),
+        )
+    };
+    bed.write_manifest("svc.yaml", &service(&format!("{OUTSIDE_IP}/32")))
+        .unwrap();
+    bed.start_agent_with(&["--loadbalancer-cidr", LB_CIDR])
+        .unwrap();
+    bed.exec_outside(&[
+        "ip",
+        "route",
+        "add",
+        "198.18.200.7",
+        "via",
+        &lan_ip(0).to_string(),
+    ])
+    .unwrap();
+    let lb = SocketAddrV4::new(Ipv4Addr::new(198, 18, 200, 7), 80);
+    assert_eq!(
+        from_outside(&bed, lb).unwrap(),
+        "web-1",
+        "a client in the range"
+    );
+
+    bed.write_manifest("svc.yaml", &service("203.0.113.0/24, 198.51.100.0/24"))
+        .unwrap();
+    wait_for(
+        "the client to be out of range",
+        Duration::from_secs(5),
+        || counter(&bed, 0, "drop_source_range") > 0 || from_outside(&bed, lb).is_err(),
+    );
+    assert!(from_outside(&bed, lb).is_err(), "out of range: dropped");
+    assert!(counter(&bed, 0, "drop_source_range") > 0);
+    // The nodePort is not a LoadBalancer address: no ranges there.
+    let node_port = SocketAddrV4::new(lan_ip(0), HTTP_NODE_PORT);
+    assert_eq!(from_outside(&bed, node_port).unwrap(), "web-1");
+}
