@@ -24,6 +24,7 @@ use crate::{
     diff::{self, ActualDataplane},
     events::{self, EventsLevel},
     external::AllocationRanges,
+    health_check::HealthChecks,
     model::ObjectName,
     sources::{cluster, manifests::ManifestStore},
 };
@@ -260,6 +261,8 @@ struct Agent {
     desired: DesiredDataplane,
     /// Frontends a full map kept out: tried again at every sync.
     unprogrammed: BTreeSet<Frontend>,
+    /// The `healthCheckNodePort` servers.
+    health_checks: HealthChecks,
     dataplane: Dataplane,
     actual: ActualDataplane,
     /// The control plane, and the status the admin endpoint shows.
@@ -365,6 +368,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             ..DesiredDataplane::default()
         },
         unprogrammed: BTreeSet::new(),
+        health_checks: HealthChecks::default(),
         patterns,
         source,
         dataplane,
@@ -746,6 +750,10 @@ impl Agent {
         let applied_us = started.elapsed().as_micros() as u64;
         let changed = control.compute(SystemTime::now());
         let computed_us = started.elapsed().as_micros() as u64;
+        self.health_checks.update(
+            changed.iter().map(|c| (&c.name, control.state(&c.name))),
+            &self.shared,
+        );
         errors.extend(
             control
                 .errors()

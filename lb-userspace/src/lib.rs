@@ -9,6 +9,7 @@ pub mod desired;
 pub mod diff;
 pub mod events;
 pub mod external;
+pub mod health_check;
 pub mod model;
 pub mod sources;
 pub mod tick;

@@ -306,3 +306,66 @@ fn load_balancer_source_ranges_drop_other_clients() {
     let node_port = SocketAddrV4::new(lan_ip(0), HTTP_NODE_PORT);
     assert_eq!(from_outside(&bed, node_port).unwrap(), "web-1");
 }
+
+/// Status code and body of an HTTP GET from the outside host.
+fn get_from_outside(bed: &Testbed, to: SocketAddrV4) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    bed.in_outside(move || {
+        let mut stream = connect_from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), to.into())
+            .expect("connect to the health check port");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let status = answer.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = answer
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        (status, body)
+    })
+    .unwrap()
+}
+
+#[test]
+fn the_health_check_node_port_says_which_nodes_have_endpoints() {
+    let mut bed = two_nodes();
+    web_pods(&mut bed, 2, 1);
+    place_pods(&bed, &[("web-1", 1), ("web-2", 2)], 1);
+    bed.write_manifest(
+        "svc.yaml",
+        &external_service(
+            "LoadBalancer",
+            "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+        ),
+    )
+    .unwrap();
+    bed.start_agent_with(&["--loadbalancer-cidr", LB_CIDR])
+        .unwrap();
+    let check = |node| get_from_outside(&bed, SocketAddrV4::new(lan_ip(node), 32000));
+    let mut with_endpoints = (0, String::new());
+    wait_for("the health check port", Duration::from_secs(5), || {
+        with_endpoints = check(1);
+        with_endpoints.0 == 200
+    });
+    let body: serde_json::Value = serde_json::from_str(&with_endpoints.1).unwrap();
+    assert_eq!(body["localEndpoints"], 2, "{body}");
+    assert_eq!(body["service"]["name"], "web");
+    assert_eq!(body["service"]["namespace"], "default");
+    assert_eq!(body["serviceProxyHealthy"], true);
+    let (status, body) = check(0);
+    assert_eq!(status, 503, "node-1 has no endpoint: {body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["localEndpoints"], 0);
+
+    // One pod goes: the count follows.
+    bed.remove_manifest("web-2.yaml").unwrap();
+    wait_for("the count to follow", Duration::from_secs(5), || {
+        serde_json::from_str::<serde_json::Value>(&check(1).1).unwrap()["localEndpoints"] == 1
+    });
+}
