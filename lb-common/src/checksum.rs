@@ -52,6 +52,15 @@ pub fn replace4(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
     !fold(sum)
 }
 
+/// [`replace4`] for 2 covered bytes (a port).
+#[inline(always)]
+pub fn replace2(check: u16, old: [u8; 2], new: [u8; 2]) -> u16 {
+    let mut sum = (!check) as u32;
+    sum += (!u16::from_be_bytes(old)) as u32;
+    sum += u16::from_be_bytes(new) as u32;
+    !fold(sum)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,6 +105,22 @@ mod tests {
             let full = checksum(&changed);
             let incremental = replace4(c, [0xc6, 0x13, 0x00, 0x0a], new);
             // 0x0000 and 0xffff are the same number in one's complement.
+            assert!(
+                full == incremental || full | incremental == 0xffff && full & incremental == 0,
+                "{new:?}: {full:#x} vs {incremental:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_two_byte_update_matches_recomputation() {
+        let data = [0x9c, 0x40, 0x00, 0x50, 0x12, 0x34];
+        let c = checksum(&data);
+        for new in [[0x1f, 0x90], [0, 0], [0xff, 0xff]] {
+            let mut changed = data;
+            changed[2..4].copy_from_slice(&new);
+            let full = checksum(&changed);
+            let incremental = replace2(c, [0x00, 0x50], new);
             assert!(
                 full == incremental || full | incremental == 0xffff && full & incremental == 0,
                 "{new:?}: {full:#x} vs {incremental:#x}"

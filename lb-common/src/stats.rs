@@ -58,9 +58,12 @@ pub enum Counter {
     DropNoRoute = 22,
     /// A client outside a LoadBalancer Service's `loadBalancerSourceRanges`: dropped.
     DropSourceRange = 23,
+    /// XDP left a packet it would translate to the TC program behind it (a hairpin, a
+    /// Service without endpoints to answer, a next hop whose address is not resolved yet).
+    XdpToTc = 24,
 }
 
-pub const COUNTER_COUNT: u32 = 24;
+pub const COUNTER_COUNT: u32 = 25;
 
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "pass_not_ipv4",
@@ -87,4 +90,5 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "fib_redirect",
     "drop_no_route",
     "drop_source_range",
+    "xdp_to_tc",
 ];

@@ -7,11 +7,12 @@ mod maps;
 mod parse;
 mod pipeline;
 mod tc;
+mod xdp;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_UNSPEC},
-    macros::classifier,
-    programs::TcContext,
+    bindings::{TC_ACT_OK, TC_ACT_UNSPEC, xdp_action::XDP_PASS},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use lb_common::stats::Counter;
 use parse::{Packet, parse};
@@ -42,6 +43,19 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_tc_external(ctx: TcContext) -> i32 {
     tc::run::<true, true>(&ctx)
+}
+
+/// XDP on links to other nodes and the outside: what `lb_tc_external` does, before the
+/// kernel builds an skb; what it cannot finish it leaves to that program.
+#[xdp]
+pub fn lb_xdp_external(ctx: XdpContext) -> u32 {
+    xdp::run(&ctx)
+}
+
+/// Returns at once: the floor that benchmarks subtract from XDP programs.
+#[xdp]
+pub fn lb_xdp_floor(_ctx: XdpContext) -> u32 {
+    XDP_PASS
 }
 
 /// Returns at once: the floor that benchmarks subtract.

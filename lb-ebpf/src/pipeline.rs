@@ -500,8 +500,11 @@ fn forget_replaced_reply(flow: &Flow, key: &CtKey) {
     }
     let reverse = key.reversed();
     // SAFETY: copied out at once.
+    // Not a flow from outside the cluster's: on an external link the packet may be that
+    // flow's own, already translated by XDP (the TC program behind it then sees it as direct).
     if let Some(entry) = unsafe { LB_CONNTRACK4_V3.get(&reverse) }
         && entry.kind == CT_REPLY
+        && entry.flags & CT_EXTERNAL == 0
     {
         let _ = LB_CONNTRACK4_V3.remove(&reverse);
     }

@@ -79,6 +79,10 @@ pub struct AgentConfig {
     /// or whichever this kernel supports.
     #[arg(long, value_enum, default_value = "auto")]
     pub tc_attach: crate::dataplane::TcAttach,
+    /// XDP on the external interfaces: in the driver (falling back to generic, then to the
+    /// TC program alone, each fallback logged), generic, or off.
+    #[arg(long, value_enum, default_value = "native")]
+    pub xdp_mode: crate::dataplane::XdpMode,
     /// Address of the health endpoint (/healthz, /livez), served as kube-proxy serves it.
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind: SocketAddr,
@@ -297,6 +301,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     let mut dataplane = Dataplane::load_pinned(&config.bpffs, config.datapath_config())?;
     dataplane.set_tc_attach(config.tc_attach);
+    dataplane.set_xdp_mode(config.xdp_mode);
     info!(tc_attach = ?dataplane.tc_attach(), "attaching TC programs");
     let actual = dataplane.read_actual()?;
     info!(
@@ -644,12 +649,27 @@ impl Agent {
         }
         match self.dataplane.attach_matching(&self.patterns) {
             Ok(new) => {
-                for (name, hook) in &new {
+                for (name, hook) in &new.tc {
                     info!(interface = %name, ?hook, "TC program attached");
                 }
-                if !new.is_empty() {
-                    self.shared.status_mut().attached_interfaces =
-                        self.dataplane.attached().into_iter().collect();
+                for (name, xdp) in &new.xdp {
+                    for failure in &xdp.failures {
+                        warn!("{failure}; falling back");
+                    }
+                    match xdp.mode {
+                        "off" => info!(interface = %name, "no XDP: the TC program serves it"),
+                        mode => info!(interface = %name, mode, "XDP program attached"),
+                    }
+                }
+                if !new.tc.is_empty() || !new.xdp.is_empty() {
+                    let mut status = self.shared.status_mut();
+                    status.attached_interfaces = self.dataplane.attached().into_iter().collect();
+                    status.xdp = self
+                        .dataplane
+                        .xdp_links()
+                        .into_iter()
+                        .map(|(name, mode)| format!("{name} {mode}"))
+                        .collect();
                 }
             }
             Err(e) => warn!("{e}"),
@@ -844,6 +864,7 @@ impl Agent {
             affinity_entries: status.affinity_entries,
             backend_choice: std::mem::take(&mut status.backend_choice),
             node_addresses: std::mem::take(&mut status.node_addresses),
+            xdp: std::mem::take(&mut status.xdp),
         };
     }
 }

@@ -66,6 +66,9 @@ pub struct StatusView {
     /// The addresses nodePorts answer on.
     #[serde(default)]
     pub node_addresses: Vec<std::net::Ipv4Addr>,
+    /// External interfaces and how XDP runs on each ("eth0 native", "eth0 off").
+    #[serde(default)]
+    pub xdp: Vec<String>,
 }
 
 /// The metrics kube-proxy exports under the same names and meanings, so that its dashboards

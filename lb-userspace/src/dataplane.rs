@@ -35,6 +35,11 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const TC_INGRESS_PROGRAM: &str = "lb_tc_ingress";
 pub const TC_EGRESS_PROGRAM: &str = "lb_tc_egress";
 pub const TC_EXTERNAL_PROGRAM: &str = "lb_tc_external";
+pub const XDP_PROGRAM: &str = "lb_xdp_external";
+pub const XDP_FLOOR_PROGRAM: &str = "lb_xdp_floor";
+
+mod xdp;
+pub use xdp::{XdpAttachment, XdpMode};
 pub const TC_FLOOR_PROGRAM: &str = "lb_tc_floor";
 /// Parse and one conntrack lookup: what benchmarks express the other paths' costs in.
 pub const TC_REFERENCE_PROGRAM: &str = "lb_tc_reference";
@@ -115,6 +120,10 @@ pub struct Dataplane {
     bpffs: Option<PathBuf>,
     /// Hooks this process attached to: (ifindex, hook) -> interface name.
     attached: HashMap<(u32, Hook), String>,
+    /// `--xdp-mode`, for the external links attached from now on.
+    xdp_mode: XdpMode,
+    /// External links this process put XDP on: ifindex -> (interface, mode it runs in).
+    xdp_attached: BTreeMap<u32, (String, &'static str)>,
 }
 
 /// Where on a link a program sits.
@@ -170,7 +179,19 @@ pub struct LinkPatterns {
     pub external: Vec<glob::Pattern>,
 }
 
+/// What one scan of the links attached.
+#[derive(Default)]
+pub struct Attached {
+    pub tc: Vec<(String, Hook)>,
+    /// External links, with the XDP mode each got.
+    pub xdp: Vec<(String, XdpAttachment)>,
+}
+
 impl LinkPatterns {
+    fn is_external(&self, name: &str) -> bool {
+        self.external.iter().any(|p| p.matches(name))
+    }
+
     fn hooks(&self, name: &str) -> impl Iterator<Item = Hook> {
         let pod = self.pod.iter().any(|p| p.matches(name));
         let external = self.external.iter().any(|p| p.matches(name));
@@ -220,12 +241,15 @@ impl Dataplane {
             config,
             bpffs: Some(bpffs.to_path_buf()),
             attached: HashMap::new(),
+            xdp_mode: XdpMode::default(),
+            xdp_attached: BTreeMap::new(),
         };
         dp.load_program(TC_CLOCK_PROGRAM)?;
         dp.set_config(config)?;
         dp.load_program(TC_INGRESS_PROGRAM)?;
         dp.load_program(TC_EGRESS_PROGRAM)?;
         dp.load_program(TC_EXTERNAL_PROGRAM)?;
+        dp.load_xdp(XDP_PROGRAM)?;
         Ok(dp)
     }
 
@@ -239,12 +263,16 @@ impl Dataplane {
             config: Config::DEFAULT,
             bpffs: None,
             attached: HashMap::new(),
+            xdp_mode: XdpMode::default(),
+            xdp_attached: BTreeMap::new(),
         };
         dp.load_program(TC_CLOCK_PROGRAM)?;
         dp.set_config(Config::DEFAULT)?;
         dp.load_program(TC_INGRESS_PROGRAM)?;
         dp.load_program(TC_EGRESS_PROGRAM)?;
         dp.load_program(TC_EXTERNAL_PROGRAM)?;
+        dp.load_xdp(XDP_PROGRAM)?;
+        dp.load_xdp(XDP_FLOOR_PROGRAM)?;
         dp.load_program(TC_FLOOR_PROGRAM)?;
         dp.load_program(TC_REFERENCE_PROGRAM)?;
         Ok(dp)
@@ -876,21 +904,39 @@ impl Dataplane {
     /// Attaches the TC programs to every interface matching `patterns` at the hooks it
     /// needs, where this process has not attached yet; forgets interfaces that are gone.
     /// Returns the (interface, hook) pairs newly attached.
-    pub fn attach_matching(&mut self, patterns: &LinkPatterns) -> Result<Vec<(String, Hook)>> {
+    pub fn attach_matching(&mut self, patterns: &LinkPatterns) -> Result<Attached> {
         let links = interfaces();
         self.attached
             .retain(|(ifindex, _), name| links.get(ifindex) == Some(name));
-        let mut newly = Vec::new();
+        self.xdp_attached
+            .retain(|ifindex, (name, _)| links.get(ifindex) == Some(name));
+        let mut newly = Attached::default();
         for (ifindex, name) in &links {
             for hook in patterns.hooks(name) {
                 if !self.attached.contains_key(&(*ifindex, hook)) {
                     self.attach(*ifindex, name, hook)?;
-                    newly.push((name.clone(), hook));
+                    newly.tc.push((name.clone(), hook));
                 }
+            }
+            if patterns.is_external(name) && !self.xdp_attached.contains_key(ifindex) {
+                let attachment = self.attach_xdp(*ifindex, name, self.xdp_mode)?;
+                self.xdp_attached
+                    .insert(*ifindex, (name.clone(), attachment.mode));
+                newly.xdp.push((name.clone(), attachment));
             }
         }
         self.remove_stale_link_pins(&links)?;
         Ok(newly)
+    }
+
+    /// `--xdp-mode` for the external links attached from now on.
+    pub fn set_xdp_mode(&mut self, mode: XdpMode) {
+        self.xdp_mode = mode;
+    }
+
+    /// The external links and the mode XDP runs in on each ("off": the TC program alone).
+    pub fn xdp_links(&self) -> Vec<(String, &'static str)> {
+        self.xdp_attached.values().cloned().collect()
     }
 
     /// Chooses TCX or the clsact qdisc for the attachments made from now on.
@@ -1010,7 +1056,12 @@ impl Dataplane {
         let Some(bpffs) = &self.bpffs else {
             return Ok(());
         };
-        for (ifindex, _, path) in link_pins(&bpffs.join(LINKS_DIR))? {
+        let dir = bpffs.join(LINKS_DIR);
+        let pins = link_pins(&dir)?
+            .into_iter()
+            .map(|(ifindex, _, path)| (ifindex, path))
+            .chain(xdp::xdp_pins(&dir)?);
+        for (ifindex, path) in pins {
             if !links.contains_key(&ifindex) {
                 std::fs::remove_file(path)?;
             }
@@ -1250,7 +1301,11 @@ pub fn reset(bpffs: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     remove_legacy_filters();
     let links = bpffs.join(LINKS_DIR);
-    for (_, _, path) in link_pins(&links)? {
+    let pins = link_pins(&links)?
+        .into_iter()
+        .map(|(_, _, path)| path)
+        .chain(xdp::xdp_pins(&links)?.into_iter().map(|(_, path)| path));
+    for path in pins {
         std::fs::remove_file(&path)?;
         removed.push(path);
     }

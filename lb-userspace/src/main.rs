@@ -136,6 +136,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "attached interfaces: {}",
                         status.attached_interfaces.join(" ")
                     );
+                    if !status.xdp.is_empty() {
+                        println!("XDP: {}", status.xdp.join(", "));
+                    }
+                    let addresses: Vec<String> = status
+                        .node_addresses
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect();
+                    println!("nodePort addresses: {}", addresses.join(" "));
                     println!("datapath events: {}", status.datapath_events.as_str());
                     println!("backend choice: {}", status.backend_choice);
                     println!("clients with affinity: {}", status.affinity_entries);

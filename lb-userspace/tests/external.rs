@@ -13,8 +13,11 @@ mod support;
 use support::web::*;
 use xtask::testbed::{OUTSIDE_IP, Testbed, lan_ip, wait_for};
 
+/// Two nodes whose uplinks run XDP in the mode `LB_TEST_XDP_MODE` says (default native).
 fn two_nodes() -> Testbed {
-    support::bed::testbed(2)
+    let mut bed = support::bed::testbed(2);
+    bed.for_xdp().unwrap();
+    bed
 }
 
 /// Where the agents assign LoadBalancer addresses.
@@ -150,6 +153,17 @@ fn node_ports_answer_on_every_node_whichever_node_the_endpoints_are_on() {
     );
     assert!(counter(&bed, 0, "snat_new") > 0);
     assert!(counter(&bed, 0, "fib_redirect") > 0);
+    // XDP runs where asked: generic on veth, which cannot send XDP_TX frames natively.
+    let xdp = match std::env::var("LB_TEST_XDP_MODE").as_deref() {
+        Ok("off") => "eth0 off",
+        _ => "eth0 generic",
+    };
+    assert!(
+        bed.lb_on(0, &["status"])
+            .unwrap()
+            .contains(&format!("XDP: {xdp}")),
+        "{xdp}"
+    );
     assert_eq!(
         counter(&bed, 1, "snat_new"),
         0,

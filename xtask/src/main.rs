@@ -153,6 +153,15 @@ fn main() -> anyhow::Result<()> {
             let (p, f) = legacy?;
             passed += p;
             failed += f;
+            // Traffic from outside once more in each other XDP mode (native above).
+            for mode in ["generic", "off"] {
+                let args = ["--test", "external", "--", "--test-threads=1"];
+                let run = cargo_test(&args, &[("LB_TEST_XDP_MODE", mode)]);
+                testbed::cleanup_leftovers("lbt")?;
+                let (p, f) = run?;
+                passed += p;
+                failed += f;
+            }
             println!("{passed} passed, {failed} failed");
             anyhow::ensure!(failed == 0 && passed > 0, "tests failed");
             Ok(())

@@ -87,6 +87,8 @@ pub struct Testbed {
     /// Cluster mode: agents watch the API server this kubeconfig names instead of reading
     /// their manifest folders.
     pub kubeconfig: Option<PathBuf>,
+    /// Pods and the outside host send full checksums (see [`Testbed::for_xdp`]).
+    full_checksums: bool,
 }
 
 static SEQUENCE: AtomicU32 = AtomicU32::new(0);
@@ -144,6 +146,7 @@ impl Testbed {
             accepted: Default::default(),
             pin_next_server: None,
             kubeconfig: None,
+            full_checksums: false,
         };
         for node in nodes {
             fs::create_dir_all(&node.manifests)?;
@@ -185,6 +188,24 @@ impl Testbed {
             ] {
                 sh(&line)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Makes the LAN fit for XDP on the nodes' uplinks, as a real network is: every sender
+    /// (pods, the outside host, now and later) computes its checksums instead of leaving them
+    /// to an offload that veth never does (XDP cannot tell such a CHECKSUM_PARTIAL packet from
+    /// a full one), and the bridge's ports take XDP_TX frames (GRO on: veth delivers to a peer
+    /// with NAPI only).
+    pub fn for_xdp(&mut self) -> anyhow::Result<()> {
+        self.full_checksums = true;
+        let lan = self.lan_netns.clone().context("no LAN")?;
+        for i in 0..=self.nodes.len() {
+            sh(&format!("ip netns exec {lan} ethtool -K port{i} gro on"))?;
+        }
+        let senders = self.pods.iter().map(|p| p.netns.clone());
+        for ns in senders.chain(self.outside_netns.clone()) {
+            sh(&format!("ip netns exec {ns} ethtool -K eth0 tx off"))?;
         }
         Ok(())
     }
@@ -250,6 +271,9 @@ impl Testbed {
             sh(&line)?;
         }
         self.route_to_node(ip, node)?;
+        if self.full_checksums {
+            sh(&format!("ip netns exec {ns} ethtool -K eth0 tx off"))?;
+        }
         Ok(pod)
     }
 
@@ -629,12 +653,20 @@ impl Testbed {
                 &[]
             })
             .args(extra)
-            // The namespace tests run once per attach mode (`cargo xtask test`).
+            // The namespace tests run once per attach mode (`cargo xtask test`), the
+            // external ones once per XDP mode too.
             .args(
                 std::env::var("LB_TEST_TC_ATTACH")
                     .ok()
                     .filter(|_| !extra.contains(&"--tc-attach"))
                     .map(|mode| vec!["--tc-attach".to_string(), mode])
+                    .unwrap_or_default(),
+            )
+            .args(
+                std::env::var("LB_TEST_XDP_MODE")
+                    .ok()
+                    .filter(|_| !extra.contains(&"--xdp-mode"))
+                    .map(|mode| vec!["--xdp-mode".to_string(), mode])
                     .unwrap_or_default(),
             )
             .stdin(Stdio::null())
