@@ -30,33 +30,20 @@ pub struct XdpAttachment {
 }
 
 impl Dataplane {
-    fn xdp(&mut self) -> Result<&mut Xdp> {
-        let program = self
-            .ebpf
-            .program_mut(XDP_PROGRAM)
-            .ok_or(DataplaneError::Program {
-                name: XDP_PROGRAM,
-                source: aya::programs::ProgramError::NotLoaded,
-            })?;
-        program
-            .try_into()
-            .map_err(|source| DataplaneError::Program {
-                name: XDP_PROGRAM,
-                source,
-            })
-    }
-
-    pub(super) fn load_xdp(&mut self, name: &'static str) -> Result<()> {
-        let program: &mut Xdp = self
-            .ebpf
+    /// An XDP program of the object, by name.
+    pub fn xdp_program(&mut self, name: &'static str) -> Result<&mut Xdp> {
+        self.ebpf
             .program_mut(name)
             .ok_or(DataplaneError::Program {
                 name,
                 source: aya::programs::ProgramError::NotLoaded,
             })?
             .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        program
+            .map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    pub(super) fn load_xdp(&mut self, name: &'static str) -> Result<()> {
+        self.xdp_program(name)?
             .load()
             .map_err(|source| DataplaneError::Program { name, source })
     }
@@ -95,7 +82,9 @@ impl Dataplane {
             }
         }
         for (mode, label) in tries {
-            let attached = self.xdp()?.attach_to_if_index(ifindex, *mode);
+            let attached = self
+                .xdp_program(XDP_PROGRAM)?
+                .attach_to_if_index(ifindex, *mode);
             let id = match attached {
                 Ok(id) => id,
                 Err(e) => {
@@ -104,7 +93,7 @@ impl Dataplane {
                 }
             };
             let link = self
-                .xdp()?
+                .xdp_program(XDP_PROGRAM)?
                 .take_link(id)
                 .map_err(|source| DataplaneError::Program {
                     name: XDP_PROGRAM,
