@@ -15,7 +15,12 @@
 //! affinity, and on a datapath choosing by Maglev (tables of 251 entries, the smallest size,
 //! so that 100,000 Services' tables fit in memory; a lookup costs the same in any size).
 //!
-//! `LB_BENCH_CASE=<prefix>` times only the cases whose name starts with it (the floor and the
+//! The XDP program of external links is timed the same way, as ns above an XDP program that
+//! only returns: established nodePort flows to a pod of this node (DNAT, XDP_PASS) and to
+//! another node's (SNAT, FIB lookup, XDP_TX), and a packet it does not own. The bench runs in
+//! a network namespace of its own whose routes and neighbours the FIB lookups find.
+//!
+//! `LB_BENCH_CASE=<prefix>` times only the cases whose name starts with it (the floors and the
 //! reference always run), e.g. under `perf record`.
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -27,12 +32,17 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb::{
-    dataplane::{TC_EGRESS_PROGRAM, TC_FLOOR_PROGRAM, TC_INGRESS_PROGRAM, TC_REFERENCE_PROGRAM},
-    desired::{Algorithm, Backends, Frontend},
+    dataplane::{
+        TC_EGRESS_PROGRAM, TC_FLOOR_PROGRAM, TC_INGRESS_PROGRAM, TC_REFERENCE_PROGRAM,
+        XDP_FLOOR_PROGRAM, XDP_PROGRAM,
+    },
+    desired::{Algorithm, Backends, Frontend, Scope},
+    model::Protocol,
 };
 use support::{
     datapath::{TestDatapath, tcp_frontend},
     packet::{TCP, ipv4_frame},
+    uplink::{CLIENT, NODE, in_test_netns, xdp, xdp_md},
 };
 use xtask::machine::Machine;
 
@@ -45,6 +55,10 @@ const RUNS: usize = 30_000;
 const NEW_FLOWS: usize = 30_000;
 const SCALES: [u32; 3] = [1, 1_000, 100_000];
 const FLOOR: &str = "floor (returns at once)";
+const XDP_FLOOR: &str = "XDP floor (returns at once)";
+/// The nodePorts of the XDP cases: to this node's pods, and to another node's.
+const LOCAL_NODE_PORT: u16 = 30080;
+const REMOTE_NODE_PORT: u16 = 30081;
 const REFERENCE: &str = "reference (parse + one lookup)";
 /// The target of the established path, as a multiple of the reference's cost.
 const ESTABLISHED_TARGET: f64 = 1.5;
@@ -96,30 +110,47 @@ struct Case {
     counter: Option<&'static str>,
 }
 
+/// ns per run of `frames` (cycled) through a loaded program, by kernel stats and by test-run
+/// duration; `ctx` gives each frame's context (XDP), if any.
+macro_rules! timed {
+    ($prog:expr, $frames:expr, $runs:expr, $ctx:expr) => {{
+        let prog = $prog;
+        let frames: &[Vec<u8>] = $frames;
+        let contexts: Vec<Option<Vec<u8>>> = frames.iter().map(|f| $ctx(f)).collect();
+        let before = prog.info().expect("info");
+        let mut out = vec![0u8; 256];
+        let mut reported = Duration::ZERO;
+        for i in 0..$runs {
+            let opts = TestRunOptions {
+                data_in: Some(&frames[i % frames.len()]),
+                data_out: Some(&mut out),
+                ctx_in: contexts[i % frames.len()].as_deref(),
+                ..Default::default()
+            };
+            reported += prog.test_run(opts).expect("test run").duration;
+        }
+        let after = prog.info().expect("info");
+        let kernel_runs = (after.run_count() - before.run_count()) as f64;
+        let stats = (after.run_time() - before.run_time()).as_nanos() as f64 / kernel_runs;
+        (stats, reported.as_nanos() as f64 / $runs as f64)
+    }};
+}
+
 /// ns per run of `frames` (cycled) through `program`, by kernel stats and by test-run duration.
+/// XDP programs run as if the frame arrived on `uplink`.
 fn time(
     t: &mut TestDatapath,
     program: &'static str,
     frames: &[Vec<u8>],
     runs: usize,
+    uplink: u32,
 ) -> (f64, f64) {
-    let prog = t.dp.classifier(program).expect("program");
-    let before = prog.info().expect("info");
-    let mut out = vec![0u8; 256];
-    let mut reported = Duration::ZERO;
-    for i in 0..runs {
-        let frame = &frames[i % frames.len()];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        reported += prog.test_run(opts).expect("test run").duration;
+    if program.starts_with("lb_xdp") {
+        let prog = t.dp.xdp_program(program).expect("program");
+        return timed!(prog, frames, runs, |f: &Vec<u8>| Some(xdp_md(f, uplink)));
     }
-    let after = prog.info().expect("info");
-    let kernel_runs = (after.run_count() - before.run_count()) as f64;
-    let stats = (after.run_time() - before.run_time()).as_nanos() as f64 / kernel_runs;
-    (stats, reported.as_nanos() as f64 / runs as f64)
+    let prog = t.dp.classifier(program).expect("program");
+    timed!(prog, frames, runs, |_: &Vec<u8>| None)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -136,7 +167,10 @@ struct Row {
 }
 
 fn main() {
-    support::datapath::require_root();
+    in_test_netns(run);
+}
+
+fn run(uplink: u32) {
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
     let only_case = std::env::var("LB_BENCH_CASE").ok();
     let mut rows = Vec::new();
@@ -165,6 +199,22 @@ fn main() {
                 ..frontends[(services / 2) as usize].1.clone()
             },
         ));
+        // nodePorts, for the XDP cases: to this node's pods, and to another node's.
+        for (port, backend) in [
+            (LOCAL_NODE_PORT, Ipv4Addr::new(198, 18, 2, 1)),
+            (REMOTE_NODE_PORT, Ipv4Addr::new(198, 18, 3, 1)),
+        ] {
+            let frontend = Frontend {
+                ip: Ipv4Addr::UNSPECIFIED,
+                port,
+                protocol: Protocol::Tcp,
+                scope: Scope::Cluster,
+            };
+            frontends.push((
+                frontend,
+                Backends::serving(vec![SocketAddrV4::new(backend, 8080)]),
+            ));
+        }
         let mut steady = rebuild(&frontends, On::Steady);
         let mut maglev_steady = rebuild(&frontends, On::MaglevSteady);
         // The measured Service: one in the middle of the table.
@@ -196,7 +246,41 @@ fn main() {
         let affinity_established = tcp_segment((client, 10002), (affinity_vip, 80));
         steady.run(&affinity_established);
         maglev_steady.run(&established);
+        let node_port_local = tcp_segment((CLIENT, 20000), (NODE, LOCAL_NODE_PORT));
+        let node_port_remote = tcp_segment((CLIENT, 20001), (NODE, REMOTE_NODE_PORT));
+        for frame in [&node_port_local, &node_port_remote] {
+            xdp(&mut steady, uplink, frame);
+        }
+        let not_owned = tcp_segment((CLIENT, 20002), (NODE, 22));
         let cases = [
+            Case {
+                name: XDP_FLOOR,
+                program: XDP_FLOOR_PROGRAM,
+                frames: vec![node_port_local.clone()],
+                on: On::Steady,
+                counter: None,
+            },
+            Case {
+                name: "XDP established nodePort, local pod",
+                program: XDP_PROGRAM,
+                frames: vec![node_port_local],
+                on: On::Steady,
+                counter: Some("dnat_established"),
+            },
+            Case {
+                name: "XDP established nodePort, other node",
+                program: XDP_PROGRAM,
+                frames: vec![node_port_remote],
+                on: On::Steady,
+                counter: Some("dnat_established"),
+            },
+            Case {
+                name: "XDP packet it does not own",
+                program: XDP_PROGRAM,
+                frames: vec![not_owned],
+                on: On::Steady,
+                counter: None,
+            },
             Case {
                 name: FLOOR,
                 program: TC_FLOOR_PROGRAM,
@@ -288,6 +372,7 @@ fn main() {
             .into_iter()
             .filter(|c| {
                 c.name == FLOOR
+                    || c.name == XDP_FLOOR
                     || c.name == REFERENCE
                     || only_case.as_deref().is_none_or(|p| c.name.starts_with(p))
             })
@@ -308,7 +393,7 @@ fn main() {
                 };
                 let before = case.counter.map(|c| t.counter(c));
                 let runs = if case.on.fresh() { NEW_FLOWS } else { RUNS };
-                let (s, l) = time(t, case.program, &case.frames, runs);
+                let (s, l) = time(t, case.program, &case.frames, runs, uplink);
                 if let (Some(name), Some(before)) = (case.counter, before) {
                     let counted = t.counter(name) - before;
                     assert_eq!(
@@ -342,21 +427,32 @@ fn tcp_segment(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
 fn rebuild(frontends: &[(Frontend, Backends)], on: On) -> TestDatapath {
     let mut t = TestDatapath::new();
     t.algorithm = on.algorithm();
+    t.dp.set_node_addresses(&[NODE]).unwrap();
     t.program_backends(frontends);
     t
 }
 
-/// Cost above the floor, and as a multiple of the reference's cost above the floor.
+/// Cost above the floor (the XDP floor for XDP cases), and as a multiple of the reference's
+/// cost above the floor.
 fn relative(rows: &[Row], r: &Row) -> (f64, f64, f64) {
     let find = |case: &str| {
         rows.iter()
             .find(|x| x.services == r.services && x.case == case)
     };
-    let floor = find(FLOOR).expect("floor row");
+    let floor = if r.case.starts_with("XDP") {
+        find(XDP_FLOOR).expect("XDP floor row")
+    } else {
+        find(FLOOR).expect("floor row")
+    };
+    let reference_floor = find(FLOOR).expect("floor row");
     let reference = find(REFERENCE).expect("reference row");
     let above = r.stats - floor.stats;
     let loop_above = r.loop_ - floor.loop_;
-    (above, loop_above, above / (reference.stats - floor.stats))
+    (
+        above,
+        loop_above,
+        above / (reference.stats - reference_floor.stats),
+    )
 }
 
 /// target/bench/datapath.json for `cargo xtask bench --report`: ns above the floor (the floor
@@ -365,7 +461,7 @@ fn write_json(rows: &[Row], machine: &Machine) {
     let json: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| {
-            let (stats, loop_, times) = if r.case == FLOOR {
+            let (stats, loop_, times) = if r.case == FLOOR || r.case == XDP_FLOOR {
                 (r.stats, r.loop_, 0.0)
             } else {
                 relative(rows, r)
@@ -395,7 +491,7 @@ fn print_report(rows: &[Row], machine: &Machine) {
         "case", "services", "stats (ns)", "loop (ns)", "x reference"
     );
     for r in rows {
-        if r.case == FLOOR {
+        if r.case == FLOOR || r.case == XDP_FLOOR {
             println!(
                 "{:<32} {:>8} {:>12} {:>12} {:>12}",
                 r.case,

@@ -3,4 +3,5 @@ pub mod apiserver;
 pub mod bed;
 pub mod datapath;
 pub mod packet;
+pub mod uplink;
 pub mod web;
