@@ -10,7 +10,7 @@ use lb::{
     model::Protocol,
 };
 use support::{
-    datapath::{Output, TestDatapath},
+    datapath::TestDatapath,
     packet::*,
     uplink::{CLIENT, CLIENT_NEXT_HOP, NODE, OTHER_NODE_NEXT_HOP, in_test_netns, xdp},
 };

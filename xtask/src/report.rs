@@ -400,7 +400,7 @@ shared and noisy): compare figures measured side by side in one run, not across 
             {
                 scales.push(n);
             }
-            let times = if case.starts_with("floor") {
+            let times = if case.contains("floor") {
                 String::new()
             } else {
                 format!("{:.2}", r["x_reference"].as_f64().unwrap_or(0.0))
@@ -420,7 +420,7 @@ shared and noisy): compare figures measured side by side in one run, not across 
             .map(|n| {
                 let values = cases
                     .iter()
-                    .filter(|c| *c != "new flow" && !c.starts_with("floor"))
+                    .filter(|c| *c != "new flow" && !c.contains("floor"))
                     .map(|c| {
                         rows.iter()
                             .find(|r| r["services"].as_u64() == Some(*n) && r["case"] == c.as_str())
@@ -432,7 +432,7 @@ shared and noisy): compare figures measured side by side in one run, not across 
             .collect();
         let categories: Vec<String> = cases
             .iter()
-            .filter(|c| *c != "new flow" && !c.starts_with("floor"))
+            .filter(|c| *c != "new flow" && !c.contains("floor"))
             .cloned()
             .collect();
         write_png(
