@@ -151,6 +151,16 @@ impl Demo {
         Ok(body)
     }
 
+    /// An HTTP GET from the host outside the cluster.
+    fn curl_outside(&self, url: &str) -> anyhow::Result<String> {
+        println!("$ curl {url}    (from the host outside the cluster)");
+        let body = self
+            .bed
+            .exec_outside(&["curl", "-s", "--max-time", "2", url])?;
+        print!("{body}");
+        Ok(body)
+    }
+
     fn connect_refused(&self, addr: &str) -> anyhow::Result<()> {
         println!("$ curl http://{addr}/    (from the client pod)");
         let target = addr.parse()?;
@@ -184,6 +194,8 @@ pub fn run(lb: &Path) -> anyhow::Result<()> {
 
     heading("Setting up two simulated nodes in network namespaces");
     let mut bed = Testbed::with_nodes("lbdemo", lb, 2)?;
+    // XDP on the uplinks: senders compute their checksums, as behind a real NIC.
+    bed.for_xdp()?;
     let client = bed.add_pod("client", CLIENT_IP)?;
     for (i, ns) in bed.node_netns_list().iter().enumerate() {
         say(&format!(
@@ -253,7 +265,31 @@ pub fn run(lb: &Path) -> anyhow::Result<()> {
         "expected all 4 replicas to answer, got {counts:?}"
     );
 
-    heading("4b. Session affinity: sessionAffinity: ClientIP sends a client to one pod");
+    heading("4b. From outside the cluster: the nodePort on every node, and the externalIP");
+    let lan = |node: usize| testbed::lan_ip(node).to_string();
+    for node in [0, 1] {
+        let body = demo.curl_outside(&format!("http://{}:30850/", lan(node)))?;
+        anyhow::ensure!(
+            body.starts_with("nasa-rs-pod"),
+            "nodePort answered {body:?}"
+        );
+    }
+    println!(
+        "$ ip route add 198.18.200.1 via {}    (on the outside host, as a router would)",
+        lan(0)
+    );
+    demo.bed
+        .exec_outside(&["ip", "route", "add", "198.18.200.1", "via", &lan(0)])?;
+    let body = demo.curl_outside("http://198.18.200.1/")?;
+    anyhow::ensure!(
+        body.starts_with("nasa-rs-pod"),
+        "externalIP answered {body:?}"
+    );
+    say(
+        "(a pod on the other node answers through node-1 from node-1's address: SNAT; its reply comes back through node-1, translated by XDP)",
+    );
+
+    heading("4c. Session affinity: sessionAffinity: ClientIP sends a client to one pod");
     demo.apply_as("08-nasa-rs-svc-affinity.yaml", "06-nasa-rs-svc.yaml")?;
     println!("$ for i in $(seq 20); do curl -s http://{ip}/; done | sort | uniq -c");
     let counts = demo.answers(&ip, 20)?;
