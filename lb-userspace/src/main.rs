@@ -84,6 +84,12 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if !matches!(cli.command, Command::Agent(_)) {
+        // A CLI command piped into `head` ends quietly when the reader goes, as other tools
+        // do (Rust ignores SIGPIPE, and printing would panic). The agent keeps ignoring it.
+        // SAFETY: restores the default disposition of one signal before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cli.command {
         Command::Agent(config) => {
             tracing_subscriber::fmt()
