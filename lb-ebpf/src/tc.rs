@@ -40,18 +40,16 @@ impl SkbRouting<'_> {
     }
 
     fn route(&self, protocol: u8, src: Endpoint, dst: Endpoint) -> Option<fib::Route> {
-        // SAFETY: the program's own skb.
         let query = fib::Query {
             ifindex: self.ifindex(),
             protocol,
             src,
             dst,
         };
+        // SAFETY: the program's own skb.
         unsafe { fib::lookup(self.0.skb.skb as *mut _, &query) }
     }
-}
 
-impl SkbRouting<'_> {
     /// Whether a packet from the flow's source to `dst` leaves by the link it came in on:
     /// `dst` is on another node, behind the link the client came from.
     #[inline(always)]
