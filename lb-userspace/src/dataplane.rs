@@ -1212,20 +1212,31 @@ fn ignore_missing(
 /// Pinned TC links under `dir`: (ifindex, hook, path).
 fn link_pins(dir: &Path) -> Result<Vec<(u32, Hook, PathBuf)>> {
     let mut pins = Vec::new();
+    for hook in Hook::ALL {
+        pins.extend(
+            pins_named(dir, hook.pin_prefix())?
+                .into_iter()
+                .map(|(ifindex, path)| (ifindex, hook, path)),
+        );
+    }
+    Ok(pins)
+}
+
+/// Pins under `dir` named `<prefix><ifindex>-...`: (ifindex, path).
+fn pins_named(dir: &Path, prefix: &str) -> Result<Vec<(u32, PathBuf)>> {
+    let mut pins = Vec::new();
     if !dir.exists() {
         return Ok(pins);
     }
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        for hook in Hook::ALL {
-            if let Some(ifindex) = name
-                .strip_prefix(hook.pin_prefix())
-                .and_then(|r| r.split('-').next())
-                .and_then(|i| i.parse().ok())
-            {
-                pins.push((ifindex, hook, path.clone()));
-            }
+        if let Some(ifindex) = name
+            .strip_prefix(prefix)
+            .and_then(|r| r.split('-').next())
+            .and_then(|i| i.parse().ok())
+        {
+            pins.push((ifindex, path.clone()));
         }
     }
     Ok(pins)

@@ -6,10 +6,7 @@
 //! packet arrives on (loopback).
 mod support;
 
-use std::{
-    net::{Ipv4Addr, SocketAddrV4},
-    process::Command,
-};
+use std::{net::Ipv4Addr, process::Command};
 
 use lb::{
     dataplane::TC_EXTERNAL_PROGRAM,
@@ -19,33 +16,14 @@ use lb::{
 use support::{
     datapath::{Output, TestDatapath},
     packet::*,
+    uplink::{CLIENT, NODE, NODE_PORT, datapath, local_pod, node_port, remote_pod},
 };
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
-const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 254, 1);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 254, 100);
-const NODE_PORT: u16 = 30080;
 const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 7);
-
-fn local_pod(i: u8) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::new(198, 18, 2, i), 8080)
-}
-
-fn remote_pod(i: u8) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::new(198, 18, 3, i), 8080)
-}
-
-fn node_port(scope: Scope) -> Frontend {
-    Frontend {
-        ip: Ipv4Addr::UNSPECIFIED,
-        port: NODE_PORT,
-        protocol: Protocol::Tcp,
-        scope,
-    }
-}
 
 /// Runs `test` on a thread in a new network namespace with the routes above.
 fn in_test_netns(test: impl FnOnce() + Send + 'static) {
@@ -71,13 +49,6 @@ fn in_test_netns(test: impl FnOnce() + Send + 'static) {
     })
     .join()
     .expect("test in its namespace");
-}
-
-fn datapath(frontends: &[(Frontend, Backends)]) -> TestDatapath {
-    let mut t = TestDatapath::new();
-    t.dp.set_node_addresses(&[NODE]).unwrap();
-    t.program_backends(frontends);
-    t
 }
 
 fn external(t: &mut TestDatapath, frame: &[u8]) -> Output {

@@ -3,47 +3,23 @@
 //! `support::uplink`).
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 
 use lb::{
     desired::{Backends, Frontend, Scope},
     model::Protocol,
 };
 use support::{
-    datapath::TestDatapath,
     packet::*,
-    uplink::{CLIENT, CLIENT_NEXT_HOP, NODE, OTHER_NODE_NEXT_HOP, in_test_netns, xdp},
+    uplink::{
+        CLIENT, CLIENT_NEXT_HOP, NODE, NODE_PORT, OTHER_NODE_NEXT_HOP, datapath, in_test_netns,
+        local_pod, node_port, remote_pod, xdp,
+    },
 };
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
-
-const NODE_PORT: u16 = 30080;
-
-fn local_pod(i: u8) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::new(198, 18, 2, i), 8080)
-}
-
-fn remote_pod(i: u8) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::new(198, 18, 3, i), 8080)
-}
-
-fn node_port(scope: Scope) -> Frontend {
-    Frontend {
-        ip: Ipv4Addr::UNSPECIFIED,
-        port: NODE_PORT,
-        protocol: Protocol::Tcp,
-        scope,
-    }
-}
-
-fn datapath(frontends: &[(Frontend, Backends)]) -> TestDatapath {
-    let mut t = TestDatapath::new();
-    t.dp.set_node_addresses(&[NODE]).unwrap();
-    t.program_backends(frontends);
-    t
-}
 
 fn valid(frame: &[u8]) -> bool {
     ip_checksum_valid(frame) && l4_checksum_valid(frame)

@@ -166,20 +166,5 @@ fn driver(name: &str) -> Option<String> {
 
 /// Pinned XDP links under `dir`: (ifindex, path).
 pub(super) fn xdp_pins(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
-    let mut pins = Vec::new();
-    if !dir.exists() {
-        return Ok(pins);
-    }
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if let Some(ifindex) = name
-            .strip_prefix(PIN_PREFIX)
-            .and_then(|r| r.split('-').next())
-            .and_then(|i| i.parse().ok())
-        {
-            pins.push((ifindex, path.clone()));
-        }
-    }
-    Ok(pins)
+    super::pins_named(dir, PIN_PREFIX)
 }

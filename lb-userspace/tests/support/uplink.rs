@@ -4,10 +4,17 @@
 //! (198.18.2.0/24) are behind `pods`.
 #![allow(dead_code)]
 
-use std::{net::Ipv4Addr, process::Command};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    process::Command,
+};
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb::dataplane::XDP_PROGRAM;
+use lb::{
+    dataplane::XDP_PROGRAM,
+    desired::{Backends, Frontend, Scope},
+    model::Protocol,
+};
 
 use super::datapath::{Output, TestDatapath};
 
@@ -15,6 +22,36 @@ pub const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 254, 1);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 254, 100);
 pub const CLIENT_NEXT_HOP: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
 pub const OTHER_NODE_NEXT_HOP: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
+
+pub const NODE_PORT: u16 = 30080;
+
+/// A pod of this node (behind `pods`).
+pub fn local_pod(i: u8) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(198, 18, 2, i), 8080)
+}
+
+/// A pod of another node (behind `uplink`).
+pub fn remote_pod(i: u8) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(198, 18, 3, i), 8080)
+}
+
+/// TCP [`NODE_PORT`] on every node address, in `scope`.
+pub fn node_port(scope: Scope) -> Frontend {
+    Frontend {
+        ip: Ipv4Addr::UNSPECIFIED,
+        port: NODE_PORT,
+        protocol: Protocol::Tcp,
+        scope,
+    }
+}
+
+/// A datapath with [`NODE`] as the node's address and these frontends.
+pub fn datapath(frontends: &[(Frontend, Backends)]) -> TestDatapath {
+    let mut t = TestDatapath::new();
+    t.dp.set_node_addresses(&[NODE]).unwrap();
+    t.program_backends(frontends);
+    t
+}
 
 fn mac(m: [u8; 6]) -> String {
     m.map(|b| format!("{b:02x}")).join(":")
