@@ -660,8 +660,9 @@ fn track(
 }
 
 /// Source ports tried for a flow sent on to another node: the client's own first (as
-/// netfilter's masquerading keeps it where it can), then random ones.
-const SNAT_TRIES: u32 = 4;
+/// netfilter's masquerading keeps it where it can), then random ones. Even with half the
+/// ports to an endpoint taken, all 16 are taken once in 65,536 new flows.
+const SNAT_TRIES: u32 = 16;
 /// The lowest random source port (below are the well-known ports).
 const SNAT_PORT_MIN: u32 = 1024;
 
