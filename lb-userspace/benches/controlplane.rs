@@ -197,6 +197,7 @@ fn main() -> anyhow::Result<()> {
             endpoints: (0..ENDPOINTS)
                 .map(|k| SocketAddrV4::new(endpoint(i, k), 8080))
                 .collect(),
+            node_port: None,
         })
         .collect();
     let lb = Path::new(env!("CARGO_BIN_EXE_lb"));

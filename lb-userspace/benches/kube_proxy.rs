@@ -12,10 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Serialize;
 use xtask::{
-    kubeproxy::{ServiceRules, iptables_restore, nft_ruleset},
-    testbed::{Pod, Testbed},
+    kubeproxy::{ServiceRules, iptables_restore, manifest_list, nft_ruleset},
+    testbed::Testbed,
+    wrk::{self, wanted},
 };
 
 const ENDPOINTS: u32 = 10;
@@ -34,119 +34,13 @@ fn fake_endpoint(i: u32, k: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 100, 0)) + (i * ENDPOINTS + k) % (150 * 256))
 }
 
-#[derive(Serialize, Clone)]
-struct Measurement {
-    services: u32,
-    mode: &'static str,
-    workload: &'static str,
-    requests_per_second: f64,
-    p50_us: f64,
-    p99_us: f64,
-    /// Every run, slowest first; the figures above are the median run's.
-    runs_requests_per_second: Vec<f64>,
-    /// SYNs the client had to send again over all runs: each is a connection that waited a
-    /// retransmission timeout (1 s) because its first SYN got no answer.
-    client_syn_retransmits: u64,
-}
-
-/// Runs of each workload per mode.
-const RUNS: usize = 3;
-
-struct Wrk {
-    rps: f64,
-    p50_us: f64,
-    p99_us: f64,
-}
-
-fn duration_us(text: &str) -> Option<f64> {
-    let (number, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic())?);
-    let n: f64 = number.parse().ok()?;
-    Some(match unit {
-        "us" => n,
-        "ms" => n * 1e3,
-        "s" => n * 1e6,
-        _ => return None,
-    })
-}
-
-fn parse_wrk(out: &str) -> anyhow::Result<Wrk> {
-    let find = |prefix: &str| {
-        out.lines()
-            .find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_string()))
-    };
-    let rps = find("Requests/sec:").and_then(|v| v.parse().ok());
-    let p50 = find("50%").and_then(|v| duration_us(&v));
-    let p99 = find("99%").and_then(|v| duration_us(&v));
-    match (rps, p50, p99) {
-        (Some(rps), Some(p50_us), Some(p99_us)) => Ok(Wrk {
-            rps,
-            p50_us,
-            p99_us,
-        }),
-        _ => anyhow::bail!("cannot read wrk output:\n{out}"),
-    }
-}
-
-/// The client's SYN retransmissions so far (its namespace's counter).
-fn syn_retransmits(bed: &Testbed, client: &Pod) -> u64 {
-    bed.exec(client, &["nstat", "-az", "TcpExtTCPSynRetrans"])
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("TcpExtTCPSynRetrans"))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn wrk(
-    bed: &Testbed,
-    client: &Pod,
-    url: &str,
-    new_connections: bool,
-    seconds: u64,
-) -> anyhow::Result<Wrk> {
-    let secs = format!("{seconds}s");
-    // wrk on CPU 0, the server on CPU 1: neither steals the other's core.
-    let mut args = vec![
-        "taskset",
-        "-c",
-        "0",
-        "wrk",
-        "-t1",
-        "-c8",
-        "-d",
-        &secs,
-        "--latency",
-        "--timeout",
-        "2s",
-    ];
-    if new_connections {
-        args.extend(["-H", "Connection: close"]);
-    }
-    args.push(url);
-    parse_wrk(&bed.exec(client, &args)?)
-}
-
-/// BENCH_MODES (comma-separated, e.g. `direct,lb`) limits the modes measured.
-fn wanted(mode: &str) -> bool {
-    std::env::var("BENCH_MODES").map_or(true, |modes| {
-        modes.split(',').any(|m| mode.starts_with(m.trim()))
-    })
-}
-
 fn main() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     anyhow::ensure!(
         unsafe { libc::geteuid() } == 0,
         "run as root (cargo xtask bench)"
     );
-    let seconds: u64 = std::env::var("BENCH_SECONDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    let scales: Vec<u32> = std::env::var("BENCH_SCALES")
-        .ok()
-        .map(|v| v.split(',').filter_map(|s| s.parse().ok()).collect())
-        .unwrap_or_else(|| vec![1, 1_000, 10_000]);
+    let (seconds, scales) = wrk::seconds_and_scales();
     let lb = Path::new(env!("CARGO_BIN_EXE_lb"));
     let mut results = Vec::new();
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
@@ -182,6 +76,7 @@ fn main() -> anyhow::Result<()> {
                         )
                     })
                     .collect(),
+                node_port: None,
             })
             .collect();
         let service_url = format!("http://{}/", vip(measured));
@@ -189,9 +84,6 @@ fn main() -> anyhow::Result<()> {
             if !wanted(mode) {
                 return Ok(());
             }
-            // The two workloads take turns, so that a slow spell of this shared machine
-            // falls on both; each figure is the median run by requests per second.
-            let workloads = [("new connections", true), ("kept-alive", false)];
             // Each mode starts clean of the connections of the modes before it. The server
             // keeps closed connections in TIME_WAIT for 60 s; a SYN that reuses one's address
             // pair with timestamps from another path (direct: the client's clock offset for the
@@ -208,50 +100,16 @@ fn main() -> anyhow::Result<()> {
                     eprintln!("   node {node}: conntrack -F: {e}");
                 }
             }
-            let mut runs: Vec<Vec<Wrk>> = vec![Vec::new(), Vec::new()];
-            let mut retransmits = [0u64; 2];
-            for _ in 0..RUNS {
-                for (i, (_, new_connections)) in workloads.iter().enumerate() {
-                    let before = syn_retransmits(bed, &client);
-                    runs[i].push(wrk(bed, &client, url, *new_connections, seconds)?);
-                    retransmits[i] += syn_retransmits(bed, &client) - before;
-                }
-            }
-            for (((workload, _), mut runs), retransmits) in
-                workloads.into_iter().zip(runs).zip(retransmits)
-            {
-                runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
-                let spread = runs
-                    .iter()
-                    .map(|w| format!("{:.0}", w.rps))
-                    .collect::<Vec<_>>();
-                let w = &runs[runs.len() / 2];
-                eprintln!(
-                    "   {mode:<18} {workload:<16} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us  (runs: {}; SYN retransmits: {retransmits})",
-                    w.rps,
-                    w.p50_us,
-                    w.p99_us,
-                    spread.join(", ")
-                );
-                results.push(Measurement {
-                    services: n,
-                    mode,
-                    workload,
-                    requests_per_second: w.rps,
-                    p50_us: w.p50_us,
-                    p99_us: w.p99_us,
-                    runs_requests_per_second: runs.iter().map(|w| w.rps).collect(),
-                    client_syn_retransmits: retransmits,
-                });
-            }
+            let exec = |args: &[&str]| bed.exec(&client, args);
+            results.extend(wrk::measure(&exec, n, mode, url, seconds)?);
             Ok(())
         };
 
         measure("direct", &format!("http://{}:8080/", server_ip(0)), &bed)?;
 
-        write_manifests(&bed, &services)?;
+        bed.write_manifest("services.json", &manifest_list(&services))?;
         bed.start_agent()?;
-        wait_programmed(&bed, n)?;
+        bed.wait_services_programmed(n)?;
         // Let the agent finish the work that follows its first sync.
         std::thread::sleep(Duration::from_secs(2));
         measure("lb (eBPF)", &service_url, &bed)?;
@@ -311,41 +169,5 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("kube-proxy.json"), &text)?;
     println!("{text}");
-    Ok(())
-}
-
-fn write_manifests(bed: &Testbed, services: &[ServiceRules]) -> anyhow::Result<()> {
-    let mut items = Vec::new();
-    for s in services {
-        items.push(serde_json::json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": s.name},
-            "spec": {"clusterIP": s.vip.ip().to_string(), "ports": [{"port": s.vip.port(), "targetPort": 8080}]}
-        }));
-        items.push(serde_json::json!({
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": format!("{}-abcde", s.name), "labels": {"kubernetes.io/service-name": s.name}},
-            "addressType": "IPv4",
-            "endpoints": s.endpoints.iter().map(|e| serde_json::json!({"addresses": [e.ip().to_string()]})).collect::<Vec<_>>(),
-            "ports": [{"port": 8080}]
-        }));
-    }
-    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
-    bed.write_manifest("services.json", &list.to_string())
-}
-
-fn wait_programmed(bed: &Testbed, n: u32) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !bed
-        .exec_node(&["curl", "-sS", "http://127.0.0.1:10249/metrics"])
-        .unwrap_or_default()
-        .contains(&format!("lb_services {n}\n"))
-    {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "agent did not program {n} services"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
     Ok(())
 }

@@ -4,3 +4,4 @@ pub mod cmd;
 pub mod kubeproxy;
 pub mod machine;
 pub mod testbed;
+pub mod wrk;

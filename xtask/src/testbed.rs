@@ -743,6 +743,23 @@ impl Testbed {
         Ok((mib("VmRSS:"), mib("VmHWM:")))
     }
 
+    /// Waits (up to 60 s) until node 0's agent reports `n` Services programmed.
+    pub fn wait_services_programmed(&self, n: u32) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self
+            .exec_node(&["curl", "-sS", &format!("http://{ADMIN}/metrics")])
+            .unwrap_or_default()
+            .contains(&format!("lb_services {n}\n"))
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "agent did not program {n} services"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
     /// Node 0's agent process id (nsenter execs it in place).
     pub fn agent_pid(&self) -> Option<u32> {
         self.nodes[0].agent.as_ref().map(|c| c.id())
