@@ -26,7 +26,7 @@ pub const SLOTS_MAP: &str = "LB_SLOTS_V2";
 pub const BACKENDS_MAP: &str = "LB_BACKENDS_V2";
 /// IPv4 flow 5-tuple as seen on the wire -> [`CtEntry`] (forward DNAT or reply reverse NAT).
 /// IPv6 gets its own map (`LB_CONNTRACK6_*`).
-pub const CONNTRACK_MAP: &str = "LB_CONNTRACK4_V3";
+pub const CONNTRACK_MAP: &str = "LB_CONNTRACK4_V4";
 /// Counter index ([`stats::Counter`]) -> per-CPU packet count.
 pub const STATS_MAP: &str = "LB_STATS_V4";
 /// 0 -> [`Config`]: conntrack timeouts, the ICMP reply rate and the clock's tick, written by
@@ -86,7 +86,7 @@ pub const ALL_MAPS: [&str; 15] = [
 ];
 
 /// Maps of earlier layouts that an upgraded agent removes (their flows start over).
-pub const LEGACY_MAPS: [&str; 11] = [
+pub const LEGACY_MAPS: [&str; 12] = [
     "LB_FRONTENDS4_V1",
     // Without affinity and Maglev settings.
     "LB_FRONTENDS4_V2",
@@ -102,6 +102,8 @@ pub const LEGACY_MAPS: [&str; 11] = [
     "LB_CONNTRACK4_V2",
     "LB_STATS_V3",
     "LB_CONFIG_V2",
+    // Without the next hops of external flows.
+    "LB_CONNTRACK4_V3",
 ];
 
 pub const MAX_FRONTENDS: u32 = 131_072;
@@ -283,6 +285,10 @@ pub const CT_EXTERNAL: u8 = 1;
 /// [`CtEntry::flags`]: the flow's source is translated too ([`CtEntry::peer_addr`]): it went
 /// on to another node's endpoint from this node's address, so the replies come back here.
 pub const CT_SNAT: u8 = 2;
+/// The entry holds its direction's next hop from a FIB lookup, forgotten whenever the entry
+/// is written again (at most [`conntrack::REFRESH_NS`] apart while packets flow), so that
+/// a route or neighbour change is seen within that time.
+pub const CT_ROUTE: u8 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -306,9 +312,15 @@ pub struct CtEntry {
     pub peer_addr: [u8; 4],
     /// Network byte order; with [`CT_SNAT`], the port that goes with `peer_addr`.
     pub peer_port: u16,
-    /// [`CT_EXTERNAL`], [`CT_SNAT`].
+    /// [`CT_EXTERNAL`], [`CT_SNAT`], [`CT_ROUTE`].
     pub flags: u8,
     pub _pad: u8,
+    /// With [`CT_ROUTE`]: the link the flow's packets (this direction) leave by, when the
+    /// datapath sends them itself (external flows: XDP_TX, bpf_redirect).
+    pub route_ifindex: u32,
+    /// With [`CT_ROUTE`]: the Ethernet header's 12 address bytes for them, the next hop's
+    /// then the link's own, as in the header (in words: the datapath copies them whole).
+    pub route_macs: [u32; 3],
 }
 
 #[repr(C, align(4))]
@@ -465,7 +477,7 @@ const _: () = {
     assert!(core::mem::size_of::<SourceRange>() == 8);
     assert!(core::mem::size_of::<Backend>() == 24);
     assert!(core::mem::size_of::<CtKey>() == 16);
-    assert!(core::mem::size_of::<CtEntry>() == 32);
+    assert!(core::mem::size_of::<CtEntry>() == 48);
     assert!(core::mem::size_of::<Config>() == 64);
     assert!(core::mem::size_of::<TokenBucket>() == 16);
     assert!(core::mem::size_of::<ServiceTraffic>() == 32);

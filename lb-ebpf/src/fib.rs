@@ -11,9 +11,10 @@ const AF_INET: u8 = 2;
 pub struct Route {
     /// The link it leaves by.
     pub ifindex: u32,
-    /// The link's and the next hop's MAC addresses; `None` when the neighbour is not resolved
-    /// yet (TC can let the kernel resolve it with bpf_redirect_neigh).
-    pub macs: Option<([u8; 6], [u8; 6])>,
+    /// The Ethernet header's 12 address bytes, the next hop's then the link's own, as in the
+    /// header (in words); `None` when the neighbour is not resolved yet (TC can let the
+    /// kernel resolve it with bpf_redirect_neigh).
+    pub macs: Option<[u32; 3]>,
 }
 
 /// An IPv4 packet from `src` to `dst` (addresses and ports as on the wire) that arrived on
@@ -55,10 +56,16 @@ pub unsafe fn lookup(ctx: *mut core::ffi::c_void, query: &Query) -> Option<Route
     // SAFETY: `params` is a valid, writable bpf_fib_lookup of `size` bytes.
     let result = unsafe { fib_lookup(ctx, &mut params, size, 0) } as u32;
     match result {
-        BPF_FIB_LKUP_RET_SUCCESS => Some(Route {
-            ifindex: params.ifindex,
-            macs: Some((params.smac, params.dmac)),
-        }),
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let mut macs = [0u8; 12];
+            macs[..6].copy_from_slice(&params.dmac);
+            macs[6..].copy_from_slice(&params.smac);
+            Some(Route {
+                ifindex: params.ifindex,
+                // SAFETY: 12 bytes either way, any bit pattern valid.
+                macs: Some(unsafe { core::mem::transmute::<[u8; 12], [u32; 3]>(macs) }),
+            })
+        }
         BPF_FIB_LKUP_RET_NO_NEIGH => Some(Route {
             ifindex: params.ifindex,
             macs: None,

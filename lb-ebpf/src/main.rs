@@ -69,7 +69,7 @@ pub fn lb_tc_floor(_ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_tc_reference(ctx: TcContext) -> i32 {
     if let Ok(Packet::L4(flow)) = parse(ctx.data(), ctx.data_end(), ctx.len() as usize)
-        && maps::LB_CONNTRACK4_V3
+        && maps::LB_CONNTRACK4_V4
             .get_ptr(pipeline::ct_key(&flow))
             .is_some()
     {

@@ -51,7 +51,7 @@ pub static LB_BACKENDS_V2: Array<Backend, { MAX_BACKENDS as usize }> = Array::ne
 /// IPv4 flow as seen on the wire -> NAT to apply (forward DNAT or reply reverse NAT), TCP
 /// state and last-seen time.
 #[btf_map]
-pub static LB_CONNTRACK4_V3: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> =
+pub static LB_CONNTRACK4_V4: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> =
     LruHashMap::new();
 
 /// Counter index -> per-CPU packet count.

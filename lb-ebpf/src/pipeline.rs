@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity, AffinityKey, AllocationKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CT_EXTERNAL,
-    CT_FORWARD, CT_REPLY, CT_SNAT, Config, CtEntry, CtKey, FRONTEND_MAGLEV, FRONTEND_SOURCE_RANGES,
-    FragKey, FragPorts, Frontend, FrontendKey, NODE_PORT_ADDR, PROTO_TCP, PROTO_UDP, SCOPE_CLUSTER,
-    SCOPE_EXTERNAL, SlotKey, SourceRange, affinity,
+    CT_FORWARD, CT_REPLY, CT_ROUTE, CT_SNAT, Config, CtEntry, CtKey, FRONTEND_MAGLEV,
+    FRONTEND_SOURCE_RANGES, FragKey, FragPorts, Frontend, FrontendKey, NODE_PORT_ADDR, PROTO_TCP,
+    PROTO_UDP, SCOPE_CLUSTER, SCOPE_EXTERNAL, SlotKey, SourceRange, affinity,
     conntrack::{
         TCP_ACK, TCP_SYN, expired, is_hairpin_forward, is_hairpin_reply, needs_write, next_state,
         peer_key, reopens,
@@ -20,9 +20,9 @@ use lb_common::{
 };
 
 use crate::{
-    Verdict,
+    Verdict, fib,
     maps::{
-        LB_AFFINITY4_V1, LB_BACKENDS_V2, LB_CONNTRACK4_V3, LB_FRONTENDS4_V3, LB_IPFRAG4_V1,
+        LB_AFFINITY4_V1, LB_BACKENDS_V2, LB_CONNTRACK4_V4, LB_FRONTENDS4_V3, LB_IPFRAG4_V1,
         LB_MAGLEV_V1, LB_NODEADDRS4_V1, LB_SLOTS_V2, LB_SRCRANGES4_V1, config, count,
     },
     parse::Flow,
@@ -66,6 +66,39 @@ pub struct Translation {
     pub backend_id: u32,
     /// Sent to the Service (not a reply).
     pub inbound: bool,
+    /// [`Action::Routed`]: the next hop its conntrack entry holds, if any.
+    pub next_hop: NextHop,
+}
+
+/// A next hop as a conntrack entry caches it ([`CT_ROUTE`]).
+#[derive(Clone, Copy)]
+pub struct NextHop {
+    /// The link to send by; 0: none held.
+    pub ifindex: u32,
+    /// The Ethernet header's 12 address bytes, the next hop's then the link's own, as in the
+    /// header (in words).
+    pub macs: [u32; 3],
+}
+
+impl NextHop {
+    /// None held. Its addresses are not zero: a run of 12 or more zero bytes is written by a
+    /// call to memset on this target (a subprogram call), here once per translation built.
+    pub const NONE: NextHop = NextHop {
+        ifindex: 0,
+        macs: [1; 3],
+    };
+
+    /// What `entry` holds, unless it was just written (which forgets it, see [`CT_ROUTE`]).
+    #[inline(always)]
+    fn cached(entry: &CtEntry, written: bool) -> NextHop {
+        if entry.flags & CT_ROUTE == 0 || written {
+            return NextHop::NONE;
+        }
+        NextHop {
+            ifindex: entry.route_ifindex,
+            macs: entry.route_macs,
+        }
+    }
 }
 
 impl Translation {
@@ -77,6 +110,7 @@ impl Translation {
         service_id: 0,
         backend_id: 0,
         inbound: false,
+        next_hop: NextHop::NONE,
     };
 
     /// The Service port whose traffic the packet is, and whether it goes to the Service (not
@@ -135,21 +169,55 @@ fn still_valid(entry: &CtEntry) -> bool {
 
 /// Records the packet in its flow's entry and in the other direction's, so that both age,
 /// close and expire together; written only when the state changes or the time is due.
+/// Both forget their cached next hops then. Returns whether it wrote.
 #[inline(always)]
-fn touch(entry_ptr: *mut CtEntry, entry: &CtEntry, key: &CtKey, next: u8, now: u64) {
+fn touch(entry_ptr: *mut CtEntry, entry: &CtEntry, key: &CtKey, next: u8, now: u64) -> bool {
     if !needs_write(entry, next, now) {
-        return;
+        return false;
     }
     // SAFETY: pointers into map values, valid for this program run; a racing writer on
     // another CPU can only make the time or state a little older.
     unsafe {
         (*entry_ptr).state = next;
         (*entry_ptr).last_seen_ns = now;
-        if let Some(peer) = LB_CONNTRACK4_V3.get_ptr_mut(peer_key(key, entry)) {
+        (*entry_ptr).flags &= !CT_ROUTE;
+        if let Some(peer) = LB_CONNTRACK4_V4.get_ptr_mut(peer_key(key, entry)) {
             (*peer).state |= next;
             (*peer).last_seen_ns = now;
+            (*peer).flags &= !CT_ROUTE;
         }
     }
+    true
+}
+
+/// Where an [`Action::Routed`] packet goes: the next hop its entry holds, or else `lookup`'s
+/// (a FIB lookup), which the entry then keeps if resolved. Only established packets find one
+/// held; the FIB lookup costs several times all the rest of their way.
+#[inline(always)]
+pub fn next_hop(
+    flow: &Flow,
+    t: &Translation,
+    lookup: impl FnOnce() -> Option<fib::Route>,
+) -> Option<fib::Route> {
+    if t.next_hop.ifindex != 0 {
+        return Some(fib::Route {
+            ifindex: t.next_hop.ifindex,
+            macs: Some(t.next_hop.macs),
+        });
+    }
+    let route = lookup()?;
+    if let Some(macs) = route.macs
+        && let Some(entry) = LB_CONNTRACK4_V4.get_ptr_mut(ct_key(flow))
+    {
+        // SAFETY: a pointer into a map value, valid for this program run; a racing writer
+        // can only have the next hop forgotten or written twice alike.
+        unsafe {
+            (*entry).route_ifindex = route.ifindex;
+            (*entry).route_macs = macs;
+            (*entry).flags |= CT_ROUTE;
+        }
+    }
+    Some(route)
 }
 
 /// The forward direction, where packets enter the node from a pod (`EXTERNAL` false) or from
@@ -157,12 +225,16 @@ fn touch(entry_ptr: *mut CtEntry, entry: &CtEntry, key: &CtKey, next: u8, now: u
 /// keep theirs. Replies pass (they are translated on their way out to the client), except
 /// those of hairpin flows, which go back out at once, and those of flows from outside the
 /// cluster, which are translated here and routed out.
+/// `BEFORE_TC`: the XDP program, whose packets of no flow and no Service meet the TC program
+/// next, which does what they need.
 /// A subprogram of its own: inlined, its frame and the ICMP reply's would not fit in one
 /// 512-byte stack together.
 #[inline(never)]
-pub fn decide_ingress<const EXTERNAL: bool>(flow: &Flow) -> Result<Translation, Verdict> {
+pub fn decide_ingress<const EXTERNAL: bool, const BEFORE_TC: bool>(
+    flow: &Flow,
+) -> Result<Translation, Verdict> {
     let key = ct_key(flow);
-    if let Some(entry_ptr) = LB_CONNTRACK4_V3.get_ptr_mut(key) {
+    if let Some(entry_ptr) = LB_CONNTRACK4_V4.get_ptr_mut(key) {
         // SAFETY: copied out at once; a concurrent update can only make it stale.
         let entry = unsafe { *entry_ptr };
         let external_reply = entry.kind == CT_REPLY && entry.flags & CT_EXTERNAL != 0;
@@ -177,8 +249,8 @@ pub fn decide_ingress<const EXTERNAL: bool>(flow: &Flow) -> Result<Translation, 
         if !expired(&config, flow.protocol, &entry, now) {
             let next = next_state(entry.state, flow.protocol, flow.tcp_flags);
             if external_reply {
-                touch(entry_ptr, &entry, &key, next, now);
-                return Ok(routed_reply(flow, &entry));
+                let written = touch(entry_ptr, &entry, &key, next, now);
+                return Ok(routed_reply(flow, &entry, written));
             }
             if entry.kind == CT_REPLY {
                 touch(entry_ptr, &entry, &key, next, now);
@@ -192,13 +264,14 @@ pub fn decide_ingress<const EXTERNAL: bool>(flow: &Flow) -> Result<Translation, 
                     service_id: entry.service_id,
                     backend_id: entry.backend_id,
                     inbound: false,
+                    next_hop: NextHop::NONE,
                 });
             }
             if entry.kind == CT_FORWARD
                 && still_valid(&entry)
                 && !reopens(entry.state, flow.protocol, flow.tcp_flags)
             {
-                touch(entry_ptr, &entry, &key, next, now);
+                let written = touch(entry_ptr, &entry, &key, next, now);
                 let to = (entry.nat_addr, entry.nat_port);
                 if entry.flags & CT_SNAT != 0 {
                     return Ok(Translation {
@@ -209,6 +282,7 @@ pub fn decide_ingress<const EXTERNAL: bool>(flow: &Flow) -> Result<Translation, 
                         service_id: entry.service_id,
                         backend_id: entry.backend_id,
                         inbound: true,
+                        next_hop: NextHop::cached(&entry, written),
                     });
                 }
                 return Ok(dnat(flow, to, Counter::DnatEstablished, entry.service_id));
@@ -217,12 +291,14 @@ pub fn decide_ingress<const EXTERNAL: bool>(flow: &Flow) -> Result<Translation, 
         if entry.kind == CT_FORWARD {
             // The flow starts over below (its backend left, it expired, or it reopened): its
             // old reply entry goes, or it would translate the old backend's stray packets.
-            let _ = LB_CONNTRACK4_V3.remove(&peer_key(&key, &entry));
+            let _ = LB_CONNTRACK4_V4.remove(&peer_key(&key, &entry));
         }
     }
 
     let Some((frontend, scope)) = find_frontend::<EXTERNAL>(flow) else {
-        forget_replaced_reply(flow, &key);
+        if !BEFORE_TC {
+            forget_replaced_reply(flow, &key);
+        }
         return Err(Verdict::Pass(Counter::PassNoService));
     };
     if frontend.flags & FRONTEND_SOURCE_RANGES != 0 && !in_source_ranges(&frontend, flow) {
@@ -248,6 +324,7 @@ pub fn decide_ingress<const EXTERNAL: bool>(flow: &Flow) -> Result<Translation, 
             service_id: frontend.service_id,
             backend_id,
             inbound: true,
+            next_hop: NextHop::NONE,
         });
     }
     let new = Tracked {
@@ -299,7 +376,7 @@ pub fn track_external(
 /// The reply of a flow from outside the cluster: from the address the client called, to the
 /// client (the packet's destination already, unless the flow was source-NATed).
 #[inline(always)]
-fn routed_reply(flow: &Flow, entry: &CtEntry) -> Translation {
+fn routed_reply(flow: &Flow, entry: &CtEntry, written: bool) -> Translation {
     let dst = if entry.flags & CT_SNAT != 0 {
         (entry.peer_addr, entry.peer_port)
     } else {
@@ -313,6 +390,7 @@ fn routed_reply(flow: &Flow, entry: &CtEntry) -> Translation {
         service_id: entry.service_id,
         backend_id: entry.backend_id,
         inbound: false,
+        next_hop: NextHop::cached(entry, written),
     }
 }
 
@@ -382,6 +460,7 @@ fn dnat(flow: &Flow, to: Endpoint, counter: Counter, service_id: u32) -> Transla
         service_id,
         backend_id: 0,
         inbound: true,
+        next_hop: NextHop::NONE,
     }
 }
 
@@ -392,7 +471,7 @@ fn dnat(flow: &Flow, to: Endpoint, counter: Counter, service_id: u32) -> Transla
 #[inline(always)]
 pub fn decide_egress(flow: &Flow) -> Result<Translation, Verdict> {
     let key = ct_key(flow);
-    let Some(entry_ptr) = LB_CONNTRACK4_V3.get_ptr_mut(key) else {
+    let Some(entry_ptr) = LB_CONNTRACK4_V4.get_ptr_mut(key) else {
         return Err(Verdict::Pass(Counter::PassNoService));
     };
     // SAFETY: copied out at once; a concurrent update can only make it stale.
@@ -416,6 +495,7 @@ pub fn decide_egress(flow: &Flow) -> Result<Translation, Verdict> {
         service_id: entry.service_id,
         backend_id: entry.backend_id,
         inbound: false,
+        next_hop: NextHop::NONE,
     })
 }
 
@@ -437,7 +517,7 @@ pub fn icmp_error_target(quoted: &Quoted, ingress: bool) -> Option<([u8; 4], u16
     }
     .reversed();
     // SAFETY: copied out at once.
-    let entry = unsafe { *LB_CONNTRACK4_V3.get(&key)? };
+    let entry = unsafe { *LB_CONNTRACK4_V4.get(&key)? };
     // Errors about flows from outside the cluster are not translated (yet): they pass.
     if entry.flags & CT_EXTERNAL != 0 {
         return None;
@@ -502,11 +582,11 @@ fn forget_replaced_reply(flow: &Flow, key: &CtKey) {
     // SAFETY: copied out at once.
     // Not a flow from outside the cluster's: on an external link the packet may be that
     // flow's own, already translated by XDP (the TC program behind it then sees it as direct).
-    if let Some(entry) = unsafe { LB_CONNTRACK4_V3.get(&reverse) }
+    if let Some(entry) = unsafe { LB_CONNTRACK4_V4.get(&reverse) }
         && entry.kind == CT_REPLY
         && entry.flags & CT_EXTERNAL == 0
     {
-        let _ = LB_CONNTRACK4_V3.remove(&reverse);
+        let _ = LB_CONNTRACK4_V4.remove(&reverse);
     }
 }
 
@@ -615,6 +695,10 @@ impl Tracked {
             peer_port: peer.1,
             flags,
             _pad: 0,
+            // Meaningless without CT_ROUTE. Not zero: with the zero fields before them, a
+            // run of zero bytes that becomes a call to memset (see NextHop::NONE).
+            route_ifindex: u32::MAX,
+            route_macs: NextHop::NONE.macs,
         }
     }
 }
@@ -639,7 +723,7 @@ fn track(
     } else {
         BPF_ANY
     });
-    if LB_CONNTRACK4_V3
+    if LB_CONNTRACK4_V4
         .insert(reply_key, &reply, reply_flags)
         .is_err()
     {
@@ -650,7 +734,7 @@ fn track(
         }));
     }
     let forward = new.entry(CT_FORWARD, new.to, peer, flags);
-    if LB_CONNTRACK4_V3
+    if LB_CONNTRACK4_V4
         .insert(key, &forward, BPF_ANY as u64)
         .is_err()
     {

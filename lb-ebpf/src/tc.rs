@@ -22,7 +22,7 @@ use crate::{
     },
     pipeline::{
         Action, Endpoint, Translation, decide_egress, decide_ingress, fragment_ports,
-        icmp_error_target, may_answer_unreachable, remember_fragment, track_external,
+        icmp_error_target, may_answer_unreachable, next_hop, remember_fragment, track_external,
     },
 };
 
@@ -86,7 +86,7 @@ pub fn run<const INGRESS: bool, const EXTERNAL: bool>(ctx: &TcContext) -> i32 {
         return finish(Err(v), Some(&flow));
     }
     let decision = if INGRESS {
-        match decide_ingress::<EXTERNAL>(&flow) {
+        match decide_ingress::<EXTERNAL, false>(&flow) {
             Ok(chosen) if EXTERNAL && chosen.action == Action::NewExternal => {
                 let remote = SkbRouting(ctx).leaves_where_it_came(&flow, chosen.dst.0);
                 track_external(&flow, &chosen, remote)
@@ -97,8 +97,8 @@ pub fn run<const INGRESS: bool, const EXTERNAL: bool>(ctx: &TcContext) -> i32 {
         decide_egress(&flow)
     };
     // Here, not where the flow is decided: that frame and the event's would not fit together.
-    if events_level() >= EVENTS_FLOWS
-        && let Some((to, service_id)) = decision.as_ref().ok().and_then(Translation::new_flow)
+    if let Some((to, service_id)) = decision.as_ref().ok().and_then(Translation::new_flow)
+        && events_level() >= EVENTS_FLOWS
     {
         events::new_flow(&flow, to, service_id);
     }
@@ -125,7 +125,7 @@ fn emit(ctx: &TcContext, flow: &Flow, decision: &Result<Translation, Verdict>) -
         Ok(t) => rewrite(ctx, flow, t.src, t.dst)
             .and_then(|()| match t.action {
                 Action::Hairpin => hairpin(ctx),
-                Action::Routed => route_out(ctx, flow.protocol, t.src, t.dst),
+                Action::Routed => route_out(ctx, flow, t),
                 _ => Ok(TC_ACT_OK as i32),
             })
             .map(|action| (action, t.counter)),
@@ -267,21 +267,19 @@ fn hairpin(ctx: &TcContext) -> Result<i32, Verdict> {
 /// Sends a rewritten packet (now `src` to `dst`) straight out where the FIB says: its source
 /// is one of this node's addresses, which the kernel drops as martian on a forwarded packet.
 #[inline(always)]
-fn route_out(ctx: &TcContext, protocol: u8, src: Endpoint, dst: Endpoint) -> Result<i32, Verdict> {
-    let Some(route) = SkbRouting(ctx).route(protocol, src, dst) else {
+fn route_out(ctx: &TcContext, flow: &Flow, t: &Translation) -> Result<i32, Verdict> {
+    let lookup = || SkbRouting(ctx).route(flow.protocol, t.src, t.dst);
+    let Some(route) = next_hop(flow, t, lookup) else {
         return Err(Verdict::Drop(Counter::DropNoRoute));
     };
     let action = match route.macs {
-        Some((own, next_hop)) => {
+        Some(macs) => {
             let (data, data_end) = (ctx.data(), ctx.data_end());
             if data + ETH_LEN > data_end {
                 return Err(Verdict::Drop(Counter::DropRewriteFailed));
             }
             // SAFETY: the Ethernet header is in bounds, checked above.
-            unsafe {
-                let eth = data as *mut [[u8; 6]; 2];
-                *eth = [next_hop, own];
-            }
+            unsafe { core::ptr::write_unaligned(data as *mut [u32; 3], macs) };
             // SAFETY: a plain helper call.
             unsafe { bpf_redirect(route.ifindex, 0) }
         }

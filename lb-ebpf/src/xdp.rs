@@ -15,7 +15,7 @@ use crate::{
     maps::{count, count_traffic, events_level},
     parse::{ETH_LEN, FIRST_FRAGMENT, Flow, L4_OFF, LATER_FRAGMENT, Packet, parse},
     pipeline::{
-        Action, Endpoint, Translation, decide_ingress, fragment_ports, remember_fragment,
+        Action, Endpoint, Translation, decide_ingress, fragment_ports, next_hop, remember_fragment,
         track_external,
     },
 };
@@ -34,7 +34,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
     if flow.fragment == LATER_FRAGMENT && fragment_ports(&mut flow).is_err() {
         return XDP_PASS;
     }
-    let decision = match decide_ingress::<true>(&flow) {
+    let decision = match decide_ingress::<true, true>(&flow) {
         Ok(chosen) if chosen.action == Action::NewExternal => {
             let remote = route(
                 ctx,
@@ -47,8 +47,8 @@ pub fn run(ctx: &XdpContext) -> u32 {
         }
         decided => decided,
     };
-    if events_level() >= EVENTS_FLOWS
-        && let Some((to, service_id)) = decision.as_ref().ok().and_then(Translation::new_flow)
+    if let Some((to, service_id)) = decision.as_ref().ok().and_then(Translation::new_flow)
+        && events_level() >= EVENTS_FLOWS
     {
         events::new_flow(&flow, to, service_id);
     }
@@ -77,7 +77,7 @@ fn emit(ctx: &XdpContext, flow: &Flow, decision: &Result<Translation, Verdict>) 
     };
     let action = match t.action {
         Action::Rewrite => XDP_PASS,
-        Action::Routed => match route(ctx, flow, t.src, t.dst) {
+        Action::Routed => match next_hop(flow, t, || route(ctx, flow, t.src, t.dst)) {
             None => return drop(flow, Counter::DropNoRoute),
             // The kernel resolves the next hop: the TC program sends it (the flow is tracked,
             // it finds the entry).
@@ -87,11 +87,9 @@ fn emit(ctx: &XdpContext, flow: &Flow, decision: &Result<Translation, Verdict>) 
             }
             Some(fib::Route {
                 ifindex,
-                macs: Some((own, next_hop)),
+                macs: Some(macs),
             }) => {
-                if rewrite(ctx, flow, t.src, t.dst).is_err()
-                    || set_macs(ctx, own, next_hop).is_err()
-                {
+                if rewrite(ctx, flow, t.src, t.dst).is_err() || set_macs(ctx, macs).is_err() {
                     return drop(flow, Counter::DropRewriteFailed);
                 }
                 count(Counter::FibRedirect);
@@ -181,13 +179,15 @@ fn rewrite(ctx: &XdpContext, flow: &Flow, src: Endpoint, dst: Endpoint) -> Resul
     Ok(())
 }
 
+/// Writes the Ethernet header's addresses (the next hop's, then the link's own).
 #[inline(always)]
-fn set_macs(ctx: &XdpContext, own: [u8; 6], next_hop: [u8; 6]) -> Result<(), ()> {
+fn set_macs(ctx: &XdpContext, macs: [u32; 3]) -> Result<(), ()> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     if data + ETH_LEN > data_end {
         return Err(());
     }
-    // SAFETY: the Ethernet header is in bounds, checked above.
-    unsafe { *(data as *mut [[u8; 6]; 2]) = [next_hop, own] };
+    // SAFETY: the Ethernet header is in bounds, checked above; unaligned word stores are
+    // fine on the architectures with a BPF JIT that runs XDP (see the README's kernel table).
+    unsafe { core::ptr::write_unaligned(data as *mut [u32; 3], macs) };
     Ok(())
 }

@@ -17,8 +17,9 @@
 //!
 //! The XDP program of external links is timed the same way, as ns above an XDP program that
 //! only returns: established nodePort flows to a pod of this node (DNAT, XDP_PASS) and to
-//! another node's (SNAT, FIB lookup, XDP_TX), and a packet it does not own. The bench runs in
-//! a network namespace of its own whose routes and neighbours the FIB lookups find.
+//! another node's (SNAT, the next hop its conntrack entry keeps, XDP_TX), and a packet it does
+//! not own. The bench runs in a network namespace of its own whose routes and neighbours the
+//! FIB lookups find.
 //!
 //! `LB_BENCH_CASE=<prefix>` times only the cases whose name starts with it (the floors and the
 //! reference always run), e.g. under `perf record`.

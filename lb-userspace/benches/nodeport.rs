@@ -4,8 +4,8 @@
 //! on to node 1 from its own address, and translates the replies back). Through this
 //! project's datapath with XDP on the uplinks and with XDP off (the TC programs do it all),
 //! through the rules kube-proxy's iptables mode (legacy and nft back ends) and nftables mode
-//! would program on both nodes, and routed straight to the server pod through node 0 (the
-//! ceiling: the same path, no Service, no NAT). With 1, 1,000 and 10,000 Services of 10
+//! would program on both nodes, and routed straight to the server pod through node 0 both ways
+//! (the ceiling: the same path, no Service, no NAT). With 1, 1,000 and 10,000 Services of 10
 //! endpoints each, every fourth one a NodePort and the measured one a random one. Load: wrk
 //! from the outside host, bounded in connections and time, over new connections and over
 //! kept-alive ones.
@@ -17,7 +17,7 @@ use std::{
 
 use xtask::{
     kubeproxy::{ServiceRules, iptables_restore, manifest_list, nft_ruleset},
-    testbed::{Testbed, lan_ip},
+    testbed::{OUTSIDE_IP, Testbed, lan_ip},
     wrk::{self, wanted},
 };
 
@@ -86,6 +86,7 @@ fn main() -> anyhow::Result<()> {
                 )?;
             }
         }
+        // The straight route goes through node 0 both ways, as the NATed flows do.
         bed.exec_outside(&[
             "ip",
             "route",
@@ -94,6 +95,17 @@ fn main() -> anyhow::Result<()> {
             "via",
             &lan_ip(0).to_string(),
         ])?;
+        bed.exec_on_node(
+            1,
+            &[
+                "ip",
+                "route",
+                "replace",
+                &format!("{OUTSIDE_IP}/32"),
+                "via",
+                &lan_ip(0).to_string(),
+            ],
+        )?;
         let services: Vec<ServiceRules> = (0..n)
             .map(|i| ServiceRules {
                 name: format!("svc-{i}"),

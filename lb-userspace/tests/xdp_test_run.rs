@@ -147,3 +147,62 @@ fn what_xdp_does_not_own_passes_untouched_and_uncounted() {
         assert_eq!(t.counter("drop_no_local_endpoint"), 1);
     });
 }
+
+#[test]
+fn established_packets_go_to_the_next_hop_their_entry_keeps_until_it_is_written_again() {
+    in_test_netns(|uplink| {
+        let mut t = datapath(&[(
+            node_port(Scope::Cluster),
+            Backends::serving(vec![remote_pod(1)]),
+        )]);
+        let client = (CLIENT, 40000);
+        xdp(
+            &mut t,
+            uplink,
+            &tcp_with_flags(client, (NODE, NODE_PORT), 0x02),
+        );
+        let ack = tcp_with_flags(client, (NODE, NODE_PORT), 0x10);
+        assert_eq!(
+            macs(&xdp(&mut t, uplink, &ack).frame).0,
+            OTHER_NODE_NEXT_HOP
+        );
+        let entries = t.dp.conntrack_entries().unwrap();
+        let (_, forward) = entries
+            .iter()
+            .find(|(k, _)| k.src == CLIENT.octets())
+            .expect("the flow's entry");
+        assert_ne!(forward.flags & lb_common::CT_ROUTE, 0, "{forward:?}");
+        assert_eq!(forward.route_ifindex, uplink);
+        let route_macs: [u8; 12] = bytemuck::cast(forward.route_macs);
+        assert_eq!(route_macs[..6], OTHER_NODE_NEXT_HOP);
+
+        // The next hop's MAC address changes: packets that write nothing keep the one held
+        // (no FIB lookup) ...
+        let new_mac = [0x02, 0, 0, 0, 0, 0x33];
+        let status = std::process::Command::new("ip")
+            .args([
+                "neigh",
+                "replace",
+                &remote_pod(1).ip().to_string(),
+                "lladdr",
+                "02:00:00:00:00:33",
+                "dev",
+                "uplink",
+                "nud",
+                "permanent",
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(
+            macs(&xdp(&mut t, uplink, &ack).frame).0,
+            OTHER_NODE_NEXT_HOP
+        );
+        // ... until one writes the entry (here a state change; at least once a second while
+        // packets flow): it looks the next hop up again.
+        let fin = tcp_with_flags(client, (NODE, NODE_PORT), 0x11);
+        let out = xdp(&mut t, uplink, &fin);
+        assert_eq!((out.action, macs(&out.frame).0), (XDP_TX, new_mac));
+        assert_eq!(macs(&xdp(&mut t, uplink, &ack).frame).0, new_mac);
+    });
+}
