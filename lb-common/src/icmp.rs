@@ -109,6 +109,12 @@ pub fn quoted(h: &Headers) -> Option<Quoted> {
     })
 }
 
+/// The outer header's source and destination addresses.
+#[inline(always)]
+pub fn outer_addresses(h: &Headers) -> ([u8; 4], [u8; 4]) {
+    (addr(h, OUTER_SRC), addr(h, OUTER_DST))
+}
+
 /// Rewrites the quoted datagram's `end` to `addr`:`port` (port in network byte order), and the
 /// outer address on the same side when it is the one replaced (the backend itself sent the
 /// error, or it is addressed to the Service). `len` is how many bytes of `h` the packet has

@@ -499,12 +499,31 @@ pub fn decide_egress(flow: &Flow) -> Result<Translation, Verdict> {
     })
 }
 
-/// The address and port that replace the translated end of a flow an ICMP error quotes: at
-/// ingress an error from a client about a reply it got (quoted source: the Service, becomes
-/// the backend), at egress an error toward a client about what it sent (quoted destination:
-/// the backend, becomes the Service). Hairpin flows are left alone.
+/// What an ICMP error about a translated flow becomes: the quoted datagram's ends to rewrite
+/// (each with the outer address on its side where it is the same, see `icmp::translate`),
+/// and whether the program must send it out by FIB lookup (its new source may be one of this
+/// node's addresses, which the kernel drops on a forwarded packet).
+#[derive(Clone, Copy)]
+pub struct IcmpTarget {
+    pub source: Option<Endpoint>,
+    pub destination: Option<Endpoint>,
+    pub routed: bool,
+}
+
+/// How to translate an ICMP error whose quoted datagram belongs to a translated flow, so that
+/// its receiver knows the addresses:
+/// - at ingress, from a client about a reply it got (quoted source: the Service, becomes the
+///   backend; for a flow source-NATed toward another node, the quoted client becomes this
+///   node's address and port the backend knows, and the error is routed there);
+/// - at ingress, from a backend of a flow from outside the cluster (or a router on its way)
+///   about what the client sent (quoted destination: the backend, becomes the address the
+///   client called; source-NATed, this node's end becomes the client again); routed out;
+/// - at egress, toward a pod client about what it sent (quoted destination: the backend,
+///   becomes the Service).
+///
+/// Hairpin flows are left alone.
 #[inline(always)]
-pub fn icmp_error_target(quoted: &Quoted, ingress: bool) -> Option<([u8; 4], u16)> {
+pub fn icmp_error_target(quoted: &Quoted, ingress: bool) -> Option<IcmpTarget> {
     // The quoted datagram went the other way: its reverse is the key of the entry we want.
     let key = CtKey {
         src: quoted.src,
@@ -518,19 +537,45 @@ pub fn icmp_error_target(quoted: &Quoted, ingress: bool) -> Option<([u8; 4], u16
     .reversed();
     // SAFETY: copied out at once.
     let entry = unsafe { *LB_CONNTRACK4_V4.get(&key)? };
-    // Errors about flows from outside the cluster are not translated (yet): they pass.
-    if entry.flags & CT_EXTERNAL != 0 {
-        return None;
-    }
-    let wanted = if ingress {
-        entry.kind == CT_FORWARD && !is_hairpin_forward(&key, &entry)
+    let nat = Some((entry.nat_addr, entry.nat_port));
+    let snat = entry.flags & CT_SNAT != 0;
+    let peer = if snat {
+        Some((entry.peer_addr, entry.peer_port))
     } else {
-        entry.kind == CT_REPLY && !is_hairpin_reply(&key, &entry)
+        None
     };
-    if !wanted {
-        return None;
+    if entry.flags & CT_EXTERNAL != 0 {
+        if !ingress {
+            return None;
+        }
+        return Some(if entry.kind == CT_FORWARD {
+            IcmpTarget {
+                source: nat,
+                destination: peer,
+                routed: snat,
+            }
+        } else {
+            IcmpTarget {
+                source: peer,
+                destination: nat,
+                routed: true,
+            }
+        });
     }
-    Some((entry.nat_addr, entry.nat_port))
+    let target = if ingress {
+        (entry.kind == CT_FORWARD && !is_hairpin_forward(&key, &entry)).then_some(IcmpTarget {
+            source: nat,
+            destination: None,
+            routed: false,
+        })
+    } else {
+        (entry.kind == CT_REPLY && !is_hairpin_reply(&key, &entry)).then_some(IcmpTarget {
+            source: None,
+            destination: nat,
+            routed: false,
+        })
+    };
+    target
 }
 
 #[inline(always)]

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     EVENTS_DROPS, EVENTS_FLOWS, PROTO_UDP, checksum,
-    icmp::{self, End, Headers},
+    icmp::{self, End, Headers, PROTO_ICMP},
     stats::Counter,
 };
 
@@ -73,10 +73,11 @@ pub fn run<const INGRESS: bool, const EXTERNAL: bool>(ctx: &TcContext) -> i32 {
     let mut flow = match parse(ctx.data(), ctx.data_end(), len) {
         Ok(Packet::L4(f)) => f,
         Ok(Packet::Icmp { total_len }) => {
-            return finish(
-                icmp_error(ctx, total_len, INGRESS).map(|c| (TC_ACT_OK as i32, c)),
-                None,
-            );
+            let sent = icmp_error(ctx, total_len, INGRESS).and_then(|routed| match routed {
+                Some((src, dst)) => redirect(ctx, SkbRouting(ctx).route(PROTO_ICMP, src, dst)),
+                None => Ok(TC_ACT_OK as i32),
+            });
+            return finish(sent.map(|a| (a, Counter::IcmpErrorTranslated)), None);
         }
         Err(v) => return finish(Err(v), None),
     };
@@ -269,7 +270,13 @@ fn hairpin(ctx: &TcContext) -> Result<i32, Verdict> {
 #[inline(always)]
 fn route_out(ctx: &TcContext, flow: &Flow, t: &Translation) -> Result<i32, Verdict> {
     let lookup = || SkbRouting(ctx).route(flow.protocol, t.src, t.dst);
-    let Some(route) = next_hop(flow, t, lookup) else {
+    redirect(ctx, next_hop(flow, t, lookup))
+}
+
+/// Sends the packet out by `route` (none: dropped).
+#[inline(always)]
+fn redirect(ctx: &TcContext, route: Option<fib::Route>) -> Result<i32, Verdict> {
+    let Some(route) = route else {
         return Err(Verdict::Drop(Counter::DropNoRoute));
     };
     let action = match route.macs {
@@ -295,11 +302,16 @@ fn route_out(ctx: &TcContext, flow: &Flow, t: &Translation) -> Result<i32, Verdi
 }
 
 /// An ICMP error about a translated flow: the quoted datagram and the outer header get the
-/// addresses the receiver knows (see [`icmp_error_target`]), every checksum fixed.
+/// addresses the receiver knows (see [`icmp_error_target`]), every checksum fixed. Returns
+/// the new outer source and destination where the program must send it out itself.
 /// A function of its own (a BPF subprogram with its own stack frame): inlined, its copy of the
 /// headers and the port-unreachable reply's would not fit in one 512-byte frame together.
 #[inline(never)]
-fn icmp_error(ctx: &TcContext, total_len: usize, ingress: bool) -> Result<Counter, Verdict> {
+fn icmp_error(
+    ctx: &TcContext,
+    total_len: usize,
+    ingress: bool,
+) -> Result<Option<(Endpoint, Endpoint)>, Verdict> {
     let mut headers: Headers = [0; icmp::LONG_LEN];
     let skb = ctx.skb.skb;
     let to = headers.as_mut_ptr() as *mut core::ffi::c_void;
@@ -320,16 +332,20 @@ fn icmp_error(ctx: &TcContext, total_len: usize, ingress: bool) -> Result<Counte
     let Some(quoted) = icmp::quoted(&headers) else {
         return Err(Verdict::Pass(Counter::PassNotTcpUdp));
     };
-    let Some((addr, port)) = icmp_error_target(&quoted, ingress) else {
+    let Some(target) = icmp_error_target(&quoted, ingress) else {
         return Err(Verdict::Pass(Counter::PassIcmpError));
     };
-    let (end, len) = match (ingress, long) {
-        (true, true) => (End::Source, icmp::LONG_LEN),
-        (true, false) => (End::Source, icmp::SHORT_LEN),
-        (false, true) => (End::Destination, icmp::LONG_LEN),
-        (false, false) => (End::Destination, icmp::SHORT_LEN),
+    let len = if long {
+        icmp::LONG_LEN
+    } else {
+        icmp::SHORT_LEN
     };
-    icmp::translate(&mut headers, len, end, addr, port);
+    if let Some((addr, port)) = target.source {
+        icmp::translate(&mut headers, len, End::Source, addr, port);
+    }
+    if let Some((addr, port)) = target.destination {
+        icmp::translate(&mut headers, len, End::Destination, addr, port);
+    }
     let from = headers.as_ptr() as *const core::ffi::c_void;
     // SAFETY: `from` points at `len` initialised bytes of the stack copy.
     let stored = unsafe {
@@ -342,7 +358,11 @@ fn icmp_error(ctx: &TcContext, total_len: usize, ingress: bool) -> Result<Counte
     if stored != 0 {
         return Err(Verdict::Drop(Counter::DropRewriteFailed));
     }
-    Ok(Counter::IcmpErrorTranslated)
+    if !target.routed {
+        return Ok(None);
+    }
+    let (src, dst) = icmp::outer_addresses(&headers);
+    Ok(Some(((src, 0), (dst, 0))))
 }
 
 const ICMP_LEN: usize = 8;

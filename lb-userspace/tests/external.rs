@@ -383,3 +383,42 @@ fn the_health_check_node_port_says_which_nodes_have_endpoints() {
         serde_json::from_str::<serde_json::Value>(&check(1).1).unwrap()["localEndpoints"] == 1
     });
 }
+
+/// The error a UDP datagram sent from the outside host by a socket connected to `to` meets,
+/// if any, within 2 s.
+fn udp_error_from_outside(bed: &Testbed, to: SocketAddrV4) -> Option<std::io::ErrorKind> {
+    bed.in_outside(move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.connect(to).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        socket.send(b"anyone?").unwrap();
+        let mut buf = [0u8; 64];
+        socket.recv(&mut buf).err().map(|e| e.kind())
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_closed_port_behind_a_node_port_is_refused_to_the_outside_client() {
+    let mut bed = two_nodes();
+    web_pods(&mut bed, 1, 1);
+    // No pod listens on UDP 9999: the pod's port unreachable must reach the client as an
+    // error about what it sent, to the address it called (through the node that
+    // source-NATed the flow, or straight from the pod's node).
+    bed.write_manifest(
+        "closed.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: closed}\nspec:\n  type: NodePort\n  selector: {app: web}\n  ports:\n  - {port: 9, targetPort: 9999, nodePort: 30999, protocol: UDP}\n",
+    )
+    .unwrap();
+    bed.start_agent().unwrap();
+    for node in [0, 1] {
+        assert_eq!(
+            udp_error_from_outside(&bed, SocketAddrV4::new(lan_ip(node), 30999)),
+            Some(std::io::ErrorKind::ConnectionRefused),
+            "through node-{}",
+            node + 1
+        );
+    }
+}

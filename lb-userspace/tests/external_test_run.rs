@@ -222,3 +222,92 @@ fn packets_for_no_frontend_pass_byte_identical() {
         assert_eq!(t.counter("pass_no_service"), 4);
     });
 }
+
+/// An ICMP error frame's outer source and destination, its quoted datagram's source and
+/// destination (address, port), and whether its outer IPv4, ICMP and quoted IPv4 checksums
+/// are all valid.
+#[allow(clippy::type_complexity)]
+fn icmp_parts(f: &[u8]) -> ([Ipv4Addr; 2], [(Ipv4Addr, u16); 2], bool) {
+    let ip = |o: usize| Ipv4Addr::new(f[o], f[o + 1], f[o + 2], f[o + 3]);
+    let port = |o: usize| u16::from_be_bytes([f[o], f[o + 1]]);
+    let sum = lb_common::checksum::checksum;
+    let valid = sum(&f[14..34]) == 0 && sum(&f[34..]) == 0 && sum(&f[42..62]) == 0;
+    (
+        [ip(26), ip(30)],
+        [(ip(54), port(62)), (ip(58), port(64))],
+        valid,
+    )
+}
+
+#[test]
+fn icmp_errors_about_a_flow_sent_on_to_another_node_reach_each_end_as_it_knows_the_flow() {
+    in_test_netns(|| {
+        let mut t = datapath(&[(
+            node_port(Scope::Cluster),
+            Backends::serving(vec![remote_pod(1)]),
+        )]);
+        let client = (CLIENT, 40000);
+        let backend = (*remote_pod(1).ip(), 8080);
+        let sent = external(&mut t, &tcp_with_flags(client, (NODE, NODE_PORT), 0x02));
+        assert_eq!(
+            src(&sent.frame),
+            (NODE, 40000),
+            "source-NATed to the client's port"
+        );
+
+        // The backend (or a router on its way) about what it got: to the client, about the
+        // datagram it sent, from the address it called.
+        let error = icmp_error_frame(backend.0, NODE, 3, 4, &sent.frame, 28);
+        let out = external(&mut t, &error);
+        assert_eq!(out.action, TC_ACT_REDIRECT, "sent out by the program");
+        assert_eq!(
+            icmp_parts(&out.frame),
+            ([NODE, CLIENT], [client, (NODE, NODE_PORT)], true)
+        );
+
+        // A router on the client's way about a reply (path MTU): to the backend, about the
+        // reply as the backend sent it (to this node's address and port).
+        let router = Ipv4Addr::new(198, 18, 254, 254);
+        let reply_seen = tcp_with_flags((NODE, NODE_PORT), client, 0x12);
+        let error = icmp_error_frame(router, NODE, 3, 4, &reply_seen, 28);
+        let out = external(&mut t, &error);
+        assert_eq!(out.action, TC_ACT_REDIRECT);
+        assert_eq!(
+            icmp_parts(&out.frame),
+            ([router, backend.0], [backend, (NODE, 40000)], true)
+        );
+        assert_eq!(t.counter("icmp_error_translated"), 2);
+    });
+}
+
+#[test]
+fn icmp_errors_about_a_flow_to_a_local_pod_reach_each_end_as_it_knows_the_flow() {
+    in_test_netns(|| {
+        let mut t = datapath(&[(
+            node_port(Scope::Cluster),
+            Backends::serving(vec![local_pod(1)]),
+        )]);
+        let client = (CLIENT, 40000);
+        let backend = (*local_pod(1).ip(), 8080);
+        let sent = external(&mut t, &tcp_with_flags(client, (NODE, NODE_PORT), 0x02));
+        assert_eq!(dst(&sent.frame), backend);
+        // The pod (here: fragmentation needed) through its link (the pod programs' ingress):
+        // to the client, from the address the client called.
+        let error = icmp_error_frame(backend.0, CLIENT, 3, 4, &sent.frame, 28);
+        let out = t.run(&error);
+        assert_eq!(out.action, TC_ACT_REDIRECT, "from a node address: sent out");
+        assert_eq!(
+            icmp_parts(&out.frame),
+            ([NODE, CLIENT], [client, (NODE, NODE_PORT)], true)
+        );
+        // The client about a reply: to the pod, handed to the stack.
+        let reply_seen = tcp_with_flags((NODE, NODE_PORT), client, 0x12);
+        let error = icmp_error_frame(CLIENT, NODE, 3, 4, &reply_seen, 28);
+        let out = external(&mut t, &error);
+        assert_eq!(out.action, TC_ACT_OK);
+        assert_eq!(
+            icmp_parts(&out.frame),
+            ([CLIENT, backend.0], [backend, client], true)
+        );
+    });
+}
