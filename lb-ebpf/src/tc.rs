@@ -265,8 +265,9 @@ fn hairpin(ctx: &TcContext) -> Result<i32, Verdict> {
     Ok(action as i32)
 }
 
-/// Sends a rewritten packet (now `src` to `dst`) straight out where the FIB says: its source
-/// is one of this node's addresses, which the kernel drops as martian on a forwarded packet.
+/// Sends a rewritten packet (now `t.src` to `t.dst`) straight out to its next hop (see
+/// [`next_hop`]): its source is one of this node's addresses, which the kernel drops as
+/// martian on a forwarded packet.
 #[inline(always)]
 fn route_out(ctx: &TcContext, flow: &Flow, t: &Translation) -> Result<i32, Verdict> {
     let lookup = || SkbRouting(ctx).route(flow.protocol, t.src, t.dst);

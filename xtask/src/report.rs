@@ -561,7 +561,12 @@ protocol . nodePort, masquerade) would program both nodes. `direct` is the outsi
 routed straight to the pod through node 0 both ways: the same path, no Service and no NAT. Every
 fourth Service is a NodePort (2,500 at 10,000 Services), and so is the measured one.
 Load as above: wrk, 1 thread, 8 connections, 3 s, new and kept-alive connections taking
-turns, each figure the median of 3 runs. Source: `lb-userspace/benches/nodeport.rs`.
+turns, each figure the median of the runs listed (`BENCH_RUNS`, 3 unless more were asked
+for), after unmeasured seconds until two in a row agree within 20 %. The client reuses its
+TIME_WAIT ports (`net.ipv4.tcp_tw_reuse=1`, ports 1024-65535): wrk closes first, and with
+the default settings the client ran out of ephemeral ports at about 470 connections/s
+whatever the path (an earlier version of this benchmark measured that limit).
+Source: `lb-userspace/benches/nodeport.rs`.
 ";
 
 const CONTROL_PLANE_INTRO: &str = "
