@@ -105,9 +105,9 @@ pub fn run(exec: Exec, url: &str, new_connections: bool, seconds: u64) -> anyhow
     parse(&exec(&args)?)
 }
 
-/// Measures `mode` at `url`: [`runs_per_figure`] runs of each workload, the two taking turns so that a
-/// slow spell of this shared machine falls on both; each figure is the median run by
-/// requests per second.
+/// Measures `mode` at `url`: [`runs_per_figure`] runs of each workload, the two taking turns
+/// so that a slow spell of this shared machine falls on both; each figure is the median run
+/// by requests per second.
 pub fn measure(
     exec: Exec,
     services: u32,
