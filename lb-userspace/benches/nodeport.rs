@@ -12,11 +12,11 @@
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use xtask::{
-    kubeproxy::{ServiceRules, iptables_restore, manifest_list, nft_ruleset},
+    kubeproxy::{ServiceRules, manifest_list, measure_each_mode},
     testbed::{OUTSIDE_IP, Testbed, lan_ip},
     wrk::{self, wanted},
 };
@@ -149,15 +149,6 @@ fn main() -> anyhow::Result<()> {
         measure("direct", &format!("http://{}:8080/", server_ip(0)), &bed)?;
 
         bed.write_manifest("services.json", &manifest_list(&services))?;
-        let reset = |bed: &Testbed| -> anyhow::Result<()> {
-            for node in 0..2 {
-                bed.lb_on(
-                    node,
-                    &["reset", "--bpffs", &bed.bpffs_of(node).to_string_lossy()],
-                )?;
-            }
-            Ok(())
-        };
         // veth runs XDP in generic mode only (native falls back to it, see the README).
         for (mode, xdp) in [("lb, XDP generic", "generic"), ("lb, XDP off", "off")] {
             if !wanted(mode) {
@@ -169,52 +160,11 @@ fn main() -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_secs(2));
             measure(mode, &node_port_url, &bed)?;
             bed.stop_agent(false)?;
-            reset(&bed)?;
+            bed.reset_datapaths()?;
         }
         // kube-proxy programs every node.
-        let on_both = |args: &[&str]| -> anyhow::Result<()> {
-            for node in 0..2 {
-                bed.exec_on_node(node, args)?;
-            }
-            Ok(())
-        };
-        let rules_file = bed.dir.join("rules");
-        std::fs::write(&rules_file, iptables_restore(&services))?;
-        let rules = rules_file.to_string_lossy().into_owned();
-        for (mode, restore, flush) in [
-            (
-                "iptables-legacy",
-                "iptables-legacy-restore",
-                "iptables-legacy",
-            ),
-            ("iptables-nft", "iptables-nft-restore", "iptables-nft"),
-        ] {
-            if !wanted(mode) {
-                continue;
-            }
-            let started = Instant::now();
-            on_both(&[restore, &rules])?;
-            eprintln!("   {mode}: rules loaded in {:.1?}", started.elapsed());
-            measure(mode, &node_port_url, &bed)?;
-            on_both(&[flush, "-t", "nat", "-F"])?;
-            on_both(&[flush, "-t", "nat", "-X"])?;
-        }
-        if wanted("nftables") {
-            std::fs::write(&rules_file, nft_ruleset(&services))?;
-            let started = Instant::now();
-            on_both(&["nft", "-f", &rules])?;
-            eprintln!("   nftables: rules loaded in {:.1?}", started.elapsed());
-            measure("nftables", &node_port_url, &bed)?;
-            on_both(&["nft", "flush", "ruleset"])?;
-        }
+        measure_each_mode(&bed, &services, |mode| measure(mode, &node_port_url, &bed))?;
         drop(bed);
     }
-    let text = serde_json::to_string_pretty(
-        &serde_json::json!({"machine": xtask::machine::Machine::read(), "rows": results}),
-    )?;
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("nodeport.json"), &text)?;
-    println!("{text}");
-    Ok(())
+    wrk::write_json("nodeport", &results)
 }

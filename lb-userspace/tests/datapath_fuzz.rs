@@ -66,8 +66,7 @@ struct Model {
     services: HashMap<((Ipv4Addr, u16), u8), Vec<SocketAddrV4>>,
     forward: HashMap<Tuple, ((Ipv4Addr, u16), u8)>,
     reply: HashMap<Tuple, ((Ipv4Addr, u16), u8)>,
-    /// Translated first fragments: (source, destination, IP id, protocol) -> ports.
-    fragments: HashMap<(Ipv4Addr, Ipv4Addr, u16, u8), (u16, u16)>,
+    fragments: FirstFragments,
 }
 
 impl Model {
@@ -187,6 +186,47 @@ fn classify(f: &[u8]) -> Kind {
     }
 }
 
+/// Translated first fragments: (source, destination, IP id, protocol) -> ports.
+type FirstFragments = HashMap<(Ipv4Addr, Ipv4Addr, u16, u8), (u16, u16)>;
+
+/// The flow a TCP/UDP datagram or fragment of `kind` belongs to, which part of its datagram
+/// it is, and its TCP flags (none in a later fragment). A later fragment's ports come from
+/// its first fragment: `None` if none was translated.
+fn flow_of(
+    frame: &[u8],
+    kind: Kind,
+    first_fragments: &FirstFragments,
+) -> Option<(Tuple, Fragment, u8)> {
+    match kind {
+        Kind::LaterFragment {
+            src,
+            dst,
+            id,
+            protocol,
+        } => {
+            let &(sport, dport) = first_fragments.get(&(src, dst, id, protocol))?;
+            let tuple = Tuple {
+                src: (src, sport),
+                dst: (dst, dport),
+                protocol,
+            };
+            Some((tuple, Fragment::Later, 0))
+        }
+        Kind::Flow {
+            tuple,
+            first_fragment,
+        } => {
+            let fragment = if first_fragment {
+                Fragment::First
+            } else {
+                Fragment::Whole
+            };
+            Some((tuple, fragment, tcp_flags(frame, tuple.protocol)))
+        }
+        Kind::Opaque | Kind::IcmpError { .. } => None,
+    }
+}
+
 fn l4_csum_off(f: &[u8]) -> usize {
     if f[23] == TCP { 50 } else { 40 }
 }
@@ -294,7 +334,8 @@ fn random_and_mutated_frames_keep_every_invariant() {
                 context()
             );
         };
-        let (tuple, fragment) = match classify(&frame) {
+        let kind = classify(&frame);
+        match kind {
             Kind::Opaque => {
                 unchanged("untranslatable frame");
                 passed += 1;
@@ -320,42 +361,12 @@ fn random_and_mutated_frames_keep_every_invariant() {
                 }
                 continue;
             }
-            Kind::LaterFragment {
-                src,
-                dst,
-                id,
-                protocol,
-            } => match model.fragments.get(&(src, dst, id, protocol)) {
-                Some(&(sport, dport)) => (
-                    Tuple {
-                        src: (src, sport),
-                        dst: (dst, dport),
-                        protocol,
-                    },
-                    Fragment::Later,
-                ),
-                None => {
-                    unchanged("later fragment of no translated datagram");
-                    passed += 1;
-                    continue;
-                }
-            },
-            Kind::Flow {
-                tuple,
-                first_fragment,
-            } => (
-                tuple,
-                if first_fragment {
-                    Fragment::First
-                } else {
-                    Fragment::Whole
-                },
-            ),
-        };
-        let flags = if fragment == Fragment::Later {
-            0
-        } else {
-            tcp_flags(&frame, tuple.protocol)
+            _ => {}
+        }
+        let Some((tuple, fragment, flags)) = flow_of(&frame, kind, &model.fragments) else {
+            unchanged("later fragment of no translated datagram");
+            passed += 1;
+            continue;
         };
         let remember = |model: &mut Model| {
             if fragment == Fragment::First {
@@ -626,8 +637,7 @@ fn random_and_mutated_frames_through_the_xdp_program() {
             })
         };
         let mut entries: HashMap<Tuple, ExternalEntry> = HashMap::new();
-        let mut first_fragments: HashMap<(Ipv4Addr, Ipv4Addr, u16, u8), (u16, u16)> =
-            HashMap::new();
+        let mut first_fragments = FirstFragments::new();
         let (mut new, mut established, mut replies, mut dropped, mut passed) = (0u64, 0, 0, 0, 0);
         let started = Instant::now();
         for i in 0..frames {
@@ -695,80 +705,46 @@ fn random_and_mutated_frames_through_the_xdp_program() {
                     context()
                 );
             };
-            let (tuple, fragment) = match classify(&frame) {
-                Kind::Opaque | Kind::IcmpError { .. } => {
-                    unchanged("what XDP leaves to TC");
-                    passed += 1;
-                    continue;
-                }
-                Kind::LaterFragment {
-                    src,
-                    dst,
-                    id,
-                    protocol,
-                } => match first_fragments.get(&(src, dst, id, protocol)) {
-                    Some(&(sport, dport)) => (
-                        Tuple {
-                            src: (src, sport),
-                            dst: (dst, dport),
-                            protocol,
-                        },
-                        Fragment::Later,
-                    ),
-                    None => {
-                        unchanged("a later fragment of no translated datagram");
-                        passed += 1;
-                        continue;
-                    }
-                },
-                Kind::Flow {
-                    tuple,
-                    first_fragment,
-                } => (
-                    tuple,
-                    if first_fragment {
-                        Fragment::First
-                    } else {
-                        Fragment::Whole
-                    },
-                ),
-            };
-            let flags = if fragment == Fragment::Later {
-                0
-            } else {
-                tcp_flags(&frame, tuple.protocol)
+            let kind = classify(&frame);
+            if matches!(kind, Kind::Opaque | Kind::IcmpError { .. }) {
+                unchanged("what XDP leaves to TC");
+                passed += 1;
+                continue;
+            }
+            let Some((tuple, fragment, flags)) = flow_of(&frame, kind, &first_fragments) else {
+                unchanged("a later fragment of no translated datagram");
+                passed += 1;
+                continue;
             };
             // The packet rewritten as the entry says and sent where it says.
-            let expect =
-                |e: &ExternalEntry,
-                 first_fragments: &mut HashMap<(Ipv4Addr, Ipv4Addr, u16, u8), _>| {
-                    let next_hop = match e.send {
-                        Send::Stack => None,
-                        Send::Out(mac) => Some(mac),
-                        Send::Unresolved => {
-                            return unchanged("a packet to an unresolved neighbour");
-                        }
-                        Send::NoRoute => {
-                            assert_eq!(out.action, XDP_DROP, "no route: {}", context());
-                            return;
-                        }
-                    };
-                    let action = if next_hop.is_some() { XDP_TX } else { XDP_PASS };
-                    assert_eq!(out.action, action, "{e:?} {}", context());
-                    check_rewritten(
-                        &frame,
-                        &out.frame,
-                        Some(e.src),
-                        Some(e.dst),
-                        next_hop,
-                        fragment,
-                        context,
-                    );
-                    if fragment == Fragment::First {
-                        let key = (tuple.src.0, tuple.dst.0, ip_id(&frame), tuple.protocol);
-                        first_fragments.insert(key, (tuple.src.1, tuple.dst.1));
+            let expect = |e: &ExternalEntry, first_fragments: &mut FirstFragments| {
+                let next_hop = match e.send {
+                    Send::Stack => None,
+                    Send::Out(mac) => Some(mac),
+                    Send::Unresolved => {
+                        return unchanged("a packet to an unresolved neighbour");
+                    }
+                    Send::NoRoute => {
+                        assert_eq!(out.action, XDP_DROP, "no route: {}", context());
+                        return;
                     }
                 };
+                let action = if next_hop.is_some() { XDP_TX } else { XDP_PASS };
+                assert_eq!(out.action, action, "{e:?} {}", context());
+                check_rewritten(
+                    &frame,
+                    &out.frame,
+                    Some(e.src),
+                    Some(e.dst),
+                    next_hop,
+                    fragment,
+                    context,
+                );
+                if fragment == Fragment::First {
+                    let key = (tuple.src.0, tuple.dst.0, ip_id(&frame), tuple.protocol);
+                    first_fragments.insert(key, (tuple.src.1, tuple.dst.1));
+                }
+            };
             let entry = entries.get(&tuple).copied();
             let reopened = entry
                 .is_some_and(|e| e.forward && conntrack::reopens(e.state, tuple.protocol, flags));

@@ -52,15 +52,21 @@ fn from_outside(bed: &Testbed, to: SocketAddrV4) -> std::io::Result<String> {
         .unwrap()
 }
 
+/// A UDP socket connected to `to` (it accepts datagrams from `to` only), reads waiting 2 s.
+fn connected_udp(to: SocketAddrV4) -> UdpSocket {
+    let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket.connect(to).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    socket
+}
+
 /// The answers to `count` UDP datagrams sent from the outside host by a socket connected to
 /// `to` (which accepts datagrams from `to` only).
 fn udp_from_outside(bed: &Testbed, to: SocketAddrV4, count: usize) -> Vec<String> {
     bed.in_outside(move || {
-        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-        socket.connect(to).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
+        let socket = connected_udp(to);
         (0..count)
             .map(|i| {
                 socket.send(format!("q{i}").as_bytes()).unwrap();
@@ -388,11 +394,7 @@ fn the_health_check_node_port_says_which_nodes_have_endpoints() {
 /// if any, within 2 s.
 fn udp_error_from_outside(bed: &Testbed, to: SocketAddrV4) -> Option<std::io::ErrorKind> {
     bed.in_outside(move || {
-        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-        socket.connect(to).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
+        let socket = connected_udp(to);
         socket.send(b"anyone?").unwrap();
         let mut buf = [0u8; 64];
         socket.recv(&mut buf).err().map(|e| e.kind())

@@ -4,7 +4,9 @@
 //! KUBE-SERVICES, through a KUBE-EXT chain that marks for masquerade) and its nftables mode
 //! (verdict maps on address . protocol . port and on protocol . nodePort). Used to compare
 //! this project's datapath and control plane with kube-proxy's, side by side.
-use std::{fmt::Write as _, net::SocketAddrV4};
+use std::{fmt::Write as _, net::SocketAddrV4, time::Instant};
+
+use crate::{testbed::Testbed, wrk::wanted};
 
 /// A ClusterIP Service port with its endpoints, and its nodePort if it has one
 /// (externalTrafficPolicy Cluster: traffic to it is masqueraded).
@@ -211,6 +213,53 @@ pub fn manifest_list(services: &[ServiceRules]) -> String {
         }));
     }
     serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
+}
+
+/// Programs `services` on every node of `bed` as kube-proxy would (a Service's traffic may
+/// meet the rules on both nodes), in turn through iptables-legacy, iptables-nft and nftables,
+/// and calls `measure` with each mode's name while its rules are loaded. Modes BENCH_MODES
+/// leaves out are skipped.
+pub fn measure_each_mode(
+    bed: &Testbed,
+    services: &[ServiceRules],
+    mut measure: impl FnMut(&'static str) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let on_every_node = |args: &[&str]| -> anyhow::Result<()> {
+        for node in 0..bed.node_netns_list().len() {
+            bed.exec_on_node(node, args)?;
+        }
+        Ok(())
+    };
+    let rules_file = bed.dir.join("rules");
+    let rules = rules_file.to_string_lossy().into_owned();
+    std::fs::write(&rules_file, iptables_restore(services))?;
+    for (mode, restore, flush) in [
+        (
+            "iptables-legacy",
+            "iptables-legacy-restore",
+            "iptables-legacy",
+        ),
+        ("iptables-nft", "iptables-nft-restore", "iptables-nft"),
+    ] {
+        if !wanted(mode) {
+            continue;
+        }
+        let started = Instant::now();
+        on_every_node(&[restore, &rules])?;
+        eprintln!("   {mode}: rules loaded in {:.1?}", started.elapsed());
+        measure(mode)?;
+        on_every_node(&[flush, "-t", "nat", "-F"])?;
+        on_every_node(&[flush, "-t", "nat", "-X"])?;
+    }
+    if wanted("nftables") {
+        std::fs::write(&rules_file, nft_ruleset(services))?;
+        let started = Instant::now();
+        on_every_node(&["nft", "-f", &rules])?;
+        eprintln!("   nftables: rules loaded in {:.1?}", started.elapsed());
+        measure("nftables")?;
+        on_every_node(&["nft", "flush", "ruleset"])?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -743,6 +743,17 @@ impl Testbed {
         Ok((mib("VmRSS:"), mib("VmHWM:")))
     }
 
+    /// `lb reset` on every node: the stopped agents' programs detach, their maps go.
+    pub fn reset_datapaths(&self) -> anyhow::Result<()> {
+        for node in 0..self.nodes.len() {
+            self.lb_on(
+                node,
+                &["reset", "--bpffs", &self.bpffs_of(node).to_string_lossy()],
+            )?;
+        }
+        Ok(())
+    }
+
     /// Waits (up to 60 s) until node 0's agent reports `n` Services programmed.
     pub fn wait_services_programmed(&self, n: u32) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);

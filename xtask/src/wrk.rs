@@ -198,3 +198,16 @@ pub fn seconds_and_scales() -> (u64, Vec<u32>) {
         .unwrap_or_else(|| vec![1, 1_000, 10_000]);
     (seconds, scales)
 }
+
+/// Writes a benchmark's rows, with the machine they were measured on, to
+/// `target/bench/<name>.json` (where `cargo xtask report` reads them), and prints them.
+pub fn write_json(name: &str, rows: &[Measurement]) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(
+        &serde_json::json!({"machine": crate::machine::Machine::read(), "rows": rows}),
+    )?;
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join(format!("{name}.json")), &text)?;
+    println!("{text}");
+    Ok(())
+}
