@@ -22,6 +22,7 @@ use crate::{
     dataplane::{Dataplane, LinkPatterns},
     desired::{Algorithm, DesiredDataplane, Frontend},
     diff::{self, ActualDataplane},
+    dns::SharedZone,
     events::{self, EventsLevel},
     external::AllocationRanges,
     health_check::HealthChecks,
@@ -121,6 +122,8 @@ pub struct AgentConfig {
     /// times the endpoints of the largest Service (4 bytes each).
     #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = maglev_table_size)]
     pub maglev_table_size: u32,
+    #[command(flatten)]
+    pub dns: crate::dns::DnsConfig,
 }
 
 /// `--lb-algorithm`.
@@ -267,6 +270,8 @@ struct Agent {
     unprogrammed: BTreeSet<Frontend>,
     /// The `healthCheckNodePort` servers.
     health_checks: HealthChecks,
+    /// The cluster DNS zone, with `--dns-listen`.
+    dns: Option<SharedZone>,
     dataplane: Dataplane,
     actual: ActualDataplane,
     /// The control plane, and the status the admin endpoint shows.
@@ -299,6 +304,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             "kube-proxy's rules are on this node ({found}): kube-proxy and this datapath would both act on Service traffic; remove kube-proxy and its rules (README, replacing kube-proxy)"
         );
     }
+    let dns = crate::dns::start(&config.dns)?;
     let mut dataplane = Dataplane::load_pinned(&config.bpffs, config.datapath_config())?;
     dataplane.set_tc_attach(config.tc_attach);
     dataplane.set_xdp_mode(config.xdp_mode);
@@ -374,6 +380,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         },
         unprogrammed: BTreeSet::new(),
         health_checks: HealthChecks::default(),
+        dns,
         patterns,
         source,
         dataplane,
@@ -821,6 +828,15 @@ impl Agent {
             if let Ok(since_epoch) = now.duration_since(SystemTime::UNIX_EPOCH) {
                 metrics.last_sync_timestamp.set(since_epoch.as_secs_f64());
             }
+        }
+        // Names follow the maps: a ClusterIP is answered once its frontend is written.
+        if let Some(zone) = &self.dns {
+            let control = self.shared.control();
+            let mut zone = zone.write().unwrap_or_else(|e| e.into_inner());
+            for change in &changed {
+                zone.apply(&change.name, control.state(&change.name));
+            }
+            zone.set_ready();
         }
         if errors != self.last_errors {
             for e in &errors {

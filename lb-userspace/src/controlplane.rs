@@ -75,6 +75,15 @@ impl ResolvedPort {
     }
 }
 
+/// An endpoint address of a headless Service, as DNS publishes it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct DnsEndpoint {
+    pub ip: Ipv4Addr,
+    /// Its hostname (a Pod's `spec.hostname` when its `spec.subdomain` names the Service, or
+    /// an endpoint's `hostname`).
+    pub hostname: Option<String>,
+}
+
 /// A Service as the cluster would present it: with its address and its endpoints.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ServiceState {
@@ -82,6 +91,9 @@ pub struct ServiceState {
     /// `None` for headless and ExternalName Services.
     pub cluster_ip: Option<Ipv4Addr>,
     pub ports: Vec<ResolvedPort>,
+    /// Headless Services: the ready endpoint addresses (all of them with
+    /// `publishNotReadyAddresses`), whatever their ports, sorted. Empty for other Services.
+    pub dns_endpoints: Vec<DnsEndpoint>,
     /// Its nodePorts and LoadBalancer addresses.
     pub external: External,
     #[serde(skip)]
@@ -383,10 +395,12 @@ impl ControlPlane {
                 self.node_name.as_deref(),
             );
             let external = external.unwrap_or_default();
+            let dns_endpoints = resolve_dns_endpoints(svc, &self.endpoints);
             let unchanged = old.is_some_and(|old| {
                 old.cluster_ip == cluster_ip
                     && old.created == created
                     && old.ports == ports
+                    && old.dns_endpoints == dns_endpoints
                     && old.external == external
                     && old.service == *svc
             });
@@ -395,6 +409,7 @@ impl ControlPlane {
                     service: svc.clone(),
                     cluster_ip,
                     ports,
+                    dns_endpoints,
                     external,
                     created,
                 };
@@ -797,6 +812,51 @@ fn resolve_ports(
                 on_node: on_node.into_iter().collect(),
             }
         })
+        .collect()
+}
+
+/// The ready endpoint addresses of a headless Service, with their hostnames, as the
+/// EndpointSlice controller and cluster DNS see them: a Pod's hostname counts when its
+/// subdomain is the Service's name.
+fn resolve_dns_endpoints(svc: &Service, sources: &EndpointSources) -> Vec<DnsEndpoint> {
+    if svc.cluster_ip != ClusterIpRequest::Headless || svc.service_type == ServiceType::ExternalName
+    {
+        return Vec::new();
+    }
+    let published = |c: EndpointConditions| c.ready || svc.publish_not_ready_addresses;
+    let mut found: BTreeMap<Ipv4Addr, Option<String>> = BTreeMap::new();
+    match &svc.selector {
+        Some(selector) => {
+            for pod in sources.selected(&svc.id.namespace, selector) {
+                let Some(ip) = pod.ip.filter(|_| published(pod.conditions)) else {
+                    continue;
+                };
+                let hostname = pod
+                    .hostname
+                    .clone()
+                    .filter(|_| pod.subdomain.as_deref() == Some(svc.id.name.as_str()));
+                let slot = found.entry(ip).or_default();
+                if hostname.is_some() {
+                    *slot = hostname;
+                }
+            }
+        }
+        None => {
+            for group in sources.manual_for(&svc.id).flat_map(|m| &m.groups) {
+                for (ip, conditions) in &group.addresses {
+                    if published(*conditions) {
+                        let slot = found.entry(*ip).or_default();
+                        if let Some(hostname) = group.hostnames.get(ip) {
+                            *slot = Some(hostname.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    found
+        .into_iter()
+        .map(|(ip, hostname)| DnsEndpoint { ip, hostname })
         .collect()
 }
 

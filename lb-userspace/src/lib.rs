@@ -7,6 +7,7 @@ pub mod controlplane;
 pub mod dataplane;
 pub mod desired;
 pub mod diff;
+pub mod dns;
 pub mod events;
 pub mod external;
 pub mod health_check;

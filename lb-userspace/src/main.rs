@@ -95,7 +95,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
+                        // hickory logs every DNS query at info.
+                        .unwrap_or_else(|_| "info,hickory_server=warn,hickory_net=warn".into()),
                 )
                 .with_target(false)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))

@@ -203,6 +203,10 @@ pub struct Pod {
     pub named_ports: Vec<NamedPort>,
     /// `spec.nodeName`: the node it runs on.
     pub node_name: Option<String>,
+    /// `spec.hostname` and `spec.subdomain`: a headless Service named as the subdomain gives
+    /// the Pod the DNS name `<hostname>.<subdomain>.<namespace>.svc.<domain>`.
+    pub hostname: Option<String>,
+    pub subdomain: Option<String>,
 }
 
 /// One port of a manually given endpoint set.
@@ -223,6 +227,8 @@ pub struct EndpointGroup {
     pub zone_hints: BTreeMap<Ipv4Addr, Vec<String>>,
     /// The node each address is on (`nodeName`), for the addresses that say.
     pub nodes: BTreeMap<Ipv4Addr, String>,
+    /// The DNS hostname of each address (`hostname`), for the addresses that have one.
+    pub hostnames: BTreeMap<Ipv4Addr, String>,
 }
 
 /// A hand-written Endpoints object or EndpointSlice for a Service without selector.
@@ -616,12 +622,14 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, FieldError> {
             terminating,
         },
         named_ports,
-        node_name: pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.clone())
-            .filter(|n| !n.is_empty()),
+        node_name: non_empty(pod.spec.as_ref().and_then(|s| s.node_name.as_ref())),
+        hostname: non_empty(pod.spec.as_ref().and_then(|s| s.hostname.as_ref())),
+        subdomain: non_empty(pod.spec.as_ref().and_then(|s| s.subdomain.as_ref())),
     })
+}
+
+fn non_empty(value: Option<&String>) -> Option<String> {
+    value.filter(|v| !v.is_empty()).cloned()
 }
 
 pub fn endpoints(ep: &core::Endpoints) -> Result<ManualEndpoints, FieldError> {
@@ -639,6 +647,7 @@ pub fn endpoints(ep: &core::Endpoints) -> Result<ManualEndpoints, FieldError> {
         }
         let mut addresses = Vec::new();
         let mut nodes = BTreeMap::new();
+        let mut hostnames = BTreeMap::new();
         for (list, conditions, field) in [
             (&subset.addresses, EndpointConditions::READY, "addresses"),
             (
@@ -650,8 +659,11 @@ pub fn endpoints(ep: &core::Endpoints) -> Result<ManualEndpoints, FieldError> {
             for (ai, a) in list.iter().flatten().enumerate() {
                 let ip = ipv4(&a.ip, &format!("subsets[{si}].{field}[{ai}].ip"))?;
                 addresses.push((ip, conditions));
-                if let Some(node) = a.node_name.as_ref().filter(|n| !n.is_empty()) {
-                    nodes.insert(ip, node.clone());
+                if let Some(node) = non_empty(a.node_name.as_ref()) {
+                    nodes.insert(ip, node);
+                }
+                if let Some(hostname) = non_empty(a.hostname.as_ref()) {
+                    hostnames.insert(ip, hostname);
                 }
             }
         }
@@ -660,6 +672,7 @@ pub fn endpoints(ep: &core::Endpoints) -> Result<ManualEndpoints, FieldError> {
             addresses,
             zone_hints: BTreeMap::new(),
             nodes,
+            hostnames,
         });
     }
     Ok(ManualEndpoints {
@@ -709,6 +722,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<ManualEndpoint
     let mut addresses = Vec::new();
     let mut zone_hints = BTreeMap::new();
     let mut nodes = BTreeMap::new();
+    let mut hostnames = BTreeMap::new();
     for (ei, e) in slice.endpoints.iter().enumerate() {
         let zones: Vec<String> = e
             .hints
@@ -731,8 +745,11 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<ManualEndpoint
             if !zones.is_empty() {
                 zone_hints.insert(ip, zones.clone());
             }
-            if let Some(node) = e.node_name.as_ref().filter(|n| !n.is_empty()) {
-                nodes.insert(ip, node.clone());
+            if let Some(node) = non_empty(e.node_name.as_ref()) {
+                nodes.insert(ip, node);
+            }
+            if let Some(hostname) = non_empty(e.hostname.as_ref()) {
+                hostnames.insert(ip, hostname);
             }
         }
     }
@@ -747,6 +764,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<ManualEndpoint
             addresses,
             zone_hints,
             nodes,
+            hostnames,
         }],
     })
 }
