@@ -502,6 +502,58 @@ impl Testbed {
         })
     }
 
+    /// A stand-in DNS server on `port` (UDP and TCP): every query gets one A record,
+    /// `address`, for the name it asks.
+    pub fn serve_dns_stub(
+        &mut self,
+        pod: &Pod,
+        port: u16,
+        address: Ipv4Addr,
+    ) -> anyhow::Result<()> {
+        let (netns, ip) = (pod.netns.clone(), pod.ip);
+        self.spawn_server(&netns, move |stop| {
+            let socket =
+                UdpSocket::bind((ip, port)).with_context(|| format!("bind udp {ip}:{port}"))?;
+            socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+            let mut buf = vec![0u8; 65536];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf)
+                    && let Some(answer) = stub_dns_answer(&buf[..n], address)
+                {
+                    let _ = socket.send_to(&answer, from);
+                }
+            }
+            Ok(())
+        })?;
+        self.spawn_server(&pod.netns.clone(), move |stop| {
+            let listener = std::net::TcpListener::bind((ip, port))
+                .with_context(|| format!("bind tcp {ip}:{port}"))?;
+            listener.set_nonblocking(true)?;
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((mut stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                stream.set_nonblocking(false)?;
+                stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut length = [0u8; 2];
+                if stream.read_exact(&mut length).is_err() {
+                    continue;
+                }
+                let mut query = vec![0u8; u16::from_be_bytes(length) as usize];
+                if stream.read_exact(&mut query).is_err() {
+                    continue;
+                }
+                if let Some(answer) = stub_dns_answer(&query, address) {
+                    let mut framed = (answer.len() as u16).to_be_bytes().to_vec();
+                    framed.extend_from_slice(&answer);
+                    let _ = stream.write_all(&framed);
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// Runs `serve` on a thread that has entered `netns`; returns once it is listening.
     fn spawn_server(
         &mut self,
@@ -956,4 +1008,25 @@ pub fn cleanup_leftovers(kind: &str) -> anyhow::Result<usize> {
         }
     }
     Ok(removed)
+}
+
+/// The answer of [`Testbed::serve_dns_stub`]: the query's header and question, flagged as an
+/// answer with recursion available, and one A record pointing back at the question's name.
+fn stub_dns_answer(query: &[u8], address: Ipv4Addr) -> Option<Vec<u8>> {
+    let mut end = 12;
+    while *query.get(end)? != 0 {
+        end += 1 + query[end] as usize;
+    }
+    // The root label, then type and class.
+    end += 5;
+    if query.len() < end {
+        return None;
+    }
+    let mut answer = query[..end].to_vec();
+    answer[2] = 0x80 | (query[2] & 0x79);
+    answer[3] = 0x80;
+    answer[4..12].copy_from_slice(&[0, 1, 0, 1, 0, 0, 0, 0]);
+    answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+    answer.extend_from_slice(&address.octets());
+    Some(answer)
 }
