@@ -830,13 +830,14 @@ impl Agent {
             }
         }
         // Names follow the maps: a ClusterIP is answered once its frontend is written.
-        if let Some(zone) = &self.dns {
+        if let Some(zone) = &self.dns
+            && (!changed.is_empty() || self.syncs == 0)
+        {
             let control = self.shared.control();
-            let mut zone = zone.write().unwrap_or_else(|e| e.into_inner());
-            for change in &changed {
-                zone.apply(&change.name, control.state(&change.name));
-            }
-            zone.set_ready();
+            crate::dns::update(
+                zone,
+                changed.iter().map(|c| (&c.name, control.state(&c.name))),
+            );
         }
         if errors != self.last_errors {
             for e in &errors {

@@ -176,6 +176,7 @@ fn main() -> anyhow::Result<()> {
                 cargo(&["bench", "-p", "lb-userspace", "--bench", "cluster_mode"])?;
                 cargo(&["bench", "-p", "lb-userspace", "--bench", "kube_proxy"])?;
                 cargo(&["bench", "-p", "lb-userspace", "--bench", "nodeport"])?;
+                cargo(&["bench", "-p", "lb-userspace", "--bench", "dns"])?;
                 report::write(&workspace_root())?;
                 eprintln!("==> wrote BENCHMARKS.md and lb-userspace/benches/charts/");
             }

@@ -4,9 +4,9 @@ use std::process::Command;
 use anyhow::Context as _;
 use xtask::cmd::{run, run_visible};
 
-/// Tools the tests, the demo and the benchmarks use (wrk, iptables, nftables, conntrack and
-/// librsvg2-bin only for `cargo xtask bench --report`).
-const DEBIAN_PACKAGES: [&str; 13] = [
+/// Tools the tests, the demo and the benchmarks use (wrk, iptables, nftables, conntrack,
+/// dnsperf, dnsmasq-base and librsvg2-bin only for `cargo xtask bench --report`).
+const DEBIAN_PACKAGES: [&str; 15] = [
     "bpftool",
     "iproute2",
     "ethtool",
@@ -19,6 +19,8 @@ const DEBIAN_PACKAGES: [&str; 13] = [
     "iptables",
     "nftables",
     "conntrack",
+    "dnsperf",
+    "dnsmasq-base",
     "librsvg2-bin",
 ];
 const BPF_LINKER_VERSION: &str = "0.10.4";

@@ -2,6 +2,7 @@
 //! specification for the Services the datapath serves.
 mod forward;
 mod server;
+mod udp;
 pub mod zone;
 
 use std::{
@@ -11,6 +12,8 @@ use std::{
 };
 
 use anyhow::Context as _;
+
+use crate::{controlplane::ServiceState, model::ObjectName};
 use hickory_server::{Server, proto::rr::Name};
 use tracing::{error, info};
 
@@ -107,13 +110,13 @@ pub fn start(config: &DnsConfig) -> anyhow::Result<Option<SharedZone>> {
                 Err(e) => return error!("DNS server: {e}"),
             };
             runtime.block_on(async move {
-                let mut server = Server::new(handler);
+                let mut server = Server::new(handler.clone());
                 match (
                     tokio::net::UdpSocket::from_std(udp),
                     tokio::net::TcpListener::from_std(tcp),
                 ) {
                     (Ok(udp), Ok(tcp)) => {
-                        server.register_socket(udp);
+                        tokio::spawn(udp::serve(udp, Arc::new(handler)));
                         server.register_listener(tcp, TCP_IDLE, 64);
                     }
                     (Err(e), _) | (_, Err(e)) => return error!("DNS server: {e}"),
@@ -131,4 +134,24 @@ pub fn start(config: &DnsConfig) -> anyhow::Result<Option<SharedZone>> {
         "serving cluster DNS"
     );
     Ok(Some(zone))
+}
+
+/// Brings the zone up to date with Services that changed and marks it complete. The records
+/// are made under the read lock, which queries share; the write lock, which stops them, only
+/// swaps them in.
+pub fn update<'s>(
+    zone: &SharedZone,
+    changed: impl Iterator<Item = (&'s ObjectName, Option<&'s ServiceState>)>,
+) {
+    let records: Vec<_> = {
+        let zone = zone.read().unwrap_or_else(|e| e.into_inner());
+        changed
+            .map(|(name, state)| (name, state.and_then(|s| zone.records(s))))
+            .collect()
+    };
+    let mut zone = zone.write().unwrap_or_else(|e| e.into_inner());
+    for (name, records) in records {
+        zone.replace(name, records);
+    }
+    zone.set_ready();
 }

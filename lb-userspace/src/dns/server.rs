@@ -27,6 +27,7 @@ pub type SharedZone = Arc<RwLock<Zone>>;
 /// Service's name).
 const MAX_ALIASES: usize = 8;
 
+#[derive(Clone)]
 pub struct Handler {
     pub zone: SharedZone,
     pub upstream: Option<SocketAddr>,
@@ -42,6 +43,16 @@ struct Answer {
 }
 
 impl Handler {
+    /// Whether the answer comes from the zone, without waiting on the upstream server.
+    pub fn answers_locally(&self, request: &Request) -> bool {
+        let Some(_) = self.upstream else { return true };
+        let Ok(info) = request.request_info() else {
+            return true;
+        };
+        let zone = self.zone.read().unwrap_or_else(|e| e.into_inner());
+        zone.lookup(info.query.name()) != Lookup::Elsewhere
+    }
+
     fn answer(&self, name: &LowerName, qtype: RecordType) -> Option<Answer> {
         let zone = self.zone.read().unwrap_or_else(|e| e.into_inner());
         let mut chain = Vec::new();

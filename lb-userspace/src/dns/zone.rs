@@ -178,11 +178,14 @@ impl Zone {
 
     /// Replaces what `service` publishes with what `state` gives (nothing when `None`).
     pub fn apply(&mut self, service: &ObjectName, state: Option<&ServiceState>) {
+        let records = state.and_then(|s| self.records(s));
+        self.replace(service, records);
+    }
+
+    /// Replaces what `service` publishes with `records` (made by [`Self::records`]).
+    pub fn replace(&mut self, service: &ObjectName, records: Option<ServiceRecords>) {
         self.remove(service);
-        let Some(state) = state else { return };
-        let Some(published) = self.publish(state) else {
-            return;
-        };
+        let Some(published) = records else { return };
         *self
             .namespaces
             .entry(service.namespace.clone())
@@ -309,13 +312,14 @@ impl Zone {
     }
 
     /// Every record a Service gives, or `None` when its names cannot be written as DNS names.
-    fn publish(&self, state: &ServiceState) -> Option<Published> {
+    /// Reads only the zone's settings: made under a read lock, put in under a write lock.
+    pub fn records(&self, state: &ServiceState) -> Option<ServiceRecords> {
         let svc = &state.service;
         let base = Name::from_labels([svc.id.name.as_bytes(), svc.id.namespace.as_bytes()])
             .ok()?
             .append_domain(&Name::from(&self.services_lower))
             .ok()?;
-        let mut out = Published::default();
+        let mut out = ServiceRecords::default();
         let ttl = self.ttl;
         let record = |name: &Name, data: RData| Record::from_rdata(name.clone(), ttl, data);
         if svc.service_type == ServiceType::ExternalName {
@@ -394,12 +398,12 @@ impl Zone {
 
 /// What one Service publishes.
 #[derive(Default)]
-struct Published {
+pub struct ServiceRecords {
     names: BTreeMap<LowerName, NameRecords>,
     reverse: Vec<(LowerName, Record)>,
 }
 
-impl Published {
+impl ServiceRecords {
     fn add(&mut self, name: &Name, record: Record) {
         let entry = self.names.entry(LowerName::new(name)).or_default();
         if !entry.records.contains(&record) {
