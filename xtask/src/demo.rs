@@ -161,6 +161,14 @@ impl Demo {
         Ok(body)
     }
 
+    /// A command in the client pod, shown with its output.
+    fn in_client(&self, args: &[&str]) -> anyhow::Result<String> {
+        println!("$ {}    (from the client pod)", args.join(" "));
+        let out = self.bed.exec(&self.client, args)?;
+        print!("{out}");
+        Ok(out)
+    }
+
     fn connect_refused(&self, addr: &str) -> anyhow::Result<()> {
         println!("$ curl http://{addr}/    (from the client pod)");
         let target = addr.parse()?;
@@ -226,9 +234,9 @@ pub fn run(lb: &Path) -> anyhow::Result<()> {
     let outside = bed.add_pod("outside-host", OUTSIDE_IP)?;
     bed.serve_http(&outside, 80)?;
     say(&format!("a host outside the cluster at {OUTSIDE_IP}:80"));
-    bed.start_agent()?;
+    bed.start_agent_with(&["--dns-listen", "0.0.0.0:53"])?;
     say(&format!(
-        "lb agent --manifests <dir> --service-cidr {} is running",
+        "lb agent --manifests <dir> --service-cidr {} --dns-listen 0.0.0.0:53 is running",
         testbed::SERVICE_CIDR
     ));
     let demo = Demo { bed, client };
@@ -306,6 +314,48 @@ pub fn run(lb: &Path) -> anyhow::Result<()> {
     demo.get()?;
     let ip = demo.cluster_ip("external-web")?;
     demo.curl(&format!("http://{ip}/"))?;
+
+    heading("5b. DNS: every Service has a name, answered by the agent in kube-dns's place");
+    demo.apply("09-kube-dns.yaml")?;
+    let resolv = "nameserver 198.19.0.10\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n";
+    demo.bed.set_resolv_conf(&demo.client, resolv)?;
+    say("the client pod's /etc/resolv.conf, as kubelet writes it:");
+    for line in resolv.lines() {
+        say(&format!("  {line}"));
+    }
+    let out = demo.in_client(&["nslookup", "nasa-node-svc-headless"])?;
+    anyhow::ensure!(
+        out.contains("nasa-node-svc-headless.default.svc.cluster.local")
+            && out.contains("198.18.1.20"),
+        "the headless Service did not resolve to its pod: {out}"
+    );
+    say("(headless: one address per ready pod, no ClusterIP)");
+    let out = demo.in_client(&[
+        "dig",
+        "+noall",
+        "+answer",
+        "my-database.default.svc.cluster.local",
+    ])?;
+    anyhow::ensure!(
+        out.contains("CNAME") && out.contains("my.database.example.com."),
+        "the ExternalName Service is not an alias: {out}"
+    );
+    say("(ExternalName: a CNAME to spec.externalName)");
+    demo.in_client(&[
+        "dig",
+        "+noall",
+        "+answer",
+        "+additional",
+        "_http._tcp.nasa-node-svc.default.svc.cluster.local",
+        "SRV",
+    ])?;
+    say("(SRV: one per named port)");
+    let body = demo.in_client(&["curl", "-s", "--max-time", "2", "http://hello-nasa-svc/"])?;
+    anyhow::ensure!(
+        body.contains("hello-nasa"),
+        "curl by name answered {body:?}"
+    );
+    say("(curl resolves hello-nasa-svc through the search path, then goes through the ClusterIP)");
 
     heading("6. A pod goes away: its endpoint goes with it");
     demo.bed.remove_manifest("05-nasa-rs-pods.yaml")?;

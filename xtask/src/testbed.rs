@@ -29,6 +29,8 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// Where tests and the demo allocate ClusterIPs.
 pub const SERVICE_CIDR: &str = "198.19.0.0/16";
 pub const ADMIN: &str = "127.0.0.1:10249";
+/// Where `ip netns exec` finds files it shows in place of /etc ones, per namespace.
+const NETNS_ETC: &str = "/etc/netns";
 /// The nodes' uplink name, in every node namespace.
 pub const UPLINK: &str = "eth0";
 /// The address of the host outside the cluster on the nodes' LAN.
@@ -866,6 +868,15 @@ impl Testbed {
         &self.nodes[node].bpffs
     }
 
+    /// The pod's /etc/resolv.conf, as `ip netns exec` shows it to the commands it runs there
+    /// (removed with the pod).
+    pub fn set_resolv_conf(&self, pod: &Pod, content: &str) -> anyhow::Result<()> {
+        let dir = Path::new(NETNS_ETC).join(&pod.netns);
+        fs::create_dir_all(&dir)?;
+        fs::write(dir.join("resolv.conf"), content)?;
+        Ok(())
+    }
+
     /// Runs a command inside a pod's namespace.
     pub fn exec(&self, pod: &Pod, args: &[&str]) -> anyhow::Result<String> {
         let out = run(Command::new("ip")
@@ -913,6 +924,7 @@ impl Testbed {
         }
         for pod in self.pods.drain(..) {
             let _ = sh(&format!("ip netns del {}", pod.netns));
+            let _ = fs::remove_dir_all(Path::new(NETNS_ETC).join(&pod.netns));
         }
         for ns in self
             .nodes
@@ -997,7 +1009,11 @@ pub fn cleanup_leftovers(kind: &str) -> anyhow::Result<usize> {
             removed += 1;
         }
     }
-    for root in [Path::new("/sys/fs/bpf"), &std::env::temp_dir()] {
+    for root in [
+        Path::new("/sys/fs/bpf"),
+        &std::env::temp_dir(),
+        Path::new(NETNS_ETC),
+    ] {
         if let Ok(entries) = fs::read_dir(root) {
             for e in entries.flatten() {
                 if ours(&e.file_name().to_string_lossy()) {
