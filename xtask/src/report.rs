@@ -308,13 +308,13 @@ fn dns_section(md: &mut String, dns: &Value, _charts: &Path) -> anyhow::Result<(
     );
     let _ = writeln!(
         md,
-        "| server | run | answered/s | p50 (us) | p99 (us) | lost | NOERROR | probe: checked / wrong | Services changed |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| server | run | answered/s | p50 (us) | p99 (us) | lost | NOERROR | probe: checked / wrong | Services changed | every run (p99 us, or answered/s) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
     );
     let us = |v: &Value| v.as_f64().map_or("-".to_string(), |v| format!("{v:.0}"));
     for row in dns["rows"].as_array().into_iter().flatten() {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {} | {} | {} | {:.2} % | {} / {} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {:.2} % | {} / {} | {} | {} |",
             row["server"].as_str().unwrap_or("?"),
             row["run"].as_str().unwrap_or("?"),
             row["queries_per_second"].as_f64().unwrap_or(0.0),
@@ -325,6 +325,13 @@ fn dns_section(md: &mut String, dns: &Value, _charts: &Path) -> anyhow::Result<(
             row["probe_checked"],
             row["probe_wrong"],
             row["services_changed"],
+            row["runs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(us)
+                .collect::<Vec<_>>()
+                .join(", "),
         );
     }
     Ok(())
@@ -633,7 +640,8 @@ dnsperf and checks each answer against the manifests (the ClusterIP, or both end
 headless Service as its file was around that time). dnsmasq serves the same names from a
 hosts file on CPU 0, beside the same agent without its DNS server. Two runs per server: as many
 queries as it answers with 100 outstanding, and 50,000 queries/s, whose latencies come from
-dnsperf's log of every answer. Source: `lb-userspace/benches/dns.rs`; `BENCH_SECONDS`.
+dnsperf's log of every answer; each `BENCH_RUNS` times (default 3), the median run shown
+(by p99, or by answers per second). Source: `lb-userspace/benches/dns.rs`; `BENCH_SECONDS`.
 
 ";
 
