@@ -540,3 +540,89 @@ fn names_outside_the_cluster_domain_go_to_the_upstream_server_over_udp_and_tcp()
         );
     }
 }
+
+#[test]
+fn in_cluster_mode_names_come_from_the_api_servers_services_and_endpoint_slices() {
+    use serde_json::json;
+    let mut bed = support::bed::testbed(1);
+    let client = bed.add_pod("client", CLIENT_IP).unwrap();
+    let listener = bed
+        .listen_on_node(0, "127.0.0.1:16443".parse().unwrap())
+        .unwrap();
+    let api = support::apiserver::FakeApiServer::start(listener);
+    let service = |name: &str, spec: serde_json::Value| {
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": name, "namespace": "default"}, "spec": spec})
+    };
+    api.apply(service(
+        "web",
+        json!({"clusterIP": "198.19.0.10", "ports": [{"name": "http", "port": 80}]}),
+    ));
+    api.apply(service(
+        "db",
+        json!({"clusterIP": "None", "ports": [{"name": "sql", "port": 5432}]}),
+    ));
+    api.apply(service(
+        "my-database",
+        json!({"type": "ExternalName", "externalName": "my.database.example.com"}),
+    ));
+    api.apply(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "db-abcde", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "db"}},
+        "addressType": "IPv4",
+        "endpoints": [
+            {"addresses": ["198.18.2.1"], "hostname": "db-0", "conditions": {"ready": true}},
+            {"addresses": ["198.18.2.2"], "conditions": {"ready": false}},
+        ],
+        "ports": [{"name": "sql", "port": 15432, "protocol": "TCP"}]
+    }));
+    bed.kubeconfig = Some(api.write_kubeconfig(&bed.dir));
+    bed.start_agent_with(&["--dns-listen", "0.0.0.0:53"])
+        .unwrap();
+    wait_for("the API server's Services", Duration::from_secs(20), || {
+        dig(&bed, &client, DNS, &["web.default.svc.cluster.local"]).data() == ["198.19.0.10"]
+    });
+    // Only the ready endpoint, under the hostname its slice gives.
+    assert_eq!(
+        dig(&bed, &client, DNS, &["db.default.svc.cluster.local"]).data(),
+        ["198.18.2.1"]
+    );
+    assert_eq!(
+        dig(&bed, &client, DNS, &["db-0.db.default.svc.cluster.local"]).data(),
+        ["198.18.2.1"]
+    );
+    assert_eq!(
+        dig(
+            &bed,
+            &client,
+            DNS,
+            &["_sql._tcp.db.default.svc.cluster.local", "SRV"]
+        )
+        .data(),
+        ["0 100 15432 db-0.db.default.svc.cluster.local."]
+    );
+    assert_eq!(
+        dig(
+            &bed,
+            &client,
+            DNS,
+            &["my-database.default.svc.cluster.local"]
+        )
+        .data(),
+        ["my.database.example.com."]
+    );
+    // A change through the API server is answered within a second.
+    api.apply(service(
+        "web",
+        json!({"clusterIP": "198.19.0.11", "ports": [{"name": "http", "port": 80}]}),
+    ));
+    let started = Instant::now();
+    while dig(&bed, &client, DNS, &["web.default.svc.cluster.local"]).data() != ["198.19.0.11"] {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the new address not answered within a second"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
