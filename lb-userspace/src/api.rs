@@ -215,12 +215,17 @@ impl AdminState {
     }
 
     fn services(&self) -> Vec<ServiceView> {
-        self.control().states().map(views::service_view).collect()
+        self.control()
+            .states()
+            .filter(|s| s.service.proxied)
+            .map(views::service_view)
+            .collect()
     }
 
     fn endpoints(&self) -> Vec<EndpointsView> {
         self.control()
             .states()
+            .filter(|s| s.service.proxied)
             .filter_map(views::endpoints_view)
             .collect()
     }

@@ -140,6 +140,9 @@ impl DesiredDataplane {
 fn frontends(state: &ServiceState) -> Vec<(Frontend, usize, bool, bool)> {
     let svc = &state.service;
     let mut out = Vec::new();
+    if !svc.proxied {
+        return out;
+    }
     for (i, resolved) in state.ports.iter().enumerate() {
         let port = &resolved.port;
         let at = |ip, number, scope| Frontend {

@@ -34,7 +34,8 @@ pub struct Checked {
 /// The health check port a Service needs, with what it answers; `None` if it needs none.
 pub fn checked(state: &ServiceState) -> Option<(u16, Checked)> {
     let svc = &state.service;
-    if svc.service_type != ServiceType::LoadBalancer
+    if !svc.proxied
+        || svc.service_type != ServiceType::LoadBalancer
         || svc.external_traffic_policy != TrafficPolicy::Local
     {
         return None;

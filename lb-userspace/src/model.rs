@@ -150,6 +150,10 @@ pub struct Service {
     pub health_check_node_port: Option<u16>,
     #[serde(skip)]
     pub created: Option<SystemTime>,
+    /// Whether this proxy serves it. In cluster mode, Services labelled for another proxy or
+    /// as headless are skipped as kube-proxy skips them (no datapath entries, not listed by
+    /// `lb get`); cluster DNS still names them, as CoreDNS does.
+    pub proxied: bool,
 }
 
 impl Service {
@@ -543,6 +547,7 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
         load_balancer_source_ranges,
         health_check_node_port,
         created: created(&svc.metadata),
+        proxied: true,
     })
 }
 

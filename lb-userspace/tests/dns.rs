@@ -566,6 +566,13 @@ fn in_cluster_mode_names_come_from_the_api_servers_services_and_endpoint_slices(
         "my-database",
         json!({"type": "ExternalName", "externalName": "my.database.example.com"}),
     ));
+    // Another proxy's Service: not in this datapath, but named, as CoreDNS names it.
+    let mut other = service(
+        "other-proxy",
+        json!({"clusterIP": "198.19.0.12", "ports": [{"name": "http", "port": 80}]}),
+    );
+    other["metadata"]["labels"] = json!({"service.kubernetes.io/service-proxy-name": "other"});
+    api.apply(other);
     api.apply(json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": "db-abcde", "namespace": "default",
@@ -612,6 +619,18 @@ fn in_cluster_mode_names_come_from_the_api_servers_services_and_endpoint_slices(
         .data(),
         ["my.database.example.com."]
     );
+    assert_eq!(
+        dig(
+            &bed,
+            &client,
+            DNS,
+            &["other-proxy.default.svc.cluster.local"]
+        )
+        .data(),
+        ["198.19.0.12"]
+    );
+    let listed = bed.lb(&["get", "svc"]).unwrap();
+    assert!(!listed.contains("other-proxy"), "{listed}");
     // A change through the API server is answered within a second.
     api.apply(service(
         "web",

@@ -102,10 +102,14 @@ where
 type Converted = Result<Option<Object>, String>;
 
 fn convert_service(svc: &core::Service) -> Converted {
-    if !proxied(svc) {
-        return Ok(None);
-    }
-    let mut service = model::service(svc).map_err(|e| e.to_string())?;
+    let proxied = proxied(svc);
+    let mut service = match model::service(svc) {
+        Ok(service) => service,
+        // Another proxy's Service is not ours to judge.
+        Err(_) if !proxied => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    service.proxied = proxied;
     // Endpoints come from EndpointSlices, which the cluster's controller keeps for Services
     // with a selector too: the control plane must not look for Pods.
     service.selector = None;
