@@ -21,7 +21,7 @@ use std::{
 use anyhow::Context as _;
 use hickory_server::proto::{op::Message, rr::RData};
 use serde::Serialize;
-use xtask::testbed::{GATEWAY, Pod, Testbed, wait_for};
+use xtask::testbed::{GATEWAY, Pod, Testbed, dns_query, enter_netns, wait_for};
 
 const SERVICES: u32 = 10_000;
 /// Services per manifest file: one file is rewritten per change step.
@@ -133,18 +133,6 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     (!sorted.is_empty()).then(|| sorted[((sorted.len() - 1) as f64 * p).round() as usize])
 }
 
-/// A query for `name` A with `id`.
-fn query(id: u16, name: &str) -> Vec<u8> {
-    let mut message = id.to_be_bytes().to_vec();
-    message.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        message.push(label.len() as u8);
-        message.extend_from_slice(label.as_bytes());
-    }
-    message.extend_from_slice(&[0, 0, 1, 0, 1]);
-    message
-}
-
 /// Queries Services one after another until `stop`, and checks each answer: a ClusterIP
 /// Service's address, or a headless Service's two endpoints of a generation its file had
 /// around the time of the answer. Returns (checked, wrong).
@@ -162,7 +150,7 @@ fn probe(
     while !stop.load(Ordering::Relaxed) {
         i = (i + 7919) % SERVICES;
         let id = (checked & 0xffff) as u16;
-        socket.send(&query(id, &name(i)))?;
+        socket.send(&dns_query(id, &name(i)))?;
         // Pacing: the probe checks, dnsperf loads.
         std::thread::sleep(Duration::from_micros(500));
         let Ok(n) = socket.recv(&mut buffer) else {
@@ -261,7 +249,7 @@ impl Load {
             let (stop, generations) = (stop.clone(), self.generations.clone());
             let netns = format!("/run/netns/{}", self.client.netns);
             std::thread::spawn(move || -> anyhow::Result<(u64, u64)> {
-                enter(&netns)?;
+                enter_netns(&netns)?;
                 pin_self(1)?;
                 probe((GATEWAY, 53).into(), generations, stop)
             })
@@ -345,12 +333,6 @@ impl Load {
         );
         Ok(row)
     }
-}
-
-fn enter(netns: &str) -> anyhow::Result<()> {
-    let file = std::fs::File::open(netns).with_context(|| netns.to_string())?;
-    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-    Ok(())
 }
 
 fn pin_self(cpu: usize) -> anyhow::Result<()> {

@@ -8,7 +8,7 @@ use std::{
 
 mod support;
 
-use xtask::testbed::{GATEWAY, Pod, Testbed, wait_for};
+use xtask::testbed::{GATEWAY, Pod, Testbed, dns_query, wait_for};
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 /// Where the pods find the agent's DNS server: the node's address on their links.
@@ -368,18 +368,6 @@ fn sixty_endpoints_set_the_truncation_bit_over_udp_and_come_whole_over_tcp() {
     assert!(!edns.has_flag("tc"));
 }
 
-/// A query for `name` A with `id`, as a resolver sends it.
-fn query(id: u16, name: &str) -> Vec<u8> {
-    let mut message = id.to_be_bytes().to_vec();
-    message.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        message.push(label.len() as u8);
-        message.extend_from_slice(label.as_bytes());
-    }
-    message.extend_from_slice(&[0, 0, 1, 0, 1]);
-    message
-}
-
 /// The answer's ID and response code, if one comes within a second.
 fn exchange(socket: &UdpSocket, message: &[u8]) -> Option<(u16, u8)> {
     socket.send(message).ok()?;
@@ -410,21 +398,21 @@ fn malformed_and_oversized_queries_get_formerr_or_nothing_and_the_server_keeps_s
             socket
                 .set_read_timeout(Some(Duration::from_secs(1)))
                 .unwrap();
-            let good = query(7, "web.default.svc.cluster.local");
+            let good = dns_query(7, "web.default.svc.cluster.local");
             // A question cut short: the header is readable, the rest is not.
             let cut = good[..good.len() - 3].to_vec();
             // A label running past the end of the message.
             let mut overrun = good[..12].to_vec();
             overrun.extend_from_slice(&[60, b'a', b'b']);
             // Two questions: this server answers one.
-            let mut two = query(9, "web.default.svc.cluster.local");
+            let mut two = dns_query(9, "web.default.svc.cluster.local");
             two[5] = 2;
             two.extend_from_slice(&good[12..]);
             // An UPDATE.
-            let mut update = query(10, "web.default.svc.cluster.local");
+            let mut update = dns_query(10, "web.default.svc.cluster.local");
             update[2] = 5 << 3;
             // 60 KB: a question followed by garbage.
-            let mut oversized = query(11, "web.default.svc.cluster.local");
+            let mut oversized = dns_query(11, "web.default.svc.cluster.local");
             oversized.extend(std::iter::repeat_n(0xa5, 60_000));
             let mut seed = 0x1234_5678_u32;
             let mut random = || {

@@ -972,7 +972,8 @@ pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) 
     }
 }
 
-fn enter_netns(path: &str) -> anyhow::Result<()> {
+/// Moves the calling thread into the network namespace at `path` (`/run/netns/<name>`).
+pub fn enter_netns(path: &str) -> anyhow::Result<()> {
     let file = fs::File::open(path).with_context(|| format!("open {path}"))?;
     // SAFETY: setns on a valid namespace fd; affects only the calling thread.
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -1024,6 +1025,18 @@ pub fn cleanup_leftovers(kind: &str) -> anyhow::Result<usize> {
         }
     }
     Ok(removed)
+}
+
+/// A DNS query for `name` A with `id` and recursion desired, as a resolver sends it.
+pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut message = id.to_be_bytes().to_vec();
+    message.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        message.push(label.len() as u8);
+        message.extend_from_slice(label.as_bytes());
+    }
+    message.extend_from_slice(&[0, 0, 1, 0, 1]);
+    message
 }
 
 /// The answer of [`Testbed::serve_dns_stub`]: the query's header and question, flagged as an

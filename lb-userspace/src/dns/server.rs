@@ -150,78 +150,62 @@ impl RequestHandler for Handler {
             Err(_) => Err(ResponseCode::FormErr),
         };
         let no_records = || std::iter::empty::<&Record>();
-        let sent = match query {
-            Err(code) => {
-                response
-                    .send_response(builder.build(
-                        refuse(code),
-                        no_records(),
-                        no_records(),
-                        no_records(),
-                        no_records(),
-                    ))
-                    .await
-            }
-            Ok(query) => match self.answer(query.name(), query.query_type()) {
-                Some(answer) => {
-                    let qtype = query.query_type();
-                    let mut metadata = base;
-                    metadata.authoritative = answer.code != ResponseCode::ServFail;
-                    metadata.response_code = answer.code;
-                    let with_targets = matches!(qtype, RecordType::SRV | RecordType::ANY);
-                    response
-                        .send_response(
-                            builder.build(
-                                metadata,
-                                answer.chain.iter().flat_map(|r| r.answer(qtype)),
-                                no_records(),
-                                answer.apex.iter().flat_map(|a| a.records.iter()),
-                                answer
-                                    .chain
-                                    .iter()
-                                    .filter(|_| with_targets)
-                                    .flat_map(|r| r.additionals.iter()),
-                            ),
-                        )
-                        .await
-                }
-                None => {
-                    let forwarded = match self.upstream {
-                        Some(upstream) => self.forward(upstream, request).await,
-                        None => None,
-                    };
-                    match forwarded {
-                        Some(message) => {
-                            let mut metadata = message.metadata;
-                            metadata.id = request.metadata.id;
-                            response
-                                .send_response(builder.build(
+        let sent = 'sent: {
+            let code = match query {
+                Err(code) => code,
+                Ok(query) => match self.answer(query.name(), query.query_type()) {
+                    Some(answer) => {
+                        let qtype = query.query_type();
+                        let mut metadata = base;
+                        metadata.authoritative = answer.code != ResponseCode::ServFail;
+                        metadata.response_code = answer.code;
+                        let with_targets = matches!(qtype, RecordType::SRV | RecordType::ANY);
+                        break 'sent response
+                            .send_response(
+                                builder.build(
                                     metadata,
-                                    message.answers.iter(),
-                                    message.authorities.iter(),
+                                    answer.chain.iter().flat_map(|r| r.answer(qtype)),
                                     no_records(),
-                                    message.additionals.iter(),
-                                ))
-                                .await
-                        }
-                        None => {
-                            let code = match self.upstream {
-                                Some(_) => ResponseCode::ServFail,
-                                None => ResponseCode::Refused,
-                            };
-                            response
-                                .send_response(builder.build(
-                                    refuse(code),
-                                    no_records(),
-                                    no_records(),
-                                    no_records(),
-                                    no_records(),
-                                ))
-                                .await
-                        }
+                                    answer.apex.iter().flat_map(|a| a.records.iter()),
+                                    answer
+                                        .chain
+                                        .iter()
+                                        .filter(|_| with_targets)
+                                        .flat_map(|r| r.additionals.iter()),
+                                ),
+                            )
+                            .await;
                     }
-                }
-            },
+                    None => match self.upstream {
+                        None => ResponseCode::Refused,
+                        Some(upstream) => match self.forward(upstream, request).await {
+                            None => ResponseCode::ServFail,
+                            Some(message) => {
+                                let mut metadata = message.metadata;
+                                metadata.id = request.metadata.id;
+                                break 'sent response
+                                    .send_response(builder.build(
+                                        metadata,
+                                        message.answers.iter(),
+                                        message.authorities.iter(),
+                                        no_records(),
+                                        message.additionals.iter(),
+                                    ))
+                                    .await;
+                            }
+                        },
+                    },
+                },
+            };
+            response
+                .send_response(builder.build(
+                    refuse(code),
+                    no_records(),
+                    no_records(),
+                    no_records(),
+                    no_records(),
+                ))
+                .await
         };
         sent.unwrap_or_else(|e| {
             debug!("sending a DNS answer: {e}");
