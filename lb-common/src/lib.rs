@@ -28,7 +28,7 @@ pub const BACKENDS_MAP: &str = "LB_BACKENDS_V2";
 /// IPv6 gets its own map (`LB_CONNTRACK6_*`).
 pub const CONNTRACK_MAP: &str = "LB_CONNTRACK4_V4";
 /// Counter index ([`stats::Counter`]) -> per-CPU packet count.
-pub const STATS_MAP: &str = "LB_STATS_V4";
+pub const STATS_MAP: &str = "LB_STATS_V5";
 /// 0 -> [`Config`]: conntrack timeouts, the ICMP reply rate and the clock's tick, written by
 /// the agent at load.
 pub const CONFIG_MAP: &str = "LB_CONFIG_V3";
@@ -66,8 +66,17 @@ pub const NODE_ADDRS_MAP: &str = "LB_NODEADDRS4_V1";
 /// counts the 32 bits of the service id too.
 pub const SOURCE_RANGES_MAP: &str = "LB_SRCRANGES4_V1";
 
+/// (socket cookie, backend address and port) -> [`SockService`]: the Service address a socket
+/// reached that backend through, translated at connect() or per datagram, so that getpeername()
+/// and recvfrom() show the Service. LRU: sockets long gone are evicted first.
+pub const SOCK_REVNAT_MAP: &str = "LB_SOCK_REVNAT4_V1";
+/// (service id, network namespace cookie) -> [`Affinity`]: ClientIP affinity for clients
+/// translated at connect(), which have no source address yet. A namespace is one pod, or the
+/// node itself: the client address a packet would have shown.
+pub const SOCK_AFFINITY_MAP: &str = "LB_SOCK_AFFINITY4_V1";
+
 /// Every map the agent pins, in the order they are created.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 17] = [
     FRONTENDS_MAP,
     SLOTS_MAP,
     BACKENDS_MAP,
@@ -83,10 +92,12 @@ pub const ALL_MAPS: [&str; 15] = [
     MAGLEV_MAP,
     NODE_ADDRS_MAP,
     SOURCE_RANGES_MAP,
+    SOCK_REVNAT_MAP,
+    SOCK_AFFINITY_MAP,
 ];
 
 /// Maps of earlier layouts that an upgraded agent removes (their flows start over).
-pub const LEGACY_MAPS: [&str; 12] = [
+pub const LEGACY_MAPS: [&str; 13] = [
     "LB_FRONTENDS4_V1",
     // Without affinity and Maglev settings.
     "LB_FRONTENDS4_V2",
@@ -104,6 +115,8 @@ pub const LEGACY_MAPS: [&str; 12] = [
     "LB_CONFIG_V2",
     // Without the next hops of external flows.
     "LB_CONNTRACK4_V3",
+    // Without the counters of connect-time translation.
+    "LB_STATS_V4",
 ];
 
 pub const MAX_FRONTENDS: u32 = 131_072;
@@ -120,6 +133,8 @@ pub const MAX_SERVICE_ID: u32 = MAX_FRONTENDS;
 pub const MAX_AFFINITY: u32 = 131_072;
 /// Client ranges of all LoadBalancer frontends with source ranges together.
 pub const MAX_SOURCE_RANGES: u32 = 65_536;
+/// Sockets' (backend, Service) pairs remembered at once (LRU: more evicts the oldest).
+pub const MAX_SOCK_REVNAT: u32 = 262_144;
 /// Addresses of this node that answer on nodePorts.
 pub const MAX_NODE_ADDRS: u32 = 64;
 /// Datagrams being fragmented at once; more only evicts the oldest.
@@ -341,6 +356,41 @@ pub struct Affinity {
     pub last_used_ns: u64,
 }
 
+/// A socket and the backend it was sent to in place of a Service ([`SOCK_REVNAT_MAP`]).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SockRevKey {
+    /// The kernel's socket cookie (bpf_get_socket_cookie).
+    pub cookie: u64,
+    pub backend_addr: [u8; 4],
+    pub backend_port: u16,
+    pub _pad: u16,
+}
+
+/// The Service address and port a socket called, and the backend it got.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SockService {
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+
+/// A client translated at connect() under ClientIP affinity ([`SOCK_AFFINITY_MAP`]).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SockAffinityKey {
+    pub service_id: u32,
+    pub _pad: u32,
+    /// The kernel's cookie of the socket's network namespace (bpf_get_netns_cookie).
+    pub netns_cookie: u64,
+}
+
 /// A fragmented IPv4 datagram as it arrives: addresses, IP identification, protocol.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -473,6 +523,9 @@ const _: () = {
     assert!(core::mem::size_of::<Frontend>() == 24);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<Affinity>() == 16);
+    assert!(core::mem::size_of::<SockRevKey>() == 16);
+    assert!(core::mem::size_of::<SockService>() == 16);
+    assert!(core::mem::size_of::<SockAffinityKey>() == 16);
     assert!(core::mem::size_of::<SlotKey>() == 8);
     assert!(core::mem::size_of::<SourceRange>() == 8);
     assert!(core::mem::size_of::<Backend>() == 24);
@@ -505,6 +558,9 @@ mod user_pod {
     unsafe impl aya::Pod for super::ServiceTraffic {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::Affinity {}
+    unsafe impl aya::Pod for super::SockRevKey {}
+    unsafe impl aya::Pod for super::SockService {}
+    unsafe impl aya::Pod for super::SockAffinityKey {}
     unsafe impl aya::Pod for super::SourceRange {}
 }
 

@@ -61,9 +61,18 @@ pub enum Counter {
     /// XDP left a packet it would translate to the TC program behind it (a hairpin, a
     /// Service without endpoints to answer, a next hop whose address is not resolved yet).
     XdpToTc = 24,
+    /// A connect() to a Service rewritten to a backend (a socket in `--cgroup`): its packets
+    /// go to the backend's address and need no translation on the way.
+    SockConnect = 25,
+    /// An unconnected UDP datagram to a Service sent to a backend (sendmsg in `--cgroup`).
+    SockSendmsg = 26,
+    /// A connect() or datagram to a Service without endpoints: refused with ECONNREFUSED.
+    SockNoEndpoints = 27,
+    /// A backend's address shown as its Service's to a socket (recvmsg, getpeername).
+    SockReverseNat = 28,
 }
 
-pub const COUNTER_COUNT: u32 = 25;
+pub const COUNTER_COUNT: u32 = 29;
 
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "pass_not_ipv4",
@@ -91,4 +100,8 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "drop_no_route",
     "drop_source_range",
     "xdp_to_tc",
+    "sock_connect",
+    "sock_sendmsg",
+    "sock_no_endpoints",
+    "sock_reverse_nat",
 ];

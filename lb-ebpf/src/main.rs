@@ -6,13 +6,14 @@ mod fib;
 mod maps;
 mod parse;
 mod pipeline;
+mod sock;
 mod tc;
 mod xdp;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_UNSPEC, xdp_action::XDP_PASS},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::stats::Counter;
 use parse::{Packet, parse};
@@ -50,6 +51,31 @@ pub fn lb_tc_external(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn lb_xdp_external(ctx: XdpContext) -> u32 {
     xdp::run(&ctx)
+}
+
+/// connect() of sockets in `--cgroup`: a Service's address becomes a backend's.
+#[cgroup_sock_addr(connect4)]
+pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::to_backend(&ctx, Counter::SockConnect)
+}
+
+/// sendto()/sendmsg() of unconnected UDP sockets in `--cgroup`: per datagram, as connect4.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::to_backend(&ctx, Counter::SockSendmsg)
+}
+
+/// recvfrom()/recvmsg() of UDP sockets in `--cgroup`: a backend's reply shows the Service as
+/// its source.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::to_service(&ctx)
+}
+
+/// getpeername() of sockets in `--cgroup`: the Service, not the backend, is the peer.
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::to_service(&ctx)
 }
 
 /// Returns at once: the floor that benchmarks subtract from XDP programs.

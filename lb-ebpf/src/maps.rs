@@ -7,9 +7,9 @@ use aya_ebpf::{
 use lb_common::{
     Affinity, AffinityKey, AllocationKey, Backend, Config, CtEntry, CtKey, EVENTS_OFF, FragKey,
     FragPorts, Frontend, FrontendKey, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS,
-    MAX_FRONTENDS, MAX_NODE_ADDRS, MAX_SERVICE_ID, MAX_SLOTS, MAX_SOURCE_RANGES, ServiceName,
-    ServiceTraffic, SlotKey, SourceRange, TokenBucket, maglev::DEFAULT_TABLE_SIZE,
-    stats::COUNTER_COUNT,
+    MAX_FRONTENDS, MAX_NODE_ADDRS, MAX_SERVICE_ID, MAX_SLOTS, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
+    ServiceName, ServiceTraffic, SlotKey, SockAffinityKey, SockRevKey, SockService, SourceRange,
+    TokenBucket, maglev::DEFAULT_TABLE_SIZE, stats::COUNTER_COUNT,
 };
 
 /// IPv4 (service address, port, protocol) -> service id, backend counts, selection settings.
@@ -20,6 +20,17 @@ pub static LB_FRONTENDS4_V3: HashMap<FrontendKey, Frontend, { MAX_FRONTENDS as u
 /// (service id, client address) -> the client's endpoint under ClientIP affinity.
 #[btf_map]
 pub static LB_AFFINITY4_V1: LruHashMap<AffinityKey, Affinity, { MAX_AFFINITY as usize }> =
+    LruHashMap::new();
+
+/// (service id, network namespace cookie) -> the endpoint of a client translated at connect()
+/// under ClientIP affinity.
+#[btf_map]
+pub static LB_SOCK_AFFINITY4_V1: LruHashMap<SockAffinityKey, Affinity, { MAX_AFFINITY as usize }> =
+    LruHashMap::new();
+
+/// (socket cookie, backend address and port) -> the Service address the socket called.
+#[btf_map]
+pub static LB_SOCK_REVNAT4_V1: LruHashMap<SockRevKey, SockService, { MAX_SOCK_REVNAT as usize }> =
     LruHashMap::new();
 
 /// A Maglev table: entry -> backend id. BPF_F_INNER_MAP lets the agent create tables of any
@@ -56,7 +67,7 @@ pub static LB_CONNTRACK4_V4: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize
 
 /// Counter index -> per-CPU packet count.
 #[btf_map]
-pub static LB_STATS_V4: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+pub static LB_STATS_V5: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
 
 /// 0 -> timeouts, rates and the clock's tick, written by the agent at load.
 #[btf_map]
@@ -129,7 +140,7 @@ pub fn config() -> Config {
 
 #[inline(always)]
 pub fn count(counter: lb_common::stats::Counter) {
-    if let Some(c) = LB_STATS_V4.get_ptr_mut(counter as u32) {
+    if let Some(c) = LB_STATS_V5.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *c += 1 };
     }

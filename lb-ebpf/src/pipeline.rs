@@ -2,14 +2,15 @@
 //! They only read and update maps; rewriting the packet is the entry point's job.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    btf_maps::lpm_trie::Key,
+    btf_maps::{LruHashMap, lpm_trie::Key},
     helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
     Affinity, AffinityKey, AllocationKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CT_EXTERNAL,
     CT_FORWARD, CT_REPLY, CT_ROUTE, CT_SNAT, Config, CtEntry, CtKey, FRONTEND_MAGLEV,
-    FRONTEND_SOURCE_RANGES, FragKey, FragPorts, Frontend, FrontendKey, NODE_PORT_ADDR, PROTO_TCP,
-    PROTO_UDP, SCOPE_CLUSTER, SCOPE_EXTERNAL, SlotKey, SourceRange, affinity,
+    FRONTEND_SOURCE_RANGES, FragKey, FragPorts, Frontend, FrontendKey, MAX_AFFINITY,
+    NODE_PORT_ADDR, PROTO_TCP, PROTO_UDP, SCOPE_CLUSTER, SCOPE_EXTERNAL, SlotKey, SockAffinityKey,
+    SourceRange, affinity,
     conntrack::{
         TCP_ACK, TCP_SYN, expired, is_hairpin_forward, is_hairpin_reply, needs_write, next_state,
         peer_key, reopens,
@@ -23,7 +24,8 @@ use crate::{
     Verdict, fib,
     maps::{
         LB_AFFINITY4_V1, LB_BACKENDS_V2, LB_CONNTRACK4_V4, LB_FRONTENDS4_V3, LB_IPFRAG4_V1,
-        LB_MAGLEV_V1, LB_NODEADDRS4_V1, LB_SLOTS_V2, LB_SRCRANGES4_V1, config, count,
+        LB_MAGLEV_V1, LB_NODEADDRS4_V1, LB_SLOTS_V2, LB_SOCK_AFFINITY4_V1, LB_SRCRANGES4_V1,
+        config, count,
     },
     parse::Flow,
 };
@@ -128,13 +130,13 @@ impl Translation {
 }
 
 #[inline(always)]
-fn first4(a: &[u8; 16]) -> [u8; 4] {
+pub fn first4(a: &[u8; 16]) -> [u8; 4] {
     [a[0], a[1], a[2], a[3]]
 }
 
 /// The conntrack clock (see [`Config::clock_ns`]).
 #[inline(always)]
-fn now(config: &Config) -> u64 {
+pub fn now(config: &Config) -> u64 {
     // SAFETY: a helper without arguments.
     config.clock_ns(unsafe { bpf_jiffies64() })
 }
@@ -313,7 +315,7 @@ pub fn decide_ingress<const EXTERNAL: bool, const BEFORE_TC: bool>(
 
     let config = config();
     let now = now(&config);
-    let (backend_id, backend) = choose(&key, &frontend, now)?;
+    let (backend_id, backend) = choose(Client::Address(key.src), &key, &frontend, now)?;
     let to = (first4(&backend.addr), backend.port);
     if EXTERNAL {
         return Ok(Translation {
@@ -413,21 +415,34 @@ fn in_source_ranges(frontend: &Frontend, flow: &Flow) -> bool {
 /// address of [`LB_NODEADDRS4_V1`].
 #[inline(always)]
 fn find_frontend<const EXTERNAL: bool>(flow: &Flow) -> Option<(Frontend, u8)> {
-    let addr = flow.daddr.to_ne_bytes();
-    if let Some(found) = frontend_at::<EXTERNAL>(addr, flow) {
+    service_frontend::<EXTERNAL>(flow.daddr.to_ne_bytes(), flow.dport, flow.protocol)
+}
+
+/// [`find_frontend`] for a destination address, port and protocol (network byte order).
+#[inline(always)]
+pub fn service_frontend<const EXTERNAL: bool>(
+    addr: [u8; 4],
+    port: u16,
+    protocol: u8,
+) -> Option<(Frontend, u8)> {
+    if let Some(found) = frontend_at::<EXTERNAL>(addr, port, protocol) {
         return Some(found);
     }
     // SAFETY: only tested for presence.
     unsafe { LB_NODEADDRS4_V1.get(&AllocationKey { addr }) }?;
-    frontend_at::<EXTERNAL>(NODE_PORT_ADDR, flow)
+    frontend_at::<EXTERNAL>(NODE_PORT_ADDR, port, protocol)
 }
 
 #[inline(always)]
-fn frontend_at<const EXTERNAL: bool>(addr: [u8; 4], flow: &Flow) -> Option<(Frontend, u8)> {
+fn frontend_at<const EXTERNAL: bool>(
+    addr: [u8; 4],
+    port: u16,
+    protocol: u8,
+) -> Option<(Frontend, u8)> {
     let mut key = FrontendKey {
         addr,
-        port: flow.dport,
-        protocol: flow.protocol,
+        port,
+        protocol,
         scope: SCOPE_EXTERNAL,
     };
     // SAFETY (both lookups): copied out at once.
@@ -635,19 +650,59 @@ fn forget_replaced_reply(flow: &Flow, key: &CtKey) {
     }
 }
 
+/// Who opens a new flow, as ClientIP affinity tells clients apart.
+#[derive(Clone, Copy)]
+pub enum Client {
+    /// The packet's source address (the TC and XDP programs).
+    Address([u8; 4]),
+    /// The socket's network namespace (at connect(), before the socket has a source address):
+    /// one pod, or the node itself.
+    Netns(u64),
+}
+
 /// The backend of a new flow: under ClientIP affinity the client's, while its entry holds and
 /// the backend takes new flows; otherwise one picked by the Service port's algorithm (and,
-/// under affinity, kept for the client's next flows).
+/// under affinity, kept for the client's next flows). `key`: the flow Maglev hashes.
+/// Shared by the packet path and the socket path.
 #[inline(always)]
-fn choose(key: &CtKey, frontend: &Frontend, now: u64) -> Result<(u32, Backend), Verdict> {
+pub fn choose(
+    client: Client,
+    key: &CtKey,
+    frontend: &Frontend,
+    now: u64,
+) -> Result<(u32, Backend), Verdict> {
     if !affinity::enabled(frontend) {
         return pick(key, frontend);
     }
-    let client = AffinityKey {
-        service_id: frontend.service_id,
-        client: key.src,
-    };
-    if let Some(entry) = LB_AFFINITY4_V1.get_ptr_mut(&client) {
+    match client {
+        Client::Address(addr) => {
+            let client = AffinityKey {
+                service_id: frontend.service_id,
+                client: addr,
+            };
+            sticky(&LB_AFFINITY4_V1, &client, key, frontend, now)
+        }
+        Client::Netns(cookie) => {
+            let client = SockAffinityKey {
+                service_id: frontend.service_id,
+                _pad: 0,
+                netns_cookie: cookie,
+            };
+            sticky(&LB_SOCK_AFFINITY4_V1, &client, key, frontend, now)
+        }
+    }
+}
+
+/// [`choose`] under affinity, with the client's entry in `clients`.
+#[inline(always)]
+fn sticky<K>(
+    clients: &LruHashMap<K, Affinity, { MAX_AFFINITY as usize }>,
+    client: &K,
+    key: &CtKey,
+    frontend: &Frontend,
+    now: u64,
+) -> Result<(u32, Backend), Verdict> {
+    if let Some(entry) = clients.get_ptr_mut(client) {
         // SAFETY: copied out at once; a racing writer on another CPU can only make the time a
         // little older or give the client the backend it picked.
         let pinned = unsafe { *entry };
@@ -665,7 +720,7 @@ fn choose(key: &CtKey, frontend: &Frontend, now: u64) -> Result<(u32, Backend), 
         last_used_ns: now,
     };
     // A full map evicts its longest idle client; failing to record only loses the affinity.
-    let _ = LB_AFFINITY4_V1.insert(&client, &pinned, 0);
+    let _ = clients.insert(client, &pinned, 0);
     Ok((backend_id, backend))
 }
 

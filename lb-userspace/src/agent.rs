@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 use crate::{
     api::{self, AdminState, SharedState, StatusView},
     controlplane::{Change, ControlPlane, ServiceChange},
-    dataplane::{Dataplane, LinkPatterns},
+    dataplane::{self, Dataplane, LinkPatterns},
     desired::{Algorithm, DesiredDataplane, Frontend},
     diff::{self, ActualDataplane},
     dns::SharedZone,
@@ -84,6 +84,17 @@ pub struct AgentConfig {
     /// TC program alone, each fallback logged), generic, or off.
     #[arg(long, value_enum, default_value = "native")]
     pub xdp_mode: crate::dataplane::XdpMode,
+    /// Connect-time load balancing: a socket in `--cgroup` that connects (or sends a UDP
+    /// datagram) to a Service gets a backend's address at once, so its packets need no
+    /// translation; processes on the node itself reach Services this way. `--socket-lb=false`
+    /// leaves every client to the TC programs (and detaches a previous agent's).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", value_name = "BOOL")]
+    pub socket_lb: bool,
+    /// The cgroup v2 whose processes (with every cgroup below it) get connect-time load
+    /// balancing. Default: the root of the cgroup v2 mount (every process on the node).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
     /// Address of the health endpoint (/healthz, /livez), served as kube-proxy serves it.
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind: SocketAddr,
@@ -304,6 +315,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             "kube-proxy's rules are on this node ({found}): kube-proxy and this datapath would both act on Service traffic; remove kube-proxy and its rules (README, replacing kube-proxy)"
         );
     }
+    if config.socket_lb
+        && let Some(cgroup) = &config.cgroup
+        && !dataplane::is_cgroup2_dir(cgroup)
+    {
+        anyhow::bail!("--cgroup {}: not a cgroup v2 directory", cgroup.display());
+    }
     let dns = crate::dns::start(&config.dns)?;
     let mut dataplane = Dataplane::load_pinned(&config.bpffs, config.datapath_config())?;
     dataplane.set_tc_attach(config.tc_attach);
@@ -391,6 +408,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         config,
     };
     agent.scan_links();
+    agent.attach_socket_lb();
     match client {
         None => agent.run_standalone(server).await,
         Some(client) => agent.run_in_cluster(client, server).await,
@@ -683,6 +701,37 @@ impl Agent {
         }
     }
 
+    /// Attaches the socket programs (`--socket-lb`), or detaches a previous agent's. Where the
+    /// kernel cannot run them, the TC programs serve every client, as with `--socket-lb=false`.
+    fn attach_socket_lb(&mut self) {
+        if !self.config.socket_lb {
+            match self.dataplane.detach_socket_lb() {
+                Ok(0) => {}
+                Ok(n) => info!(
+                    attachments = n,
+                    "connect-time load balancing off: the previous agent's detached"
+                ),
+                Err(e) => warn!("detaching connect-time load balancing: {e}"),
+            }
+            return;
+        }
+        let Some(cgroup) = self.config.cgroup.clone().or_else(dataplane::cgroup2_root) else {
+            warn!(
+                "connect-time load balancing off: no cgroup v2 is mounted (give --cgroup, or --socket-lb=false)"
+            );
+            return;
+        };
+        match self.dataplane.attach_socket_lb(&cgroup) {
+            Ok(()) => {
+                info!(cgroup = %cgroup.display(), "connect-time load balancing attached");
+                self.shared.status_mut().socket_lb = Some(cgroup.display().to_string());
+            }
+            Err(e) => warn!(
+                "connect-time load balancing off ({e}); the TC programs serve every client (Linux 5.18 or later runs it)"
+            ),
+        }
+    }
+
     /// Re-reads the maps before a full sync: anything orphaned or changed behind our back is
     /// then mended.
     fn reread_maps(&mut self) {
@@ -882,6 +931,7 @@ impl Agent {
             backend_choice: std::mem::take(&mut status.backend_choice),
             node_addresses: std::mem::take(&mut status.node_addresses),
             xdp: std::mem::take(&mut status.xdp),
+            socket_lb: status.socket_lb.take(),
         };
     }
 }

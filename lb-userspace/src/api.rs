@@ -69,6 +69,9 @@ pub struct StatusView {
     /// External interfaces and how XDP runs on each ("eth0 native", "eth0 off").
     #[serde(default)]
     pub xdp: Vec<String>,
+    /// The cgroup whose sockets get connect-time load balancing; none when off.
+    #[serde(default)]
+    pub socket_lb: Option<String>,
 }
 
 /// The metrics kube-proxy exports under the same names and meanings, so that its dashboards

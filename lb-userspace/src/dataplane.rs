@@ -38,7 +38,9 @@ pub const TC_EXTERNAL_PROGRAM: &str = "lb_tc_external";
 pub const XDP_PROGRAM: &str = "lb_xdp_external";
 pub const XDP_FLOOR_PROGRAM: &str = "lb_xdp_floor";
 
+mod socket_lb;
 mod xdp;
+pub use socket_lb::{SOCK_PROGRAMS, cgroup2_root, is_cgroup2_dir};
 pub use xdp::{XdpAttachment, XdpMode};
 pub const TC_FLOOR_PROGRAM: &str = "lb_tc_floor";
 /// Parse and one conntrack lookup: what benchmarks express the other paths' costs in.
@@ -124,6 +126,8 @@ pub struct Dataplane {
     xdp_mode: XdpMode,
     /// External links this process put XDP on: ifindex -> (interface, mode it runs in).
     xdp_attached: BTreeMap<u32, (String, &'static str)>,
+    /// The cgroup the socket programs are attached to.
+    socket_lb: Option<PathBuf>,
 }
 
 /// Where on a link a program sits.
@@ -243,6 +247,7 @@ impl Dataplane {
             attached: HashMap::new(),
             xdp_mode: XdpMode::default(),
             xdp_attached: BTreeMap::new(),
+            socket_lb: None,
         };
         dp.load_program(TC_CLOCK_PROGRAM)?;
         dp.set_config(config)?;
@@ -265,6 +270,7 @@ impl Dataplane {
             attached: HashMap::new(),
             xdp_mode: XdpMode::default(),
             xdp_attached: BTreeMap::new(),
+            socket_lb: None,
         };
         dp.load_program(TC_CLOCK_PROGRAM)?;
         dp.set_config(Config::DEFAULT)?;
@@ -1315,7 +1321,8 @@ pub fn reset(bpffs: &Path) -> Result<Vec<PathBuf>> {
     let pins = link_pins(&links)?
         .into_iter()
         .map(|(_, _, path)| path)
-        .chain(xdp::xdp_pins(&links)?.into_iter().map(|(_, path)| path));
+        .chain(xdp::xdp_pins(&links)?.into_iter().map(|(_, path)| path))
+        .chain(socket_lb::sock_pins(&links)?);
     for path in pins {
         std::fs::remove_file(&path)?;
         removed.push(path);

@@ -146,6 +146,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     if !status.xdp.is_empty() {
                         println!("XDP: {}", status.xdp.join(", "));
                     }
+                    match &status.socket_lb {
+                        Some(cgroup) => println!("connect-time load balancing: {cgroup}"),
+                        None => println!("connect-time load balancing: off"),
+                    }
                     let addresses: Vec<String> = status
                         .node_addresses
                         .iter()

@@ -5,8 +5,9 @@ use anyhow::Context as _;
 use xtask::cmd::{run, run_visible};
 
 /// Tools the tests, the demo and the benchmarks use (wrk, iptables, nftables, conntrack,
-/// dnsperf, dnsmasq-base and librsvg2-bin only for `cargo xtask bench --report`).
-const DEBIAN_PACKAGES: [&str; 15] = [
+/// dnsperf, dnsmasq-base and librsvg2-bin only for `cargo xtask bench --report`; python3 runs
+/// the socket probe of the connect-time tests).
+const DEBIAN_PACKAGES: [&str; 16] = [
     "bpftool",
     "iproute2",
     "ethtool",
@@ -22,6 +23,7 @@ const DEBIAN_PACKAGES: [&str; 15] = [
     "dnsperf",
     "dnsmasq-base",
     "librsvg2-bin",
+    "python3-minimal",
 ];
 const BPF_LINKER_VERSION: &str = "0.10.4";
 

@@ -60,6 +60,9 @@ struct Node {
     manifests: PathBuf,
     log: PathBuf,
     agent: Option<Child>,
+    /// The cgroup the node's agent attaches its socket programs to
+    /// ([`Testbed::enable_socket_lb`]); without one the agent runs with `--socket-lb=false`.
+    cgroup: Option<PathBuf>,
 }
 
 struct Server {
@@ -129,6 +132,7 @@ impl Testbed {
                 },
                 log: dir.join(format!("agent{suffix}.log")),
                 agent: None,
+                cgroup: None,
             }
         };
         let nodes: Vec<Node> = (0..nodes.max(1)).map(node).collect();
@@ -707,6 +711,20 @@ impl Testbed {
                 &[]
             })
             .args(extra)
+            // cgroup programs see every process in their cgroup, whatever its namespace: a
+            // node's agent gets a cgroup of the test's own, or none.
+            .args(
+                match (
+                    &node.cgroup,
+                    extra
+                        .iter()
+                        .any(|a| a.starts_with("--socket-lb") || *a == "--cgroup"),
+                ) {
+                    (_, true) => vec![],
+                    (Some(cgroup), false) => vec!["--cgroup".into(), cgroup.display().to_string()],
+                    (None, false) => vec!["--socket-lb=false".to_string()],
+                },
+            )
             // The namespace tests run once per attach mode (`cargo xtask test`), the
             // external ones once per XDP mode too.
             .args(
@@ -885,6 +903,69 @@ impl Testbed {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// Gives every node's agent, from its next start, a cgroup of its own to attach its socket
+    /// programs to (`--cgroup`); processes join it through [`Testbed::exec_in_cgroup`].
+    pub fn enable_socket_lb(&mut self) -> anyhow::Result<()> {
+        let root = cgroup2_root()?;
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            let cgroup = root.join(format!("{}-n{i}", self.prefix));
+            fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
+            node.cgroup = Some(cgroup);
+        }
+        Ok(())
+    }
+
+    /// Node `node`'s cgroup ([`Testbed::enable_socket_lb`]).
+    pub fn cgroup_of(&self, node: usize) -> Option<&Path> {
+        self.nodes[node].cgroup.as_deref()
+    }
+
+    /// Runs a command in `netns` as a process of `cgroup` (and returns its stdout): what a
+    /// pod's or a node's process in the cgroup the socket programs are attached to does.
+    pub fn exec_in_cgroup(
+        &self,
+        cgroup: &Path,
+        netns: &str,
+        args: &[&str],
+    ) -> anyhow::Result<String> {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", netns]).args(args);
+        let procs =
+            std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
+        // SAFETY: open, write and close are async-signal-safe; "0" moves the writing process.
+        unsafe {
+            command.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(String::from_utf8(run(&mut command)?.stdout)?)
+    }
+
+    /// [`Testbed::exec`] as a process of the cgroup of the pod's node.
+    pub fn exec_pod_in_cgroup(&self, pod: &Pod, args: &[&str]) -> anyhow::Result<String> {
+        let cgroup = self
+            .cgroup_of(pod.node)
+            .context("no cgroup: enable_socket_lb first")?;
+        self.exec_in_cgroup(cgroup, &pod.netns, args)
+    }
+
+    /// [`Testbed::exec_on_node`] as a process of the node's cgroup.
+    pub fn exec_node_in_cgroup(&self, node: usize, args: &[&str]) -> anyhow::Result<String> {
+        let cgroup = self
+            .cgroup_of(node)
+            .context("no cgroup: enable_socket_lb first")?;
+        self.exec_in_cgroup(cgroup, &self.nodes[node].netns, args)
+    }
+
     /// Runs a command in node 0's namespace.
     pub fn exec_node(&self, args: &[&str]) -> anyhow::Result<String> {
         self.exec_on_node(0, args)
@@ -920,6 +1001,11 @@ impl Testbed {
                     .arg("--bpffs")
                     .arg(&node.bpffs));
                 let _ = fs::remove_dir_all(&node.bpffs);
+            }
+        }
+        for node in &mut self.nodes {
+            if let Some(cgroup) = node.cgroup.take() {
+                remove_cgroup(&cgroup);
             }
         }
         for pod in self.pods.drain(..) {
@@ -982,6 +1068,26 @@ pub fn enter_netns(path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where cgroup v2 is mounted.
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let out = run(Command::new("findmnt").args(["-n", "-t", "cgroup2", "-o", "TARGET"]))?;
+    let root = String::from_utf8(out.stdout)?;
+    let root = root.lines().next().context("no cgroup v2 is mounted")?;
+    Ok(PathBuf::from(root))
+}
+
+/// Kills what is left in a cgroup the testbed made, then removes it.
+fn remove_cgroup(cgroup: &Path) {
+    let _ = fs::write(cgroup.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fs::read_to_string(cgroup.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = fs::remove_dir(cgroup);
+}
+
 /// Removes namespaces, bpffs directories and temp folders that killed runs of testbeds of this
 /// `kind` left behind.
 pub fn cleanup_leftovers(kind: &str) -> anyhow::Result<usize> {
@@ -1008,6 +1114,16 @@ pub fn cleanup_leftovers(kind: &str) -> anyhow::Result<usize> {
         if ours(name) {
             let _ = sh(&format!("ip netns del {name}"));
             removed += 1;
+        }
+    }
+    if let Ok(root) = cgroup2_root()
+        && let Ok(entries) = fs::read_dir(&root)
+    {
+        for e in entries.flatten() {
+            if ours(&e.file_name().to_string_lossy()) {
+                remove_cgroup(&e.path());
+                removed += 1;
+            }
         }
     }
     for root in [
