@@ -20,8 +20,8 @@ const VIP: &str = "198.19.0.10";
 /// Where a probe runs.
 #[derive(Clone, Copy)]
 enum Place<'a> {
-    /// The node's own namespace, in the node's cgroup (a host-network process).
-    Node,
+    /// A node's own namespace, in the node's cgroup (a host-network process).
+    Node(usize),
     /// A pod, in the node's cgroup.
     PodInCgroup(&'a Pod),
     /// A pod outside the cgroup: the TC programs serve it.
@@ -38,7 +38,7 @@ fn probe(bed: &Testbed, place: Place, args: &[&str]) -> Vec<Value> {
     let mut command = vec!["python3", script.as_str()];
     command.extend_from_slice(args);
     let out = match place {
-        Place::Node => bed.exec_node_in_cgroup(0, &command),
+        Place::Node(node) => bed.exec_node_in_cgroup(node, &command),
         Place::PodInCgroup(pod) => bed.exec_pod_in_cgroup(pod, &command),
         Place::PodOutside(pod) => bed.exec(pod, &command),
     }
@@ -54,9 +54,9 @@ fn field<'a>(report: &'a Value, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {name} in {report}"))
 }
 
-fn pod_manifest(name: &str, ip: Ipv4Addr) -> String {
+fn pod_manifest(name: &str, ip: Ipv4Addr, node: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{app: web}}\nspec:\n  containers:\n  - name: server\n    image: example\nstatus:\n  podIP: {ip}\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{app: web}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: server\n    image: example\nstatus:\n  podIP: {ip}\n"
     )
 }
 
@@ -82,8 +82,11 @@ fn testbed(n: u8) -> (Testbed, Pod) {
         let pod = bed.add_pod(&name, backend_ip(i)).unwrap();
         bed.serve_http(&pod, 8080).unwrap();
         bed.serve_udp(&pod, 5353).unwrap();
-        bed.write_manifest(&format!("{name}.yaml"), &pod_manifest(&name, backend_ip(i)))
-            .unwrap();
+        bed.write_manifest(
+            &format!("{name}.yaml"),
+            &pod_manifest(&name, backend_ip(i), "node-1"),
+        )
+        .unwrap();
     }
     (bed, client)
 }
@@ -129,10 +132,10 @@ fn node_processes_reach_services_over_tcp_and_udp_and_see_the_service_as_peer() 
     );
 
     // TCP from the node's own namespace: without the socket programs nothing translates it.
-    assert_eq!(http_through_service(&bed, Place::Node, 30), all_web(3));
+    assert_eq!(http_through_service(&bed, Place::Node(0), 30), all_web(3));
 
     // Connected UDP: the peer is the Service, answers come from it.
-    let reports = probe(&bed, Place::Node, &["udp-connected", VIP, "53", "5"]);
+    let reports = probe(&bed, Place::Node(0), &["udp-connected", VIP, "53", "5"]);
     assert_eq!(reports.len(), 5, "{reports:?}");
     let answered: BTreeSet<&str> = reports
         .iter()
@@ -150,7 +153,7 @@ fn node_processes_reach_services_over_tcp_and_udp_and_see_the_service_as_peer() 
 
     // Unconnected UDP, as resolvers send: each datagram translated, every answer from the
     // Service's address.
-    let reports = probe(&bed, Place::Node, &["udp-unconnected", VIP, "53", "30"]);
+    let reports = probe(&bed, Place::Node(0), &["udp-unconnected", VIP, "53", "30"]);
     assert_eq!(reports.len(), 30, "{reports:?}");
     let answered: BTreeSet<String> = reports
         .iter()
@@ -195,7 +198,10 @@ fn pod_clients_in_the_cgroup_put_only_pod_addresses_on_the_wire() {
     let mut line = String::new();
     while !line.contains("listening") {
         line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "tcpdump did not start");
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "tcpdump did not start"
+        );
     }
 
     assert_eq!(
@@ -244,7 +250,7 @@ fn a_service_without_endpoints_refuses_connect_at_once_and_outside_the_cgroup_tc
     .unwrap();
     bed.start_agent().unwrap();
 
-    for place in [Place::Node, Place::PodInCgroup(&client)] {
+    for place in [Place::Node(0), Place::PodInCgroup(&client)] {
         let reports = probe(&bed, place, &["tcp", "198.19.0.11", "80", "3"]);
         for r in &reports {
             assert_eq!(field(r, "error"), "ECONNREFUSED", "{r}");
@@ -274,10 +280,52 @@ fn client_ip_affinity_holds_for_a_client_translated_at_connect() {
     bed.write_manifest("svc.yaml", &web_service("  sessionAffinity: ClientIP\n"))
         .unwrap();
     bed.start_agent().unwrap();
-    let from_node = http_through_service(&bed, Place::Node, 15);
+    let from_node = http_through_service(&bed, Place::Node(0), 15);
     assert_eq!(from_node.len(), 1, "{from_node:?}");
     let from_pod = http_through_service(&bed, Place::PodInCgroup(&client), 15);
     assert_eq!(from_pod.len(), 1, "{from_pod:?}");
+}
+
+#[test]
+fn a_node_process_reaches_endpoints_on_other_nodes_and_internal_local_keeps_to_its_node() {
+    let mut bed = support::bed::testbed(2);
+    bed.enable_socket_lb().unwrap();
+    for (node, i) in [(0, 1), (1, 2)] {
+        let name = format!("web-{i}");
+        let pod = bed.add_pod_on(node, &name, backend_ip(i)).unwrap();
+        bed.serve_http(&pod, 8080).unwrap();
+        bed.serve_udp(&pod, 5353).unwrap();
+        let manifest = pod_manifest(&name, backend_ip(i), &format!("node-{}", node + 1));
+        bed.write_manifest(&format!("{name}.yaml"), &manifest)
+            .unwrap();
+    }
+    bed.write_manifest("svc.yaml", &web_service("")).unwrap();
+    bed.write_manifest(
+        "local.yaml",
+        &web_service("  internalTrafficPolicy: Local\n")
+            .replace("name: web}", "name: local}")
+            .replace(VIP, "198.19.0.12"),
+    )
+    .unwrap();
+    bed.start_agent().unwrap();
+
+    for node in [0, 1] {
+        let reports = probe(&bed, Place::Node(node), &["tcp", VIP, "80", "30"]);
+        let bodies: BTreeSet<&str> = reports.iter().map(|r| field(r, "body")).collect();
+        assert_eq!(bodies, ["web-1", "web-2"].into(), "from node {node}");
+        assert!(
+            reports
+                .iter()
+                .all(|r| field(r, "peer") == format!("{VIP}:80"))
+        );
+        let local = probe(&bed, Place::Node(node), &["tcp", "198.19.0.12", "80", "10"]);
+        let bodies: BTreeSet<&str> = local.iter().map(|r| field(r, "body")).collect();
+        assert_eq!(
+            bodies,
+            [format!("web-{}", node + 1).as_str()].into(),
+            "from node {node}"
+        );
+    }
 }
 
 /// The programs attached to a cgroup, as bpftool lists them.
@@ -308,13 +356,13 @@ fn the_attachment_outlives_the_agent_and_a_restart_reuses_it_once() {
 
     bed.stop_agent(true).unwrap();
     // Without an agent, the pinned programs and maps serve.
-    assert_eq!(http_through_service(&bed, Place::Node, 10), all_web(2));
+    assert_eq!(http_through_service(&bed, Place::Node(0), 10), all_web(2));
 
     bed.start_agent().unwrap();
     wait_for("one attachment per hook", Duration::from_secs(5), || {
         attached_programs(&bed).len() == 4
     });
-    assert_eq!(http_through_service(&bed, Place::Node, 10), all_web(2));
+    assert_eq!(http_through_service(&bed, Place::Node(0), 10), all_web(2));
 
     // Switched off across a restart: detached, and the node's processes reach nothing.
     bed.stop_agent(false).unwrap();
@@ -327,6 +375,8 @@ fn the_attachment_outlives_the_agent_and_a_restart_reuses_it_once() {
         status.contains("connect-time load balancing: off"),
         "{status}"
     );
+    let reports = probe(&bed, Place::Node(0), &["tcp", VIP, "80", "1"]);
+    assert!(reports[0].get("error").is_some(), "{reports:?}");
 
     // On again, then `lb reset` removes it.
     bed.stop_agent(false).unwrap();
