@@ -5,7 +5,9 @@
 //! ceiling), with 1, 1,000 and 10,000 Services of 10 endpoints each, the measured Service a
 //! random one. Every request and reply crosses the link between the nodes, as in a cluster
 //! where the backend runs elsewhere. Load: wrk, bounded in connections and time, over new
-//! connections (`Connection: close`) and over kept-alive connections.
+//! connections (`Connection: close`) and over kept-alive connections. `lb, connect-time`: the
+//! same client in the cgroup the agent attached its socket programs to, so its connect()
+//! goes to the backend at once and no packet is translated.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
@@ -19,6 +21,8 @@ use xtask::{
 };
 
 const ENDPOINTS: u32 = 10;
+/// The mode whose client is in the cgroup of the socket programs.
+const CONNECT_TIME: &str = "lb, connect-time";
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 
 fn vip(i: u32) -> Ipv4Addr {
@@ -80,6 +84,9 @@ fn main() -> anyhow::Result<()> {
             })
             .collect();
         let service_url = format!("http://{}/", vip(measured));
+        // The client's node's agent attaches its socket programs to a cgroup of its own;
+        // the client joins it only for the connect-time mode.
+        bed.enable_socket_lb()?;
         let mut measure = |mode: &'static str, url: &str, bed: &Testbed| -> anyhow::Result<()> {
             if !wanted(mode) {
                 return Ok(());
@@ -100,7 +107,14 @@ fn main() -> anyhow::Result<()> {
                     eprintln!("   node {node}: conntrack -F: {e}");
                 }
             }
-            let exec = |args: &[&str]| bed.exec(&client, args);
+            let in_cgroup = mode == CONNECT_TIME;
+            let exec = |args: &[&str]| {
+                if in_cgroup {
+                    bed.exec_pod_in_cgroup(&client, args)
+                } else {
+                    bed.exec(&client, args)
+                }
+            };
             results.extend(wrk::measure(&exec, n, mode, url, seconds)?);
             Ok(())
         };
@@ -113,6 +127,7 @@ fn main() -> anyhow::Result<()> {
         // Let the agent finish the work that follows its first sync.
         std::thread::sleep(Duration::from_secs(2));
         measure("lb (eBPF)", &service_url, &bed)?;
+        measure(CONNECT_TIME, &service_url, &bed)?;
         // The same datapath with the agent stopped (programs stay attached): what the agent's
         // own work costs the traffic.
         bed.stop_agent(false)?;

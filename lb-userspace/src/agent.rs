@@ -21,13 +21,14 @@ use crate::{
     controlplane::{Change, ControlPlane, ServiceChange},
     dataplane::{self, Dataplane, LinkPatterns},
     desired::{Algorithm, DesiredDataplane, Frontend},
-    diff::{self, ActualDataplane},
+    diff::{self, ActualDataplane, MapOp},
     dns::SharedZone,
     events::{self, EventsLevel},
     external::AllocationRanges,
     health_check::HealthChecks,
     model::ObjectName,
     sources::{cluster, manifests::ManifestStore},
+    stale_sockets,
 };
 
 /// Where `lb get` and the agent meet by default.
@@ -732,6 +733,33 @@ impl Agent {
         }
     }
 
+    /// Closes the connected UDP sockets that connect-time load balancing sent to a backend
+    /// that is gone, and forgets every socket of such a backend.
+    fn close_stale_sockets(&mut self) {
+        let Some(cgroup) = self.dataplane.socket_lb().map(Path::to_path_buf) else {
+            return;
+        };
+        let stale = match self.dataplane.sock_revnat_entries() {
+            Ok(entries) => stale_sockets::stale(&entries, &self.actual.backends),
+            Err(e) => return warn!("reading the sockets of connect-time load balancing: {e}"),
+        };
+        if stale.is_empty() {
+            return;
+        }
+        let namespaces = stale_sockets::namespaces_in(&cgroup);
+        match stale_sockets::close(namespaces, stale_sockets::targets(&stale)) {
+            Ok(0) => {}
+            Ok(closed) => info!(
+                closed,
+                "connected UDP sockets to removed backends closed (ECONNABORTED)"
+            ),
+            Err(e) => warn!("closing UDP sockets connected to removed backends: {e}"),
+        }
+        if let Err(e) = self.dataplane.forget_sock_revnat(&stale) {
+            warn!("{e}");
+        }
+    }
+
     /// Re-reads the maps before a full sync: anything orphaned or changed behind our back is
     /// then mended.
     fn reread_maps(&mut self) {
@@ -868,6 +896,12 @@ impl Agent {
             }
         } else {
             diff::apply(&mut self.actual, &ops);
+            if ops
+                .iter()
+                .any(|op| matches!(op, MapOp::ClearBackend(_) | MapOp::PutBackend(..)))
+            {
+                self.close_stale_sockets();
+            }
             let now = SystemTime::now();
             self.shared.health().updated(now);
             let metrics = &self.shared.metrics;

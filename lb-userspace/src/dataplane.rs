@@ -19,8 +19,9 @@ use lb_common::{
     AFFINITY_MAP, ALL_MAPS, Affinity, AffinityKey, AllocationKey, BACKENDS_MAP, Backend,
     CLUSTER_IPS_MAP, CONFIG_MAP, CONNTRACK_MAP, Config, CtEntry, CtKey, EVENTS_MAP, FRONTENDS_MAP,
     Frontend, FrontendKey, LEGACY_MAPS, MAGLEV_MAP, NODE_ADDRS_MAP, SERVICE_NAME_LEN,
-    SERVICE_TRAFFIC_MAP, SLOTS_MAP, SOURCE_RANGES_MAP, STATS_MAP, ServiceName, ServiceTraffic,
-    SlotKey, SourceRange, affinity, conntrack, stats::COUNTER_COUNT,
+    SERVICE_TRAFFIC_MAP, SLOTS_MAP, SOCK_AFFINITY_MAP, SOCK_REVNAT_MAP, SOURCE_RANGES_MAP,
+    STATS_MAP, ServiceName, ServiceTraffic, SlotKey, SockAffinityKey, SockRevKey, SockService,
+    SourceRange, affinity, conntrack, stats::COUNTER_COUNT,
 };
 
 use crate::{
@@ -759,27 +760,63 @@ impl Dataplane {
 
     /// Removes every client's affinity entry of these service ids.
     fn forget_affinity(&mut self, service_ids: &HashSet<u32>) -> Result<()> {
-        self.delete_affinity_where(|key, _| service_ids.contains(&key.service_id))
+        self.delete_affinity_where(|service_id, _| service_ids.contains(&service_id))
             .map(|_| ())
     }
 
-    /// Deletes the affinity entries `gone` names; returns the entries left.
-    fn delete_affinity_where(
+    /// Deletes the affinity entries `gone` names (by service id and entry), of clients by
+    /// address and of clients translated at connect(); returns the entries left.
+    fn delete_affinity_where(&mut self, gone: impl Fn(u32, &Affinity) -> bool) -> Result<usize> {
+        let by_address =
+            self.delete_clients_where(AFFINITY_MAP, |k: &AffinityKey| k.service_id, &gone)?;
+        let by_netns = self.delete_clients_where(
+            SOCK_AFFINITY_MAP,
+            |k: &SockAffinityKey| k.service_id,
+            &gone,
+        )?;
+        Ok(by_address + by_netns)
+    }
+
+    /// [`Self::delete_affinity_where`] in one of the two affinity maps.
+    fn delete_clients_where<K: aya::Pod + bytemuck::Pod>(
         &mut self,
-        gone: impl Fn(&AffinityKey, &Affinity) -> bool,
+        name: &'static str,
+        service_id: impl Fn(&K) -> u32,
+        gone: impl Fn(u32, &Affinity) -> bool,
     ) -> Result<usize> {
-        let entries = self.affinity_entries()?;
-        let doomed: Vec<AffinityKey> = entries
+        let entries: Vec<(K, Affinity)> = batch::lookup_all(self.map_fd(name)?)
+            .map_err(|source| DataplaneError::Batch { name, source })?;
+        let doomed: Vec<K> = entries
             .iter()
-            .filter(|(key, entry)| gone(key, entry))
+            .filter(|(key, entry)| gone(service_id(key), entry))
             .map(|(key, _)| *key)
             .collect();
-        let mut clients: BpfHashMap<_, AffinityKey, Affinity> =
-            BpfHashMap::try_from(self.map_mut(AFFINITY_MAP)?).map_err(map_err(AFFINITY_MAP))?;
+        let mut clients: BpfHashMap<_, K, Affinity> =
+            BpfHashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         for key in &doomed {
-            ignore_missing(clients.remove(key)).map_err(map_err(AFFINITY_MAP))?;
+            ignore_missing(clients.remove(key)).map_err(map_err(name))?;
         }
         Ok(entries.len() - doomed.len())
+    }
+
+    /// The sockets connect-time load balancing sent to a backend: (socket cookie, backend)
+    /// -> the Service they called.
+    pub fn sock_revnat_entries(&self) -> Result<Vec<(SockRevKey, SockService)>> {
+        batch::lookup_all(self.map_fd(SOCK_REVNAT_MAP)?).map_err(|source| DataplaneError::Batch {
+            name: SOCK_REVNAT_MAP,
+            source,
+        })
+    }
+
+    /// Forgets these sockets' backends.
+    pub fn forget_sock_revnat(&mut self, keys: &[SockRevKey]) -> Result<()> {
+        let mut map: BpfHashMap<_, SockRevKey, SockService> =
+            BpfHashMap::try_from(self.map_mut(SOCK_REVNAT_MAP)?)
+                .map_err(map_err(SOCK_REVNAT_MAP))?;
+        for key in keys {
+            ignore_missing(map.remove(key)).map_err(map_err(SOCK_REVNAT_MAP))?;
+        }
+        Ok(())
     }
 
     fn backends(&mut self) -> Result<Array<&mut aya::maps::MapData, Backend>> {
@@ -864,9 +901,9 @@ impl Dataplane {
         now_ns: u64,
         sticky: &HashMap<u32, Frontend>,
     ) -> Result<usize> {
-        self.delete_affinity_where(|key, entry| {
+        self.delete_affinity_where(|service_id, entry| {
             sticky
-                .get(&key.service_id)
+                .get(&service_id)
                 .is_none_or(|f| !affinity::holds(f, entry, now_ns))
         })
     }

@@ -13,6 +13,7 @@ pub mod external;
 pub mod health_check;
 pub mod model;
 pub mod sources;
+pub mod stale_sockets;
 pub mod tick;
 pub mod views;
 

@@ -328,6 +328,63 @@ fn a_node_process_reaches_endpoints_on_other_nodes_and_internal_local_keeps_to_i
     }
 }
 
+#[test]
+fn a_connected_udp_socket_whose_backend_goes_is_closed_and_reconnects_to_a_live_one() {
+    let (mut bed, client) = testbed(2);
+    bed.write_manifest("svc.yaml", &web_service("")).unwrap();
+    bed.start_agent().unwrap();
+    let script = bed.dir.join("sockprobe.py");
+    std::fs::write(&script, PROBE).unwrap();
+    let script = script.display().to_string();
+    let mut stream = bed
+        .spawn_pod_in_cgroup(
+            &client,
+            &["python3", &script, "udp-stream", VIP, "53", "20"],
+        )
+        .unwrap();
+    let mut reports = BufReader::new(stream.stdout.take().unwrap()).lines();
+    let mut next = || -> Value { serde_json::from_str(&reports.next().unwrap().unwrap()).unwrap() };
+    assert_eq!(field(&next(), "peer"), format!("{VIP}:53"));
+    let first = next();
+    let backend = field(&first, "body").split(':').next().unwrap().to_string();
+
+    // The socket's backend goes: its next receive fails, within a second or so.
+    let removed = std::time::Instant::now();
+    bed.remove_manifest(&format!("{backend}.yaml")).unwrap();
+    let ended = loop {
+        let report = next();
+        if report.get("error").is_some() {
+            break report;
+        }
+        assert!(
+            removed.elapsed() < Duration::from_secs(5),
+            "still open 5 s after its backend went: {report}"
+        );
+    };
+    assert!(
+        ["ECONNABORTED", "EDESTADDRREQ"].contains(&field(&ended, "error")),
+        "{ended}"
+    );
+    let _ = stream.kill();
+    let _ = stream.wait();
+    let log = std::fs::read_to_string(bed.agent_log()).unwrap();
+    assert!(
+        log.contains("connected UDP sockets to removed backends closed"),
+        "{log}"
+    );
+
+    // Connected again, the socket gets the backend that is left.
+    let left = if backend == "web-1" { "web-2" } else { "web-1" };
+    let reports = probe(
+        &bed,
+        Place::PodInCgroup(&client),
+        &["udp-connected", VIP, "53", "3"],
+    );
+    for r in &reports {
+        assert!(field(r, "body").starts_with(left), "{r}");
+    }
+}
+
 /// The programs attached to a cgroup, as bpftool lists them.
 fn attached_programs(bed: &Testbed) -> Vec<String> {
     let cgroup = bed.cgroup_of(0).unwrap().display().to_string();

@@ -928,26 +928,17 @@ impl Testbed {
         netns: &str,
         args: &[&str],
     ) -> anyhow::Result<String> {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", netns]).args(args);
-        let procs =
-            std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
-        // SAFETY: open, write and close are async-signal-safe; "0" moves the writing process.
-        unsafe {
-            command.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if written != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let mut command = command_in_cgroup(cgroup, netns, args)?;
         Ok(String::from_utf8(run(&mut command)?.stdout)?)
+    }
+
+    /// Starts a command in a pod as a process of its node's cgroup, its stdout piped.
+    pub fn spawn_pod_in_cgroup(&self, pod: &Pod, args: &[&str]) -> anyhow::Result<Child> {
+        let cgroup = self
+            .cgroup_of(pod.node)
+            .context("no cgroup: enable_socket_lb first")?;
+        let mut command = command_in_cgroup(cgroup, &pod.netns, args)?;
+        Ok(command.stdout(Stdio::piped()).spawn()?)
     }
 
     /// [`Testbed::exec`] as a process of the cgroup of the pod's node.
@@ -1066,6 +1057,29 @@ pub fn enter_netns(path: &str) -> anyhow::Result<()> {
         bail!("setns {path}: {}", std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// `args` in `netns`, started as a process of `cgroup`.
+fn command_in_cgroup(cgroup: &Path, netns: &str, args: &[&str]) -> anyhow::Result<Command> {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", netns]).args(args);
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
+    // SAFETY: open, write and close are async-signal-safe; "0" moves the writing process.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if written != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(command)
 }
 
 /// Where cgroup v2 is mounted.
