@@ -234,9 +234,13 @@ pub fn run(lb: &Path) -> anyhow::Result<()> {
     let outside = bed.add_pod("outside-host", OUTSIDE_IP)?;
     bed.serve_http(&outside, 80)?;
     say(&format!("a host outside the cluster at {OUTSIDE_IP}:80"));
+    // Each node's agent attaches its socket programs to a cgroup the demo made (never the
+    // machine's root cgroup: cgroup programs see every process in it).
+    bed.enable_socket_lb()?;
     bed.start_agent_with(&["--dns-listen", "0.0.0.0:53"])?;
+    let cgroup = bed.cgroup_of(0).context("no cgroup")?.display().to_string();
     say(&format!(
-        "lb agent --manifests <dir> --service-cidr {} --dns-listen 0.0.0.0:53 is running",
+        "lb agent --manifests <dir> --service-cidr {} --dns-listen 0.0.0.0:53 --cgroup {cgroup} is running",
         testbed::SERVICE_CIDR
     ));
     let demo = Demo { bed, client };
@@ -356,6 +360,23 @@ pub fn run(lb: &Path) -> anyhow::Result<()> {
         "curl by name answered {body:?}"
     );
     say("(curl resolves hello-nasa-svc through the search path, then goes through the ClusterIP)");
+
+    heading("5c. Processes on the node itself: connect-time load balancing");
+    say(
+        "(a host-network process sends packets no pod link sees: the socket programs in its cgroup give its connect() a backend's address)",
+    );
+    let ip = demo.cluster_ip("hello-nasa-svc")?;
+    let url = format!("http://{ip}/");
+    println!("$ curl -s {url}    (in node-1's own namespace, a process of {cgroup})");
+    let body = demo
+        .bed
+        .exec_node_in_cgroup(0, &["curl", "-s", "--max-time", "2", &url])?;
+    print!("{body}");
+    anyhow::ensure!(
+        body.contains("hello-nasa"),
+        "a node process reached {url} with {body:?}"
+    );
+    say("(sock_connect counts it in `lb status`; no packet of it was translated)");
 
     heading("6. A pod goes away: its endpoint goes with it");
     demo.bed.remove_manifest("05-nasa-rs-pods.yaml")?;
