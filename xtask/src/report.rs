@@ -566,7 +566,9 @@ with statistic-random jumps to KUBE-SEP chains that DNAT), loaded through iptabl
 through iptables-nft, and as its nftables mode would (a verdict map on address . protocol .
 port), on both nodes as kube-proxy would; `direct` is the client talking to the server pod's address, no Service at all;
 `lb, agent stopped` is the same eBPF datapath with the agent not running (what the agent's
-own work costs the traffic).
+own work costs the traffic); `lb, connect-time` is the same client in the cgroup the agent
+attached its socket programs to: its connect() gets the backend's address at once, so no
+packet is translated (the TC programs still see each one, and pass it).
 Load: wrk, 1 thread, 8 connections, 3 s, over new connections (the server closes each after
 one response) and over kept-alive connections, the two taking turns; each figure is the
 median of 3 runs (every run is listed). wrk is kept on CPU 0 and the server's threads on
