@@ -369,6 +369,15 @@ impl Dataplane {
     }
 
     pub fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
+        self.program(name)
+    }
+
+    /// The object's program `name`, as its type (TC, XDP, cgroup socket).
+    fn program<T>(&mut self, name: &'static str) -> Result<&mut T>
+    where
+        for<'a> &'a mut T:
+            TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
         let program = self.ebpf.program_mut(name).ok_or(DataplaneError::Program {
             name,
             source: aya::programs::ProgramError::NotLoaded,

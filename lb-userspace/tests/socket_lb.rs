@@ -28,13 +28,18 @@ enum Place<'a> {
     PodOutside(&'a Pod),
 }
 
-/// Runs the socket probe and returns its reports.
-fn probe(bed: &Testbed, place: Place, args: &[&str]) -> Vec<Value> {
+/// The socket probe's path, written into the testbed's folder on first use.
+fn probe_script(bed: &Testbed) -> String {
     let script = bed.dir.join("sockprobe.py");
     if !script.exists() {
         std::fs::write(&script, PROBE).unwrap();
     }
-    let script = script.display().to_string();
+    script.display().to_string()
+}
+
+/// Runs the socket probe and returns its reports.
+fn probe(bed: &Testbed, place: Place, args: &[&str]) -> Vec<Value> {
+    let script = probe_script(bed);
     let mut command = vec!["python3", script.as_str()];
     command.extend_from_slice(args);
     let out = match place {
@@ -333,9 +338,7 @@ fn a_connected_udp_socket_whose_backend_goes_is_closed_and_reconnects_to_a_live_
     let (mut bed, client) = testbed(2);
     bed.write_manifest("svc.yaml", &web_service("")).unwrap();
     bed.start_agent().unwrap();
-    let script = bed.dir.join("sockprobe.py");
-    std::fs::write(&script, PROBE).unwrap();
-    let script = script.display().to_string();
+    let script = probe_script(&bed);
     let mut stream = bed
         .spawn_pod_in_cgroup(
             &client,

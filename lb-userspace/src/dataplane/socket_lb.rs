@@ -30,14 +30,7 @@ fn cgroup_error(cgroup: &Path, message: impl std::fmt::Display) -> DataplaneErro
 
 impl Dataplane {
     fn sock_program(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::Program {
-                name,
-                source: aya::programs::ProgramError::NotLoaded,
-            })?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })
+        self.program(name)
     }
 
     /// Attaches the socket programs to the cgroup v2 at `cgroup` (every process in it and in

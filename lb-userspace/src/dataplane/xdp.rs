@@ -32,14 +32,7 @@ pub struct XdpAttachment {
 impl Dataplane {
     /// An XDP program of the object, by name.
     pub fn xdp_program(&mut self, name: &'static str) -> Result<&mut Xdp> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::Program {
-                name,
-                source: aya::programs::ProgramError::NotLoaded,
-            })?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })
+        self.program(name)
     }
 
     pub(super) fn load_xdp(&mut self, name: &'static str) -> Result<()> {
