@@ -117,6 +117,10 @@ fn main() -> anyhow::Result<()> {
     bed.kubeconfig = Some(api.write_kubeconfig(&bed.dir));
 
     let started = Instant::now();
+    eprintln!(
+        "bench: agent started at {}",
+        humantime::format_rfc3339_micros(std::time::SystemTime::now())
+    );
     bed.start_agent()?;
     let frontends_pin = bed.bpffs_of(0).join(FRONTENDS_MAP);
     let frontends: BpfHashMap<MapData, FrontendKey, Frontend> =
@@ -181,8 +185,12 @@ fn main() -> anyhow::Result<()> {
     times.sort();
 
     let log = std::fs::read_to_string(bed.agent_log())?;
-    if let Some(line) = log.lines().find(|l| l.contains("maps updated")) {
-        eprintln!("first sync: {line}");
+    // The agent's start, up to its first sync, for where the time went.
+    for line in log.lines() {
+        eprintln!("agent: {line}");
+        if line.contains("maps updated") {
+            break;
+        }
     }
     let first_sync_logged_ms = log
         .lines()

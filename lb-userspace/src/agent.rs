@@ -298,6 +298,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // free and serves them from the heap, whose holes then stay resident.
     // SAFETY: mallopt only changes allocator tuning.
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024) };
+    info!(version = env!("CARGO_PKG_VERSION"), node = %config.node_name, "agent starting");
     let patterns = config.link_patterns()?;
     if let Some(dir) = &config.manifests
         && !dir.is_dir()
@@ -311,6 +312,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         Some(_) => None,
         None => Some(kube_client(config.kubeconfig.as_deref()).await?),
     };
+    // The lists start before the datapath loads (the verifier takes seconds of one CPU): what
+    // they bring waits in the channel, and nothing is written before both kinds are listed.
+    let updates = client.map(|client| {
+        let (tx, rx) = mpsc::unbounded_channel::<cluster::Update>();
+        cluster::watch(client, &config.node_name, tx);
+        info!("watching the API server");
+        rx
+    });
     for found in crate::coexistence::find_kube_proxy_rules() {
         warn!(
             "kube-proxy's rules are on this node ({found}): kube-proxy and this datapath would both act on Service traffic; remove kube-proxy and its rules (README, replacing kube-proxy)"
@@ -344,7 +353,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     dataplane.set_events(config.datapath_events)?;
     let events = dataplane.events_switch()?;
     let _event_reader = events::spawn_reader(dataplane.event_reader(events::DatapathLog)?)?;
-    let mut control = if client.is_some() {
+    let mut control = if updates.is_some() {
         ControlPlane::following_api_server()
     } else {
         let mut control = ControlPlane::new(config.service_cidr);
@@ -410,9 +419,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
     agent.scan_links();
     agent.attach_socket_lb();
-    match client {
+    match updates {
         None => agent.run_standalone(server).await,
-        Some(client) => agent.run_in_cluster(client, server).await,
+        Some(updates) => agent.run_in_cluster(updates, server).await,
     }?;
     info!("agent stopping; programs stay attached and maps pinned (`lb reset` removes them)");
     Ok(())
@@ -536,12 +545,10 @@ impl Agent {
     /// written before both kinds are listed; until then the pinned datapath serves as it was.
     async fn run_in_cluster(
         &mut self,
-        client: kube::Client,
+        mut rx: mpsc::UnboundedReceiver<cluster::Update>,
         mut server: AdminServer,
     ) -> anyhow::Result<()> {
-        let (tx, mut rx) = mpsc::unbounded_channel::<cluster::Update>();
-        cluster::watch(client, &self.config.node_name, tx);
-        info!(admin = %self.config.admin, "agent running; watching the API server");
+        info!(admin = %self.config.admin, "agent running");
         let mut listed: BTreeSet<&'static str> = BTreeSet::new();
         let mut pending: Vec<Change> = Vec::new();
         let mut triggers: Vec<SystemTime> = Vec::new();
@@ -560,8 +567,14 @@ impl Agent {
                         match update {
                             cluster::Update::Changes { changes, triggers: t } => {
                                 self.shared.health().queued(Instant::now());
-                                pending.extend(changes);
                                 triggers.extend(t);
+                                if first_list_done {
+                                    pending.extend(changes);
+                                } else {
+                                    // Taken in while the other kind is still listed; computed
+                                    // and written with the first sync.
+                                    self.apply_changes(changes);
+                                }
                             }
                             cluster::Update::Listed(kind) => {
                                 listed.insert(kind);
@@ -822,19 +835,9 @@ impl Agent {
         self.sync_from(Instant::now(), changes, errors, full);
     }
 
-    fn sync_from(
-        &mut self,
-        started: Instant,
-        changes: Vec<Change>,
-        mut errors: Vec<String>,
-        full: bool,
-    ) {
-        if let Source::Cluster { problems } = &self.source {
-            errors.extend(problems.iter().map(|(object, p)| format!("{object}: {p}")));
-        }
-        if !changes.is_empty() {
-            self.shared.health().queued(started);
-        }
+    /// Takes changes into the control plane (counted as kube-proxy counts them); the next
+    /// sync computes and writes what they touched.
+    fn apply_changes(&mut self, changes: Vec<Change>) {
         let metrics = &self.shared.metrics;
         for change in &changes {
             let kind = match change {
@@ -851,6 +854,23 @@ impl Agent {
         for change in changes {
             control.apply(change);
         }
+    }
+
+    fn sync_from(
+        &mut self,
+        started: Instant,
+        changes: Vec<Change>,
+        mut errors: Vec<String>,
+        full: bool,
+    ) {
+        if let Source::Cluster { problems } = &self.source {
+            errors.extend(problems.iter().map(|(object, p)| format!("{object}: {p}")));
+        }
+        if !changes.is_empty() {
+            self.shared.health().queued(started);
+        }
+        self.apply_changes(changes);
+        let mut control = self.shared.control_mut();
         let applied_us = started.elapsed().as_micros() as u64;
         let changed = control.compute(SystemTime::now());
         let computed_us = started.elapsed().as_micros() as u64;

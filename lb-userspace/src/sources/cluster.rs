@@ -33,6 +33,10 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// When the change an EndpointSlice reflects began (set by the EndpointSlice controller).
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
+/// During the first list, changes go to the agent in chunks of this many objects: it takes them
+/// in while the rest are converted (and writes nothing before both kinds are listed).
+const FIRST_LIST_CHUNK: usize = 4096;
+
 /// What the watchers report to the agent.
 #[derive(Debug)]
 pub enum Update {
@@ -156,6 +160,7 @@ async fn forward<K, S>(
     let mut troubled: HashSet<ObjectName> = HashSet::new();
     let mut changes = Vec::new();
     let mut triggers = Vec::new();
+    let mut first_list = true;
     while let Some(event) = stream.next().await {
         let event = match event {
             Ok(event) => event,
@@ -204,6 +209,7 @@ async fn forward<K, S>(
                 }
                 send_changes(&tx, &mut changes, &mut triggers);
                 let _ = tx.send(Update::Listed(kind));
+                first_list = false;
                 continue;
             }
             Event::Apply(object) => {
@@ -233,7 +239,8 @@ async fn forward<K, S>(
             let _ = tx.send(Update::Problem { object, problem });
         }
         // During a relist, changes wait for its end: a half-listed kind is never programmed.
-        if relisted.is_none() {
+        // The first list's may go before, since nothing is programmed until it ends.
+        if relisted.is_none() || (first_list && changes.len() >= FIRST_LIST_CHUNK) {
             send_changes(&tx, &mut changes, &mut triggers);
         }
     }
