@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use lb_common::{FRONTENDS_MAP, Frontend, FrontendKey, PROTO_TCP, SCOPE_CLUSTER, net_port};
 use serde::Serialize;
@@ -78,6 +79,28 @@ struct Results {
     event_to_maps_slowest_ms: f64,
     /// One scrape of /metrics with every Service port's traffic.
     metrics_scrape_ms: f64,
+    /// CPU the agent used in a minute with nothing changing (its periodic work: two full
+    /// resyncs of the maps with the cluster, conntrack GC, link scans), ms per minute.
+    idle_cpu_ms_per_minute: f64,
+}
+
+/// CPU time the process has used (user and system), from /proc/PID/stat.
+fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces): state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        Ok(fields
+            .get(i - 3)
+            .ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?
+            .parse()?)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Ok(Duration::from_millis((ticks(14)? + ticks(15)?) * 1000 / hz))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -226,6 +249,12 @@ fn main() -> anyhow::Result<()> {
         "per Service port traffic in /metrics"
     );
 
+    // A quiet minute: whatever the agent does now is its periodic work.
+    let pid = bed.agent_pid().context("the agent's pid")?;
+    let cpu_before = cpu_time(pid)?;
+    std::thread::sleep(Duration::from_secs(60));
+    let idle_cpu = cpu_time(pid)? - cpu_before;
+
     let results = Results {
         services,
         endpoints_per_service: ENDPOINTS,
@@ -240,6 +269,7 @@ fn main() -> anyhow::Result<()> {
         event_to_maps_p90_ms: ms(times[times.len() * 9 / 10]),
         event_to_maps_slowest_ms: ms(times[times.len() - 1]),
         metrics_scrape_ms: ms(metrics_scrape),
+        idle_cpu_ms_per_minute: ms(idle_cpu),
     };
     let mut json = serde_json::to_value(&results)?;
     json["machine"] = serde_json::to_value(xtask::machine::Machine::read())?;

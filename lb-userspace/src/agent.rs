@@ -117,6 +117,11 @@ pub struct AgentConfig {
     /// How often expired conntrack entries are deleted.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub conntrack_gc_interval: Duration,
+    /// How often the maps are read back and compared with what the agent wrote (and, in
+    /// standalone mode, the whole folder read), as kube-proxy's --sync-period: anything missed
+    /// or changed behind the agent's back is mended then.
+    #[arg(long, default_value = "30s", value_parser = sync_period)]
+    pub sync_period: Duration,
     /// Datapath events in the agent's log: drops with their reason, or drops and every new
     /// flow's backend. Switched at run time with `lb events` (the admin endpoint's
     /// /v1/events).
@@ -163,6 +168,14 @@ fn port_range(value: &str) -> Result<RangeInclusive<u16>, String> {
         return Err(format!("{value:?}: the first port is above the last"));
     }
     Ok(first..=last)
+}
+
+fn sync_period(value: &str) -> Result<Duration, String> {
+    let period = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if period < Duration::from_millis(100) {
+        return Err(format!("{value}: at least 100ms"));
+    }
+    Ok(period)
 }
 
 fn maglev_table_size(value: &str) -> Result<u32, String> {
@@ -250,9 +263,10 @@ impl Read {
     }
 }
 
-/// Full resync: the whole folder scanned, the maps read back and compared whole, in case the
-/// watcher missed a change or anything else touched the maps.
-const RESYNC_EVERY: Duration = Duration::from_secs(30);
+/// Every frontend is planned again from the Services (not only those changes touched) when a
+/// resync finds the maps changed behind the agent's back, and at least this often, as
+/// kube-proxy syncs everything hourly: at 100,000 Services such a plan costs a second of CPU.
+const FULL_PLAN_EVERY: Duration = Duration::from_secs(3600);
 /// Interfaces are looked for this often (pods' links appear at any time).
 const LINK_SCAN_EVERY: Duration = Duration::from_millis(500);
 /// Events of one editor save come in bursts: wait this long for the burst to end.
@@ -290,6 +304,8 @@ struct Agent {
     shared: SharedState,
     last_errors: Vec<String>,
     syncs: u64,
+    /// When every frontend was last planned from the Services.
+    last_full_plan: Instant,
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
@@ -415,6 +431,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         shared,
         last_errors: Vec::new(),
         syncs: 0,
+        last_full_plan: Instant::now(),
         config,
     };
     agent.scan_links();
@@ -531,8 +548,8 @@ impl Agent {
                 _ = links.tick() => self.scan_links(),
                 _ = conntrack_gc.tick() => self.collect_conntrack_garbage(),
                 _ = resync.tick() => {
-                    self.reread_maps();
-                    self.sync_folder(Read::Folder, true);
+                    let full = self.reread_maps();
+                    self.sync_folder(Read::Folder, full);
                 }
                 _ = tokio::signal::ctrl_c() => return Ok(()),
                 _ = sigterm.recv() => return Ok(()),
@@ -593,6 +610,12 @@ impl Agent {
                         }
                         // The first sync compares every frontend with the pinned maps.
                         self.sync(std::mem::take(&mut pending), Vec::new(), !first_list_done);
+                        if !first_list_done {
+                            // The lists' bodies and the first plan are freed: hand their pages
+                            // back rather than keep that peak resident (glibc keeps freed heap).
+                            // SAFETY: malloc_trim only releases free memory.
+                            unsafe { libc::malloc_trim(0) };
+                        }
                         let written = SystemTime::now();
                         for t in triggers.drain(..) {
                             if let Ok(took) = written.duration_since(t) {
@@ -604,8 +627,9 @@ impl Agent {
                 _ = links.tick() => self.scan_links(),
                 _ = conntrack_gc.tick() => self.collect_conntrack_garbage(),
                 _ = resync.tick(), if listed.len() == LISTED_KINDS.len() => {
-                    self.reread_maps();
-                    self.sync(Vec::new(), Vec::new(), true);
+                    if self.reread_maps() {
+                        self.sync(Vec::new(), Vec::new(), true);
+                    }
                 }
                 _ = tokio::signal::ctrl_c() => return Ok(()),
                 _ = sigterm.recv() => return Ok(()),
@@ -622,8 +646,8 @@ impl Agent {
             // The first full resync comes one period after start (the start-up sync, or the
             // first sync after listing, compares everything already).
             resync: tokio::time::interval_at(
-                tokio::time::Instant::now() + RESYNC_EVERY,
-                RESYNC_EVERY,
+                tokio::time::Instant::now() + self.config.sync_period,
+                self.config.sync_period,
             ),
             sigterm: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
         })
@@ -775,10 +799,25 @@ impl Agent {
 
     /// Re-reads the maps before a full sync: anything orphaned or changed behind our back is
     /// then mended.
-    fn reread_maps(&mut self) {
+    /// Reads the maps back; returns whether every frontend is to be planned again: the maps
+    /// are not what this agent wrote (or could not be read), or the last full plan is old.
+    fn reread_maps(&mut self) -> bool {
         match self.dataplane.read_actual() {
-            Ok(actual) => self.actual = keep_table_digests(actual, &self.actual),
-            Err(e) => error!("reading maps for resync: {e}"),
+            Ok(actual) => {
+                let actual = keep_table_digests(actual, &self.actual);
+                let changed = actual != self.actual;
+                if changed {
+                    warn!(
+                        "the maps are not as this agent wrote them: planning every frontend again"
+                    );
+                }
+                self.actual = actual;
+                changed || self.last_full_plan.elapsed() >= FULL_PLAN_EVERY
+            }
+            Err(e) => {
+                error!("reading maps for resync: {e}");
+                true
+            }
         }
     }
 
@@ -894,6 +933,7 @@ impl Agent {
         let desired_us = started.elapsed().as_micros() as u64;
         touched.append(&mut self.unprogrammed);
         let plan = if full {
+            self.last_full_plan = Instant::now();
             diff::diff(&self.desired, &self.actual)
         } else {
             diff::diff_frontends(&self.desired, &self.actual, &touched)
@@ -1113,6 +1153,24 @@ mod tests {
             parse(&["--lb-algorithm", "maglev", "--maglev-table-size", "65521"]).unwrap(),
             Algorithm::Maglev { table_size: 65_521 }
         );
+    }
+
+    #[test]
+    fn the_sync_period_defaults_to_kube_proxys_and_refuses_a_busy_loop() {
+        let period = |args: &[&str]| {
+            Flags::try_parse_from(std::iter::once("lb").chain(args.iter().copied()))
+                .map(|f| f.agent.sync_period)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(period(&[]).unwrap(), Duration::from_secs(30));
+        assert_eq!(
+            period(&["--sync-period", "1m"]).unwrap(),
+            Duration::from_secs(60)
+        );
+        for value in ["0s", "10ms", "soon"] {
+            let e = period(&["--sync-period", value]).unwrap_err();
+            assert!(e.contains("--sync-period"), "{value}: {e}");
+        }
     }
 
     #[test]

@@ -344,6 +344,47 @@ fn services_and_endpoint_slices_from_the_api_server_reach_the_maps() {
 }
 
 #[test]
+fn maps_changed_behind_the_agents_back_are_mended_at_the_next_resync() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use lb_common::{FRONTENDS_MAP, Frontend, FrontendKey, PROTO_TCP, SCOPE_CLUSTER, net_port};
+
+    let mut c = cluster();
+    c.bed.stop_agent(false).unwrap();
+    c.bed.start_agent_with(&["--sync-period=1s"]).unwrap();
+    c.answered_by("web-1", "the restarted agent");
+    let pin = c.bed.bpffs_of(0).join(FRONTENDS_MAP);
+    let mut frontends: BpfHashMap<MapData, FrontendKey, Frontend> =
+        BpfHashMap::try_from(Map::HashMap(MapData::from_pin(&pin).unwrap())).unwrap();
+    let key = |vip: &str| FrontendKey {
+        addr: vip.parse::<Ipv4Addr>().unwrap().octets(),
+        port: net_port(80),
+        protocol: PROTO_TCP,
+        scope: SCOPE_CLUSTER,
+    };
+    // Resyncs that find the maps as the agent wrote them plan nothing again.
+    std::thread::sleep(Duration::from_millis(2500));
+    let drift = "not as this agent wrote them";
+    let log = std::fs::read_to_string(c.bed.agent_log()).unwrap();
+    assert!(
+        !log.contains(drift),
+        "no drift before the maps were touched:\n{log}"
+    );
+
+    // The Service's frontend deleted, and a frontend no Service has added.
+    let web = frontends.get(&key(VIP), 0).unwrap();
+    frontends.remove(&key(VIP)).unwrap();
+    frontends.insert(key("198.19.0.99"), web, 0).unwrap();
+    c.answered_by("web-1", "the frontend mended by a resync");
+    wait_for(
+        "the orphan frontend removed",
+        Duration::from_secs(5),
+        || frontends.get(&key("198.19.0.99"), 0).is_err(),
+    );
+    let log = std::fs::read_to_string(c.bed.agent_log()).unwrap();
+    assert!(log.contains(drift), "the drift was logged:\n{log}");
+}
+
+#[test]
 fn broken_and_expired_watches_and_an_api_outage_keep_the_datapath_serving() {
     let mut c = cluster();
     let reopen = |c: &Cluster| {

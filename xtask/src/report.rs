@@ -430,7 +430,7 @@ fn cluster_mode_section(md: &mut String, cm: &Value, _charts: &Path) -> anyhow::
             "2,000",
         ),
         (
-            "&nbsp;&nbsp;of which both lists, decoded and converted, as the agent logs them (ms)",
+            "&nbsp;&nbsp;both lists, decoded and converted, as the agent logs them; the datapath loads meanwhile (ms)",
             f("listing_logged_ms"),
             "",
         ),
@@ -469,6 +469,11 @@ fn cluster_mode_section(md: &mut String, cm: &Value, _charts: &Path) -> anyhow::
         (
             "one /metrics scrape with every Service port's traffic (ms)",
             f("metrics_scrape_ms"),
+            "",
+        ),
+        (
+            "agent CPU in a quiet minute: two full resyncs, conntrack GC, link scans (ms)",
+            f("idle_cpu_ms_per_minute"),
             "",
         ),
     ];
