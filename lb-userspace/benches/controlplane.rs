@@ -149,16 +149,20 @@ fn main() -> anyhow::Result<()> {
     let plan = diff::diff(&want, &actual);
     anyhow::ensure!(plan.skipped.is_empty());
     let t_diff = started.elapsed();
-    dp.write(&plan.ops)?;
+    for part in &plan.parts {
+        dp.write(part)?;
+    }
     let full = started.elapsed();
-    diff::apply(&mut actual, &plan.ops);
+    for part in &plan.parts {
+        diff::apply(&mut actual, part);
+    }
     breakdown.insert("1 model", ms(t_model));
     breakdown.insert("2 control plane: objects in", ms(t_apply - t_model));
     breakdown.insert("3 control plane: compute", ms(t_compute - t_apply));
     breakdown.insert("4 desired", ms(t_desired - t_compute));
     breakdown.insert("5 diff", ms(t_diff - t_desired));
     breakdown.insert("6 map writes", ms(full - t_diff));
-    let map_operations = plan.ops.len();
+    let map_operations = plan.len();
 
     // One endpoint change with everything present (in a slice, one endpoint is replaced by a
     // new address), as a watch delivers it: median and slowest of 101.
@@ -175,17 +179,21 @@ fn main() -> anyhow::Result<()> {
         let changed = control.compute(SystemTime::now());
         let touched = want.update(&control, &changed);
         let plan = diff::diff_frontends(&want, &actual, &touched);
-        dp.write(&plan.ops)?;
+        for part in &plan.parts {
+            dp.write(part)?;
+        }
         changes.push(started.elapsed());
-        change_ops = plan.ops.len();
-        diff::apply(&mut actual, &plan.ops);
+        change_ops = plan.len();
+        for part in &plan.parts {
+            diff::apply(&mut actual, part);
+        }
     }
     changes.sort();
     let one_change = changes[changes.len() / 2];
     let one_change_slowest = changes[changes.len() - 1];
     // The maps are what a full plan from scratch would make them.
     anyhow::ensure!(
-        diff::diff(&want, &actual).ops.is_empty(),
+        diff::diff(&want, &actual).is_empty(),
         "incremental changes left the maps different from the objects"
     );
 

@@ -947,19 +947,27 @@ impl Agent {
                 maglev::ENTRIES_PER_ENDPOINT
             );
         }
-        let ops = plan.ops;
+        let ops = plan.len();
+        let backends_changed = plan
+            .parts
+            .iter()
+            .flatten()
+            .any(|op| matches!(op, MapOp::ClearBackend(_) | MapOp::PutBackend(..)));
         let planned_us = started.elapsed().as_micros() as u64;
-        if let Err(e) = self.dataplane.write(&ops) {
+        // Part by part, each freed once written and applied (the written parts are in the maps
+        // should a later one fail: the maps are then read back).
+        let written = plan.parts.into_iter().try_for_each(|part| {
+            self.dataplane.write(&part)?;
+            diff::apply(&mut self.actual, &part);
+            Ok::<_, dataplane::DataplaneError>(())
+        });
+        if let Err(e) = written {
             error!("writing maps: {e}; rereading them");
             if let Ok(actual) = self.dataplane.read_actual() {
                 self.actual = keep_table_digests(actual, &self.actual);
             }
         } else {
-            diff::apply(&mut self.actual, &ops);
-            if ops
-                .iter()
-                .any(|op| matches!(op, MapOp::ClearBackend(_) | MapOp::PutBackend(..)))
-            {
+            if backends_changed {
                 self.close_stale_sockets();
             }
             let now = SystemTime::now();
@@ -990,10 +998,10 @@ impl Agent {
         }
         self.syncs += 1;
         let took_us = started.elapsed().as_micros() as u64;
-        if !ops.is_empty() {
+        if ops > 0 {
             // Where the time went, as times since the sync began.
             info!(
-                ops = ops.len(),
+                ops,
                 services_changed = changed.len(),
                 took_us,
                 applied_us,
@@ -1010,7 +1018,7 @@ impl Agent {
             attached_interfaces,
             errors,
             counters: Vec::new(),
-            last_sync_ops: ops.len(),
+            last_sync_ops: ops,
             frontends_not_programmed: plan.skipped.len(),
             syncs: self.syncs,
             conntrack_entries: status.conntrack_entries,

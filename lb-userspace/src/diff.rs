@@ -122,11 +122,29 @@ impl CapacityError {
 /// The operations to write, and the frontends left out for lack of room.
 #[derive(Debug, Default)]
 pub struct Plan {
-    pub ops: Vec<MapOp>,
+    /// The writes in the order they go to the maps, in parts of one kind each. They are
+    /// written and applied part by part, each freed once done: a first sync at 100,000
+    /// Services plans 2.2 million writes, and one list of them would be copied together.
+    pub parts: Vec<Vec<MapOp>>,
     pub skipped: Vec<CapacityError>,
     /// Maglev tables built with fewer than [`maglev::ENTRIES_PER_ENDPOINT`] entries per
     /// endpoint (their endpoints' shares may differ by more than 1 %): frontend, endpoints.
     pub crowded_tables: Vec<(desired::Frontend, usize)>,
+}
+
+impl Plan {
+    /// Every write, in order.
+    pub fn ops(&self) -> Vec<MapOp> {
+        self.parts.concat()
+    }
+
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.parts.iter().all(Vec::is_empty)
+    }
 }
 
 pub fn frontend_key(f: &desired::Frontend) -> FrontendKey {
@@ -712,22 +730,24 @@ impl<'a> Planner<'a> {
     }
 
     fn finish(self) -> Plan {
-        let mut ops = self.put_backends;
-        ops.extend(self.shrink_frontends);
-        ops.extend(self.put_slots);
-        ops.extend(self.put_tables);
-        ops.extend(self.put_ranges);
-        ops.extend(self.clear_traffic);
-        ops.extend(self.put_frontends);
-        ops.extend(self.demote_backends);
-        ops.extend(self.del_frontends);
-        ops.extend(self.forget_affinity);
-        ops.extend(self.del_slots);
-        ops.extend(self.del_tables);
-        ops.extend(self.del_ranges);
-        ops.extend(self.clear_backends);
+        let parts = [
+            self.put_backends,
+            self.shrink_frontends,
+            self.put_slots,
+            self.put_tables,
+            self.put_ranges,
+            self.clear_traffic,
+            self.put_frontends,
+            self.demote_backends,
+            self.del_frontends,
+            self.forget_affinity,
+            self.del_slots,
+            self.del_tables,
+            self.del_ranges,
+            self.clear_backends,
+        ];
         Plan {
-            ops,
+            parts: parts.into_iter().filter(|p| !p.is_empty()).collect(),
             skipped: self.skipped,
             crowded_tables: self.crowded_tables,
         }
@@ -839,13 +859,13 @@ mod tests {
     fn empty_to_full_and_back_stays_consistent_at_every_step() {
         let mut actual = ActualDataplane::default();
         let d = desired(&[(fe(1, 80), backends(3)), (fe(2, 53), vec![])]);
-        let ops = diff(&d, &actual).ops;
+        let ops = diff(&d, &actual).ops();
         apply_checked(&mut actual, &ops);
         assert_eq!(actual.frontends.len(), 2);
         assert_eq!(actual.backends.len(), 3);
-        assert!(diff(&d, &actual).ops.is_empty(), "converged");
+        assert!(diff(&d, &actual).ops().is_empty(), "converged");
 
-        let ops = diff(&DesiredDataplane::default(), &actual).ops;
+        let ops = diff(&DesiredDataplane::default(), &actual).ops();
         apply_checked(&mut actual, &ops);
         assert_eq!(actual, ActualDataplane::default());
     }
@@ -869,7 +889,7 @@ mod tests {
     fn maglev_tables_follow_the_serving_backends_and_are_written_before_their_frontend() {
         let mut actual = ActualDataplane::default();
         let d = with_maglev(desired(&[(fe(1, 80), backends(3))]));
-        let ops = diff(&d, &actual).ops;
+        let ops = diff(&d, &actual).ops();
         let at = |kind: fn(&MapOp) -> bool| ops.iter().position(kind).unwrap();
         let table = at(|o| matches!(o, MapOp::PutMaglev(..)));
         assert!(at(|o| matches!(o, MapOp::PutSlot(..))) < table);
@@ -886,19 +906,19 @@ mod tests {
         assert_eq!(f.flags, FRONTEND_MAGLEV);
         assert_eq!(f.maglev_table_size, 251);
         assert!(
-            diff(&d, &actual).ops.is_empty(),
+            diff(&d, &actual).ops().is_empty(),
             "an unchanged table is not rewritten"
         );
 
         // One backend goes: a new table without it.
         let d = with_maglev(desired(&[(fe(1, 80), backends(2))]));
-        let ops = diff(&d, &actual).ops;
+        let ops = diff(&d, &actual).ops();
         apply_checked(&mut actual, &ops);
         let ids: BTreeSet<u32> = actual.backends.keys().copied().collect();
         assert_eq!(table_ids(&ops), ids);
 
         // Back to random: the table goes once the frontend no longer uses it.
-        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).ops;
+        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).ops();
         let put = ops.iter().position(|o| matches!(o, MapOp::PutFrontend(..)));
         let del = ops.iter().position(|o| matches!(o, MapOp::DeleteMaglev(_)));
         assert!(put.unwrap() < del.unwrap(), "{ops:?}");
@@ -907,7 +927,7 @@ mod tests {
 
         // A table nobody uses (left by another agent) goes at a full resync.
         actual.maglev.insert(999, UNKNOWN_TABLE);
-        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).ops;
+        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).ops();
         assert_eq!(ops, vec![MapOp::DeleteMaglev(999)]);
     }
 
@@ -915,12 +935,12 @@ mod tests {
     fn a_table_read_back_from_the_maps_is_built_again() {
         let mut actual = ActualDataplane::default();
         let d = with_maglev(desired(&[(fe(1, 80), backends(3))]));
-        let ops = diff(&d, &actual).ops;
+        let ops = diff(&d, &actual).ops();
         apply_checked(&mut actual, &ops);
         for digest in actual.maglev.values_mut() {
             *digest = UNKNOWN_TABLE;
         }
-        let ops = diff(&d, &actual).ops;
+        let ops = diff(&d, &actual).ops();
         assert!(matches!(ops[..], [MapOp::PutMaglev(..)]), "{ops:?}");
     }
 
@@ -934,7 +954,7 @@ mod tests {
             }
             d
         };
-        let ops = diff(&sticky(2), &actual).ops;
+        let ops = diff(&sticky(2), &actual).ops();
         apply_checked(&mut actual, &ops);
         let f = actual.frontends[&frontend_key(&fe(1, 80))];
         assert_eq!((f.flags, f.affinity_timeout_s), (FRONTEND_AFFINITY, 60));
@@ -944,12 +964,12 @@ mod tests {
                 .count()
         };
         // Endpoints change: clients keep their entries (a moved client is re-pinned).
-        assert_eq!(forgets(&diff(&sticky(3), &actual).ops), 0);
+        assert_eq!(forgets(&diff(&sticky(3), &actual).ops()), 0);
         // Affinity off: forgotten after the frontend stops reading them.
-        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).ops;
+        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).ops();
         assert_eq!(ops.last(), Some(&MapOp::ForgetAffinity(f.service_id)));
         // The frontend goes: the same.
-        let ops = diff(&DesiredDataplane::default(), &actual).ops;
+        let ops = diff(&DesiredDataplane::default(), &actual).ops();
         assert_eq!(forgets(&ops), 1);
         let del = ops
             .iter()
@@ -971,7 +991,7 @@ mod tests {
             d
         };
         let position = |ops: &[MapOp], what: fn(&MapOp) -> bool| ops.iter().position(what);
-        let ops = diff(&ranged(&["198.18.254.0/24", "203.0.113.0/24"]), &actual).ops;
+        let ops = diff(&ranged(&["198.18.254.0/24", "203.0.113.0/24"]), &actual).ops();
         let put = position(&ops, |o| matches!(o, MapOp::PutSourceRange(..)));
         let frontend = position(&ops, |o| matches!(o, MapOp::PutFrontend(..)));
         assert!(put < frontend, "{ops:?}");
@@ -980,20 +1000,20 @@ mod tests {
         assert_eq!(f.flags, FRONTEND_SOURCE_RANGES);
         assert_eq!(actual.source_ranges[&f.service_id].len(), 2);
         // One range goes, one comes: only those two writes.
-        let ops = diff(&ranged(&["198.18.254.0/24", "198.51.100.0/24"]), &actual).ops;
+        let ops = diff(&ranged(&["198.18.254.0/24", "198.51.100.0/24"]), &actual).ops();
         assert_eq!(ops.len(), 2, "{ops:?}");
         apply_checked(&mut actual, &ops);
         // No ranges: the frontend stops checking, then the ranges go.
-        let ops = diff(&ranged(&[]), &actual).ops;
+        let ops = diff(&ranged(&[]), &actual).ops();
         let frontend = position(&ops, |o| matches!(o, MapOp::PutFrontend(..)));
         let deleted = position(&ops, |o| matches!(o, MapOp::DeleteSourceRange(..)));
         assert!(frontend < deleted, "{ops:?}");
         apply_checked(&mut actual, &ops);
         assert!(actual.source_ranges.is_empty());
         // The frontend goes with its ranges.
-        let ops = diff(&ranged(&["10.0.0.0/8"]), &actual).ops;
+        let ops = diff(&ranged(&["10.0.0.0/8"]), &actual).ops();
         apply_checked(&mut actual, &ops);
-        let ops = diff(&DesiredDataplane::default(), &actual).ops;
+        let ops = diff(&DesiredDataplane::default(), &actual).ops();
         apply_checked(&mut actual, &ops);
         assert!(actual.source_ranges.is_empty());
     }
@@ -1001,7 +1021,7 @@ mod tests {
     #[test]
     fn ids_are_kept_for_surviving_frontends_and_backends() {
         let mut actual = ActualDataplane::default();
-        let ops = diff(&desired(&[(fe(1, 80), backends(3))]), &actual).ops;
+        let ops = diff(&desired(&[(fe(1, 80), backends(3))]), &actual).ops();
         apply(&mut actual, &ops);
         let sid = actual.frontends[&frontend_key(&fe(1, 80))].service_id;
         let ids_before: BTreeMap<u32, Backend> = actual.backends.clone();
@@ -1009,7 +1029,7 @@ mod tests {
         // Remove backend 2, add backend 4.
         let mut b = backends(4);
         b.remove(1);
-        let ops = diff(&desired(&[(fe(1, 80), b)]), &actual).ops;
+        let ops = diff(&desired(&[(fe(1, 80), b)]), &actual).ops();
         apply_checked(&mut actual, &ops);
         assert_eq!(actual.frontends[&frontend_key(&fe(1, 80))].service_id, sid);
         for (id, old) in &ids_before {
@@ -1028,9 +1048,9 @@ mod tests {
     #[test]
     fn shrink_updates_count_before_deleting_slots() {
         let mut actual = ActualDataplane::default();
-        let ops = diff(&desired(&[(fe(1, 80), backends(5))]), &actual).ops;
+        let ops = diff(&desired(&[(fe(1, 80), backends(5))]), &actual).ops();
         apply(&mut actual, &ops);
-        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).ops;
+        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).ops();
         let frontend_at = ops
             .iter()
             .position(|o| matches!(o, MapOp::PutFrontend(..)))
@@ -1047,7 +1067,7 @@ mod tests {
     #[test]
     fn a_new_frontend_starts_its_traffic_counters_at_zero() {
         let mut actual = ActualDataplane::default();
-        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).ops;
+        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).ops();
         let put = ops
             .iter()
             .position(|o| matches!(o, MapOp::PutFrontend(..)))
@@ -1061,7 +1081,7 @@ mod tests {
         );
         apply(&mut actual, &ops);
         // A frontend that stays keeps its counters.
-        let ops = diff(&desired(&[(fe(1, 80), backends(3))]), &actual).ops;
+        let ops = diff(&desired(&[(fe(1, 80), backends(3))]), &actual).ops();
         assert!(
             !ops.iter().any(|o| matches!(o, MapOp::ClearTraffic(..))),
             "{ops:?}"
@@ -1079,7 +1099,7 @@ mod tests {
             },
         );
         let wanted = desired(&[(fe(9, 80), backends(0)), (fe(1, 80), backends(1))]);
-        let ops = diff(&wanted, &actual).ops;
+        let ops = diff(&wanted, &actual).ops();
         let ids: Vec<u32> = ops
             .iter()
             .filter_map(|o| match o {
@@ -1093,10 +1113,10 @@ mod tests {
     #[test]
     fn new_frontend_never_reuses_an_id_being_removed() {
         let mut actual = ActualDataplane::default();
-        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).ops;
+        let ops = diff(&desired(&[(fe(1, 80), backends(2))]), &actual).ops();
         apply(&mut actual, &ops);
         let old_sid = actual.frontends.values().next().unwrap().service_id;
-        let ops = diff(&desired(&[(fe(2, 80), backends(2))]), &actual).ops;
+        let ops = diff(&desired(&[(fe(2, 80), backends(2))]), &actual).ops();
         apply_checked(&mut actual, &ops);
         assert_ne!(
             actual.frontends.values().next().unwrap().service_id,
@@ -1119,7 +1139,7 @@ mod tests {
         };
         let mut actual = ActualDataplane::default();
         let two = desired(&[(fe_n(1), backends(1)), (fe_n(2), backends(1))]);
-        let ops = diff_with_capacity(&two, &actual, small).ops;
+        let ops = diff_with_capacity(&two, &actual, small).ops();
         apply_checked(&mut actual, &ops);
         // Two more wanted, one fits; the existing ones still follow their endpoints.
         let four = desired(&[
@@ -1134,7 +1154,7 @@ mod tests {
             vec![CapacityError::Frontends { frontend: fe_n(4) }]
         );
         assert!(plan.skipped[0].to_string().contains("frontend map is full"));
-        apply_checked(&mut actual, &plan.ops);
+        apply_checked(&mut actual, &plan.ops());
         assert_eq!(actual.frontends.len(), 3);
         assert_eq!(actual.frontends[&frontend_key(&fe_n(1))].backend_count, 2);
     }
@@ -1148,7 +1168,7 @@ mod tests {
         };
         let mut actual = ActualDataplane::default();
         let start = desired(&[(fe(1, 80), backends(2)), (fe(2, 80), backends(2))]);
-        let ops = diff_with_capacity(&start, &actual, small).ops;
+        let ops = diff_with_capacity(&start, &actual, small).ops();
         apply_checked(&mut actual, &ops);
         let before = actual.frontends[&frontend_key(&fe(2, 80))];
         // fe(2) wants 3 new backends: no room. fe(1) loses one: still done.
@@ -1160,7 +1180,7 @@ mod tests {
                 frontend: fe(2, 80)
             }]
         );
-        apply_checked(&mut actual, &plan.ops);
+        apply_checked(&mut actual, &plan.ops());
         assert_eq!(actual.frontends[&frontend_key(&fe(2, 80))], before);
         assert_eq!(actual.frontends[&frontend_key(&fe(1, 80))].backend_count, 1);
         // Room appears later: the next sync programs it.
@@ -1173,7 +1193,7 @@ mod tests {
             },
         );
         assert!(plan.skipped.is_empty());
-        apply_checked(&mut actual, &plan.ops);
+        apply_checked(&mut actual, &plan.ops());
         assert_eq!(actual.frontends[&frontend_key(&fe(2, 80))].backend_count, 5);
     }
 
@@ -1214,7 +1234,7 @@ mod tests {
             backends: 100,
         };
         let mut actual = ActualDataplane::default();
-        let ops = diff_with_capacity(&desired(&[(fe(1, 80), backends(2))]), &actual, small).ops;
+        let ops = diff_with_capacity(&desired(&[(fe(1, 80), backends(2))]), &actual, small).ops();
         apply_checked(&mut actual, &ops);
         let plan = diff_with_capacity(&desired(&[(fe(1, 80), backends(5))]), &actual, small);
         assert_eq!(
@@ -1223,7 +1243,7 @@ mod tests {
                 frontend: fe(1, 80)
             }]
         );
-        assert!(plan.ops.is_empty());
+        assert!(plan.ops().is_empty());
     }
 
     /// Planning only the frontends a change touched keeps the maps what a full plan makes
@@ -1262,8 +1282,8 @@ mod tests {
             }
             let plan = diff_frontends(&want, &actual, &touched);
             assert!(plan.skipped.is_empty());
-            apply_checked(&mut actual, &plan.ops);
-            assert!(diff(&want, &actual).ops.is_empty(), "step {step}");
+            apply_checked(&mut actual, &plan.ops());
+            assert!(diff(&want, &actual).ops().is_empty(), "step {step}");
         }
     }
 
@@ -1271,7 +1291,7 @@ mod tests {
     fn full_plan_clears_backends_no_frontend_uses() {
         let mut actual = ActualDataplane::default();
         let d = desired(&[(fe(1, 80), backends(2))]);
-        let ops = diff(&d, &actual).ops;
+        let ops = diff(&d, &actual).ops();
         apply_checked(&mut actual, &ops);
         // Left behind by a write that stopped half way.
         let orphan = backend(
@@ -1281,15 +1301,15 @@ mod tests {
         );
         actual.backends.insert(1000, orphan);
         let touched = BTreeSet::from([fe(1, 80)]);
-        assert!(diff_frontends(&d, &actual, &touched).ops.is_empty());
-        assert_eq!(diff(&d, &actual).ops, vec![MapOp::ClearBackend(1000)]);
+        assert!(diff_frontends(&d, &actual, &touched).ops().is_empty());
+        assert_eq!(diff(&d, &actual).ops(), vec![MapOp::ClearBackend(1000)]);
     }
 
     #[test]
     fn full_plan_deletes_orphan_slots() {
         let mut actual = ActualDataplane::default();
         let d = desired(&[(fe(1, 80), backends(2))]);
-        let ops = diff(&d, &actual).ops;
+        let ops = diff(&d, &actual).ops();
         apply_checked(&mut actual, &ops);
         let service_id = actual.frontends.values().next().unwrap().service_id;
         // Left behind: a slot past the frontend's count, and one of an unknown service.
@@ -1303,7 +1323,7 @@ mod tests {
         };
         actual.slots.insert(past, 0);
         actual.slots.insert(unknown, 0);
-        let ops = diff(&d, &actual).ops;
+        let ops = diff(&d, &actual).ops();
         assert_eq!(
             ops,
             vec![MapOp::DeleteSlot(past), MapOp::DeleteSlot(unknown)]
@@ -1317,7 +1337,7 @@ mod tests {
         let mut actual = ActualDataplane::default();
         let all = backends(3);
         let d = desired(&[(fe(1, 80), all.clone())]);
-        let ops = diff(&d, &actual).ops;
+        let ops = diff(&d, &actual).ops();
         apply_checked(&mut actual, &ops);
         let ids_before: BTreeMap<_, _> = actual
             .backends
@@ -1333,7 +1353,7 @@ mod tests {
                 ..Backends::default()
             },
         );
-        let ops = diff(&d, &actual).ops;
+        let ops = diff(&d, &actual).ops();
         // The draining backend changes state only after the slots stop offering it.
         let demote = ops
             .iter()
@@ -1355,11 +1375,11 @@ mod tests {
         assert_eq!(ids_before, ids_after, "no backend changes id");
         // Back to serving, then gone.
         let back = desired(&[(fe(1, 80), all.clone())]);
-        let ops = diff(&back, &actual).ops;
+        let ops = diff(&back, &actual).ops();
         apply_checked(&mut actual, &ops);
         assert!(actual.backends.values().all(|b| b.state == BACKEND_ACTIVE));
         let gone = desired(&[(fe(1, 80), vec![all[0]])]);
-        let ops = diff(&gone, &actual).ops;
+        let ops = diff(&gone, &actual).ops();
         apply_checked(&mut actual, &ops);
         assert_eq!(actual.backends.len(), 1);
         assert_eq!(actual.slots.len(), 1);

@@ -277,7 +277,7 @@ fn switching_maglev_off_deletes_the_table() {
         },
         &t.actual,
     );
-    assert!(plan.ops.is_empty(), "{:?}", plan.ops);
+    assert!(plan.is_empty(), "{:?}", plan.ops());
     t.algorithm = Algorithm::Random;
     t.program(&[(tcp_frontend(VIP, 80), backends(3))]);
     assert_eq!(t.dp.maglev_table(id).unwrap(), None);

@@ -59,7 +59,7 @@ impl TestDatapath {
         };
         let plan = diff::diff(&desired, &self.actual);
         assert!(plan.skipped.is_empty(), "capacity: {:?}", plan.skipped);
-        let ops = plan.ops;
+        let ops = plan.ops();
         self.dp.write(&ops).expect("write maps");
         diff::apply(&mut self.actual, &ops);
     }
