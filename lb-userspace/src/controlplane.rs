@@ -7,6 +7,7 @@ use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use std::{
     collections::{BTreeMap, BTreeSet, hash_map::Entry},
     net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -87,7 +88,7 @@ pub struct DnsEndpoint {
 /// A Service as the cluster would present it: with its address and its endpoints.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ServiceState {
-    pub service: Service,
+    pub service: Arc<Service>,
     /// `None` for headless and ExternalName Services.
     pub cluster_ip: Option<Ipv4Addr>,
     pub ports: Vec<ResolvedPort>,
@@ -133,7 +134,8 @@ pub struct ControlPlane {
     /// (cluster mode: every address it gave is taken as it is).
     cidr: Option<Ipv4Net>,
     /// The latest version of every Service, as given.
-    services: HashMap<ObjectName, Service>,
+    /// Shared with the Service's state (one copy of each Service, not two).
+    services: HashMap<ObjectName, Arc<Service>>,
     /// Services with a selector, by the selector's first pair: only such a Service can select a
     /// Pod that has this label.
     selectors_by_label: HashMap<LabelKey, HashSet<ObjectName>>,
@@ -263,7 +265,7 @@ impl ControlPlane {
     }
 
     fn set_service(&mut self, name: ObjectName, svc: Option<Service>) {
-        if self.services.get(&name) == svc.as_ref() {
+        if self.services.get(&name).map(|s| &**s) == svc.as_ref() {
             return;
         }
         if let Some(old) = self.services.remove(&name)
@@ -278,7 +280,7 @@ impl ControlPlane {
                     .or_default()
                     .insert(name.clone());
             }
-            self.services.insert(name.clone(), svc);
+            self.services.insert(name.clone(), Arc::new(svc));
         }
         self.dirty.insert(name);
     }
