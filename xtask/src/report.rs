@@ -638,9 +638,9 @@ Where the start-up goes on this 2-CPU VM. Loading the datapath (the verifier) ta
 2 s; the lists start before it, so the two overlap. The EndpointSlice list (about 150 MB of
 JSON) is decoded whole by kube's client on one CPU (4-6 s). The first list's objects are taken
 into the control plane while the rest are converted. The first sync then computes every
-Service (about 1.5 s), plans every frontend (0.7 s) and writes 2.2 million map entries in
-batches (1.4 s, mostly the kernel's hash-map updates). Resident memory grows to about 260 MiB
-while listing; the first sync's plan and write buffers make the peak. The quiet minute holds
+Service (about 1 s), plans every frontend (0.6 s) and writes 2.2 million map entries in
+batches (1.5 s, mostly the kernel's hash-map updates). Resident memory grows to about 260 MiB
+while listing; the first sync's plan, written and freed part by part, makes the peak. The quiet minute holds
 two resyncs, which read the maps back (about 1 s each at this size, mostly the kernel's batch
 lookups) and plan nothing when the maps are as the agent wrote them.
 
