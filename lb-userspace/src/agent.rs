@@ -797,8 +797,6 @@ impl Agent {
         }
     }
 
-    /// Re-reads the maps before a full sync: anything orphaned or changed behind our back is
-    /// then mended.
     /// Reads the maps back; returns whether every frontend is to be planned again: the maps
     /// are not what this agent wrote (or could not be read), or the last full plan is old.
     fn reread_maps(&mut self) -> bool {
