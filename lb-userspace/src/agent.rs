@@ -610,12 +610,6 @@ impl Agent {
                         }
                         // The first sync compares every frontend with the pinned maps.
                         self.sync(std::mem::take(&mut pending), Vec::new(), !first_list_done);
-                        if !first_list_done {
-                            // The lists' bodies and the first plan are freed: hand their pages
-                            // back rather than keep that peak resident (glibc keeps freed heap).
-                            // SAFETY: malloc_trim only releases free memory.
-                            unsafe { libc::malloc_trim(0) };
-                        }
                         let written = SystemTime::now();
                         for t in triggers.drain(..) {
                             if let Ok(took) = written.duration_since(t) {
