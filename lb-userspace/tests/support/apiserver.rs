@@ -9,6 +9,7 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
+    ops::Bound,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -281,8 +282,10 @@ struct ListOptions {
     resource_version: Option<String>,
     timeout_seconds: Option<u64>,
     limit: Option<usize>,
-    /// Where the page starts (this server's continue token: an offset into the list).
-    continue_from: Option<usize>,
+    /// Where the page starts: after this (namespace, name), this server's continue token. As the
+    /// real server's, it names the last key sent, so that a page costs the same wherever it
+    /// starts.
+    continue_after: Option<(String, String)>,
 }
 
 impl ListOptions {
@@ -300,9 +303,33 @@ impl ListOptions {
             resource_version: value("resourceVersion"),
             timeout_seconds: value("timeoutSeconds").and_then(|v| v.parse().ok()),
             limit: value("limit").and_then(|v| v.parse().ok()),
-            continue_from: value("continue").and_then(|v| v.parse().ok()),
+            continue_after: value("continue").and_then(|v| {
+                let token = percent_decoded(&v);
+                let (namespace, name) = token.split_once('/')?;
+                Some((namespace.to_string(), name.to_string()))
+            }),
         }
     }
+}
+
+/// A query value as sent (kube's client escapes a continue token's '/').
+fn percent_decoded(value: &str) -> String {
+    let mut bytes = Vec::with_capacity(value.len());
+    let mut rest = value.as_bytes();
+    while let Some((&first, after)) = rest.split_first() {
+        let hex = after.get(..2).and_then(|h| std::str::from_utf8(h).ok());
+        match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            Some(byte) if first == b'%' => {
+                bytes.push(byte);
+                rest = &after[2..];
+            }
+            _ => {
+                bytes.push(if first == b'+' { b' ' } else { first });
+                rest = after;
+            }
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 async fn services(state: State<Arc<Shared>>, query: RawQuery) -> Response {
@@ -332,22 +359,28 @@ async fn list_or_watch(kind: Kind, shared: Arc<Shared>, options: ListOptions) ->
         // As the real server: a list at resourceVersion 0 comes whole from its cache; other
         // lists come in pages of `limit` with a continue token.
         let paged = options.resource_version.as_deref() != Some("0");
-        let start = options.continue_from.unwrap_or(0);
+        let start = match options.continue_after {
+            Some((namespace, name)) => Bound::Excluded((kind, namespace, name)),
+            None => Bound::Included((kind, String::new(), String::new())),
+        };
         let limit = options.limit.filter(|_| paged).unwrap_or(usize::MAX);
         let objects = shared.objects.lock().unwrap();
         let mut matching = objects
             .current
-            .range((kind, String::new(), String::new())..)
-            .take_while(|((k, _, _), _)| *k == kind);
-        let items: Vec<&str> = matching
-            .by_ref()
-            .skip(start)
-            .take(limit)
-            .map(|(_, (_, text))| text.as_str())
-            .collect();
+            .range((start, Bound::Unbounded))
+            .take_while(|((k, _, _), _)| *k == kind)
+            .peekable();
+        let mut items: Vec<&str> = Vec::new();
+        let mut last = None;
+        while items.len() < limit
+            && let Some(((_, namespace, name), (_, text))) = matching.next()
+        {
+            items.push(text);
+            last = Some((namespace, name));
+        }
         let mut metadata = json!({"resourceVersion": objects.resource_version.to_string()});
-        if matching.next().is_some() {
-            metadata["continue"] = json!((start + items.len()).to_string());
+        if let (Some((namespace, name)), Some(_)) = (last, matching.peek()) {
+            metadata["continue"] = json!(format!("{namespace}/{name}"));
         }
         let head = json!({
             "kind": kind.list_kind(), "apiVersion": kind.api_version(), "metadata": metadata,
