@@ -63,6 +63,9 @@ struct Results {
     /// From `lb agent` started to every Service's frontend in the maps (process start, eBPF
     /// load, paged lists of both kinds, conversion, one sync).
     start_to_programmed_ms: f64,
+    /// CPU the agent used up to then (user and system, every thread): above the wall time,
+    /// start-up used both CPUs at once.
+    start_cpu_ms: f64,
     /// Frontends in the maps after it, and those a full map left out.
     frontends_programmed: usize,
     frontends_not_programmed: u64,
@@ -166,6 +169,7 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(10));
     };
     let start_to_programmed = started.elapsed();
+    let start_cpu = cpu_time(bed.agent_pid().context("the agent's pid")?)?;
     let programmed = frontends.keys().count();
     let not_programmed = status["frontends_not_programmed"].as_u64().unwrap_or(0);
     anyhow::ensure!(
@@ -259,6 +263,7 @@ fn main() -> anyhow::Result<()> {
         services,
         endpoints_per_service: ENDPOINTS,
         start_to_programmed_ms: ms(start_to_programmed),
+        start_cpu_ms: ms(start_cpu),
         frontends_programmed: programmed,
         frontends_not_programmed: not_programmed,
         first_sync_logged_ms,
