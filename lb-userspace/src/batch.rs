@@ -2,6 +2,7 @@
 //! 0.14 does not offer: one system call for thousands of entries where a sync of 100,000
 //! Services otherwise makes two million, each paying the kernel's entry and exit.
 use std::{
+    hash::BuildHasher as _,
     io,
     os::fd::{AsRawFd, BorrowedFd},
 };
@@ -12,6 +13,10 @@ const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// Entries per system call: large enough that the call's own cost vanishes, small enough that
 /// the kernel's copy of keys and values stays a few hundred KiB.
 const CHUNK: usize = 8192;
+/// Threads a large write is shared among, at most, and the entries each takes at least (below
+/// that, a thread costs more than it saves).
+const MAX_WRITERS: usize = 4;
+const PER_WRITER: usize = 4 * CHUNK;
 
 /// The `batch` member of the kernel's `union bpf_attr`.
 #[repr(C)]
@@ -44,8 +49,48 @@ fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
     }
 }
 
-/// Writes `entries` into the map (keys and values as the map's layout, plain old data).
-pub fn update<K: bytemuck::Pod, V: bytemuck::Pod>(
+/// Writes `entries` into the map (keys and values as the map's layout, plain old data). A large
+/// write (a first sync writes a million backends) is shared among threads, as the kernel takes
+/// updates of one map from several CPUs at once; each key goes to one thread, so that two writes
+/// of one key stay in their order.
+pub fn update<K: bytemuck::Pod + Sync, V: bytemuck::Pod + Sync>(
+    map: BorrowedFd<'_>,
+    entries: &[(K, V)],
+) -> io::Result<()> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_WRITERS)
+        .min(entries.len() / PER_WRITER)
+        .max(1);
+    if threads == 1 {
+        return update_in_order(map, entries);
+    }
+    let mut shares: Vec<Vec<(K, V)>> = (0..threads)
+        .map(|_| Vec::with_capacity(entries.len() / threads + 1))
+        .collect();
+    for entry in entries {
+        let writer =
+            foldhash::fast::FixedState::with_seed(0).hash_one(bytemuck::bytes_of(&entry.0));
+        shares[writer as usize % threads].push(*entry);
+    }
+    std::thread::scope(|scope| {
+        let (mine, others) = shares.split_first().expect("two shares or more");
+        let handles: Vec<_> = others
+            .iter()
+            .map(|share| scope.spawn(move || update_in_order(map, share)))
+            .collect();
+        let mut result = update_in_order(map, mine);
+        for handle in handles {
+            let written = handle
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            result = result.and(written);
+        }
+        result
+    })
+}
+
+fn update_in_order<K: bytemuck::Pod, V: bytemuck::Pod>(
     map: BorrowedFd<'_>,
     entries: &[(K, V)],
 ) -> io::Result<()> {
