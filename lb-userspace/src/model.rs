@@ -285,6 +285,24 @@ pub struct FieldError {
     pub message: String,
 }
 
+/// Where a checked value sits in its object: a fixed path, or one built only when an error
+/// names it (a slice of 100,000 endpoints would otherwise format a path for each).
+trait FieldPath {
+    fn path(self) -> String;
+}
+
+impl FieldPath for &str {
+    fn path(self) -> String {
+        self.to_string()
+    }
+}
+
+impl<F: FnOnce() -> String> FieldPath for F {
+    fn path(self) -> String {
+        self()
+    }
+}
+
 fn field_error(field: impl Into<String>, message: impl Into<String>) -> FieldError {
     FieldError {
         field: field.into(),
@@ -312,36 +330,36 @@ fn created(meta: &ObjectMeta) -> Option<SystemTime> {
     })
 }
 
-fn protocol(value: Option<&str>, field: &str) -> Result<Protocol, FieldError> {
+fn protocol(value: Option<&str>, field: impl FieldPath) -> Result<Protocol, FieldError> {
     match value.unwrap_or("TCP") {
         "TCP" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
         "SCTP" => Err(field_error(
-            field,
+            field.path(),
             "Unsupported value: \"SCTP\": not supported by this load balancer",
         )),
         other => Err(field_error(
-            field,
+            field.path(),
             format!("Unsupported value: {other:?}: supported values: \"TCP\", \"UDP\""),
         )),
     }
 }
 
-fn port_number(value: i32, field: &str) -> Result<u16, FieldError> {
+fn port_number(value: i32, field: impl FieldPath) -> Result<u16, FieldError> {
     if (1..=65535).contains(&value) {
         Ok(value as u16)
     } else {
         Err(field_error(
-            field,
+            field.path(),
             format!("Invalid value: {value}: must be between 1 and 65535, inclusive"),
         ))
     }
 }
 
-fn ipv4(value: &str, field: &str) -> Result<Ipv4Addr, FieldError> {
+fn ipv4(value: &str, field: impl FieldPath) -> Result<Ipv4Addr, FieldError> {
     value.parse().map_err(|_| {
         field_error(
-            field,
+            field.path(),
             format!("Invalid value: {value:?}: must be a valid IPv4 address"),
         )
     })
@@ -391,7 +409,7 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
         .iter()
         .flatten()
         .enumerate()
-        .map(|(i, ip)| ipv4(ip, &format!("spec.externalIPs[{i}]")))
+        .map(|(i, ip)| ipv4(ip, || format!("spec.externalIPs[{i}]")))
         .collect::<Result<_, _>>()?;
     let session_affinity = match spec.session_affinity.as_deref().unwrap_or("None") {
         "None" => SessionAffinity::None,
@@ -426,8 +444,8 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
                 format!("Duplicate value: {name:?}"),
             ));
         }
-        let protocol = protocol(p.protocol.as_deref(), &field("protocol"))?;
-        let port = port_number(p.port, &field("port"))?;
+        let protocol = protocol(p.protocol.as_deref(), || field("protocol"))?;
+        let port = port_number(p.port, || field("port"))?;
         if ports
             .iter()
             .any(|q| q.port == port && q.protocol == protocol)
@@ -439,9 +457,11 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
         }
         let target_port = match &p.target_port {
             None => TargetPort::Number(port),
-            Some(IntOrString::Int(n)) => TargetPort::Number(port_number(*n, &field("targetPort"))?),
+            Some(IntOrString::Int(n)) => {
+                TargetPort::Number(port_number(*n, || field("targetPort"))?)
+            }
             Some(IntOrString::String(s)) => match s.parse::<i32>() {
-                Ok(n) => TargetPort::Number(port_number(n, &field("targetPort"))?),
+                Ok(n) => TargetPort::Number(port_number(n, || field("targetPort"))?),
                 Err(_) if valid_port_name(s) => TargetPort::Name(s.clone()),
                 Err(_) => {
                     return Err(field_error(
@@ -455,7 +475,7 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
         };
         let node_port = match p.node_port {
             None | Some(0) => None,
-            Some(n) => Some(port_number(n, &field("nodePort"))?),
+            Some(n) => Some(port_number(n, || field("nodePort"))?),
         };
         ports.push(ServicePort {
             name,
@@ -497,7 +517,7 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
         .filter_map(|(i, ingress)| {
             let ip = ingress.ip.as_deref().filter(|ip| !ip.is_empty())?;
             Some(
-                ipv4(ip, &format!("status.loadBalancer.ingress[{i}].ip")).map(|ip| {
+                ipv4(ip, || format!("status.loadBalancer.ingress[{i}].ip")).map(|ip| {
                     LoadBalancerIngress {
                         ip,
                         proxy: ingress.ip_mode.as_deref() == Some("Proxy"),
@@ -605,8 +625,8 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, FieldError> {
     {
         for (pi, p) in c.ports.iter().flatten().enumerate() {
             let field = |f: &str| format!("spec.containers[{ci}].ports[{pi}].{f}");
-            let port = port_number(p.container_port, &field("containerPort"))?;
-            let protocol = protocol(p.protocol.as_deref(), &field("protocol"))?;
+            let port = port_number(p.container_port, || field("containerPort"))?;
+            let protocol = protocol(p.protocol.as_deref(), || field("protocol"))?;
             if let Some(name) = p.name.as_ref().filter(|n| !n.is_empty()) {
                 named_ports.push(NamedPort {
                     name: name.clone(),
@@ -646,8 +666,8 @@ pub fn endpoints(ep: &core::Endpoints) -> Result<ManualEndpoints, FieldError> {
             let field = |f: &str| format!("subsets[{si}].ports[{pi}].{f}");
             ports.push(EndpointPort {
                 name: p.name.clone().unwrap_or_default(),
-                protocol: protocol(p.protocol.as_deref(), &field("protocol"))?,
-                port: port_number(p.port, &field("port"))?,
+                protocol: protocol(p.protocol.as_deref(), || field("protocol"))?,
+                port: port_number(p.port, || field("port"))?,
             });
         }
         let mut addresses = Vec::new();
@@ -662,7 +682,7 @@ pub fn endpoints(ep: &core::Endpoints) -> Result<ManualEndpoints, FieldError> {
             ),
         ] {
             for (ai, a) in list.iter().flatten().enumerate() {
-                let ip = ipv4(&a.ip, &format!("subsets[{si}].{field}[{ai}].ip"))?;
+                let ip = ipv4(&a.ip, || format!("subsets[{si}].{field}[{ai}].ip"))?;
                 addresses.push((ip, conditions));
                 if let Some(node) = non_empty(a.node_name.as_ref()) {
                     nodes.insert(ip, node);
@@ -720,8 +740,8 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<ManualEndpoint
         };
         ports.push(EndpointPort {
             name: p.name.clone().unwrap_or_default(),
-            protocol: protocol(p.protocol.as_deref(), &field("protocol"))?,
-            port: port_number(port, &field("port"))?,
+            protocol: protocol(p.protocol.as_deref(), || field("protocol"))?,
+            port: port_number(port, || field("port"))?,
         });
     }
     let mut addresses = Vec::new();
@@ -745,7 +765,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<ManualEndpoint
             terminating: c.and_then(|c| c.terminating).unwrap_or(false),
         };
         for (ai, a) in e.addresses.iter().enumerate() {
-            let ip = ipv4(a, &format!("endpoints[{ei}].addresses[{ai}]"))?;
+            let ip = ipv4(a, || format!("endpoints[{ei}].addresses[{ai}]"))?;
             addresses.push((ip, conditions));
             if !zones.is_empty() {
                 zone_hints.insert(ip, zones.clone());
