@@ -153,9 +153,10 @@ async fn forward<K, S>(
     S: futures::Stream<Item = Result<Event<K>, watcher::Error>>,
 {
     let mut stream = std::pin::pin!(stream);
-    // Objects of this kind the agent holds, and those a relist in progress has found.
+    // Objects of this kind the agent holds, and those a relist in progress has not found yet
+    // (none on the first list: it has nothing to look for).
     let mut known: HashSet<ObjectName> = HashSet::new();
-    let mut relisted: Option<HashSet<ObjectName>> = None;
+    let mut unseen: Option<HashSet<ObjectName>> = None;
     // Objects with a problem reported.
     let mut troubled: HashSet<ObjectName> = HashSet::new();
     let mut changes = Vec::new();
@@ -176,15 +177,19 @@ async fn forward<K, S>(
             let name = name_of(object);
             match convert(object) {
                 Ok(Some(converted)) => {
-                    known.insert(name.clone());
+                    if troubled.contains(&name) {
+                        problems.push((name.clone(), None));
+                    }
+                    known.insert(name);
                     changes.push(Change::Upsert(converted));
-                    problems.push((name, None));
                 }
                 Ok(None) => {
-                    if known.remove(&name) {
-                        changes.push(Change::Delete((kind, name.clone())));
+                    if troubled.contains(&name) {
+                        problems.push((name.clone(), None));
                     }
-                    problems.push((name, None));
+                    if known.remove(&name) {
+                        changes.push(Change::Delete((kind, name)));
+                    }
                 }
                 Err(problem) => {
                     // Kept: the version before it stays in force.
@@ -194,16 +199,16 @@ async fn forward<K, S>(
             }
         };
         match event {
-            Event::Init => relisted = Some(HashSet::new()),
+            Event::Init => unseen = Some(known.clone()),
             Event::InitApply(object) => {
-                let seen = relisted.get_or_insert_with(HashSet::new);
-                seen.insert(name_of(&object));
+                let unseen = unseen.get_or_insert_with(|| known.clone());
+                if !unseen.is_empty() {
+                    unseen.remove(&name_of(&object));
+                }
                 upsert(&object, &mut changes, &mut known);
             }
             Event::InitDone => {
-                let seen = relisted.take().unwrap_or_default();
-                let gone: Vec<ObjectName> = known.difference(&seen).cloned().collect();
-                for name in gone {
+                for name in unseen.take().unwrap_or_default() {
                     known.remove(&name);
                     changes.push(Change::Delete((kind, name)));
                 }
@@ -218,10 +223,12 @@ async fn forward<K, S>(
             }
             Event::Delete(object) => {
                 let name = name_of(&object);
-                if known.remove(&name) {
-                    changes.push(Change::Delete((kind, name.clone())));
+                if troubled.contains(&name) {
+                    problems.push((name.clone(), None));
                 }
-                problems.push((name, None));
+                if known.remove(&name) {
+                    changes.push(Change::Delete((kind, name)));
+                }
             }
         }
         for (name, problem) in problems {
@@ -240,7 +247,7 @@ async fn forward<K, S>(
         }
         // During a relist, changes wait for its end: a half-listed kind is never programmed.
         // The first list's may go before, since nothing is programmed until it ends.
-        if relisted.is_none() || (first_list && changes.len() >= FIRST_LIST_CHUNK) {
+        if unseen.is_none() || (first_list && changes.len() >= FIRST_LIST_CHUNK) {
             send_changes(&tx, &mut changes, &mut triggers);
         }
     }
