@@ -66,7 +66,10 @@ pub fn watch(client: Client, node_name: &str, tx: mpsc::UnboundedSender<Update>)
     let stream =
         watcher::watcher(Api::<core::Node>::all(client.clone()), node_config).default_backoff();
     tokio::spawn(forward_zone(stream, tx.clone()));
-    let config = watcher::Config::default().any_semantic();
+    // Lists come in pages of 500 (kube's default, as client-go's), each decoded and converted
+    // as it arrives: 100,000 EndpointSlices are never one 150 MB body. With a page size kube
+    // sends no resourceVersion, so the API server serves a consistent list.
+    let config = watcher::Config::default();
     let stream = watcher::watcher(Api::<core::Service>::all(client.clone()), config.clone())
         .default_backoff();
     tokio::spawn(forward("Service", stream, convert_service, tx.clone()));
