@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use foldhash::HashMap;
 use ipnet::Ipv4Net;
 use lb_common::maglev;
 use notify::Watcher as _;
@@ -18,7 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     api::{self, AdminState, SharedState, StatusView},
-    controlplane::{Change, ControlPlane, ServiceChange},
+    controlplane::{Change, ControlPlane, ServiceChange, ServiceState},
     dataplane::{self, Dataplane, LinkPatterns},
     desired::{Algorithm, DesiredDataplane, Frontend},
     diff::{self, ActualDataplane, MapOp},
@@ -306,6 +307,9 @@ struct Agent {
     syncs: u64,
     /// When every frontend was last planned from the Services.
     last_full_plan: Instant,
+    /// Services computed while the first lists arrived (their frontends are in `desired`):
+    /// the first sync takes them with its own.
+    computed_ahead: Vec<ServiceChange>,
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
@@ -432,6 +436,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         last_errors: Vec::new(),
         syncs: 0,
         last_full_plan: Instant::now(),
+        computed_ahead: Vec::new(),
         config,
     };
     agent.scan_links();
@@ -588,8 +593,8 @@ impl Agent {
                                 if first_list_done {
                                     pending.extend(changes);
                                 } else {
-                                    // Taken in while the other kind is still listed; computed
-                                    // and written with the first sync.
+                                    // Taken in while the other kind is still listed; written
+                                    // with the first sync.
                                     self.apply_changes(changes);
                                 }
                             }
@@ -603,6 +608,9 @@ impl Agent {
                                 self.shared.health().queued(Instant::now());
                             }
                         }
+                    }
+                    if !first_list_done && listed.len() < LISTED_KINDS.len() {
+                        self.compute_ahead();
                     }
                     if listed.len() == LISTED_KINDS.len() {
                         if !first_list_done {
@@ -887,6 +895,16 @@ impl Agent {
         }
     }
 
+    /// While the first lists arrive: computes the Services that have come with their
+    /// endpoints, and their frontends, so that the first sync has only the rest to compute.
+    /// Nothing is written.
+    fn compute_ahead(&mut self) {
+        let control = &mut *self.shared.control_mut();
+        let changed = control.compute_listed(SystemTime::now());
+        self.desired.update(control, &changed);
+        self.computed_ahead.extend(changed);
+    }
+
     fn sync_from(
         &mut self,
         started: Instant,
@@ -903,8 +921,30 @@ impl Agent {
         self.apply_changes(changes);
         let mut control = self.shared.control_mut();
         let applied_us = started.elapsed().as_micros() as u64;
-        let changed = control.compute(SystemTime::now());
+        let mut changed = control.compute(SystemTime::now());
         let computed_us = started.elapsed().as_micros() as u64;
+        let mut touched = self.desired.update(&control, &changed);
+        // Services computed ahead have their frontends in `desired` already; they join the
+        // changes (each Service once, with its state before the first computation) and every
+        // frontend is planned.
+        let full = full || !self.computed_ahead.is_empty();
+        if !self.computed_ahead.is_empty() {
+            let mut first: HashMap<ObjectName, Option<Box<ServiceState>>> =
+                std::mem::take(&mut self.computed_ahead)
+                    .into_iter()
+                    .map(|c| (c.name, c.before))
+                    .collect();
+            for change in &mut changed {
+                if let Some(before) = first.remove(&change.name) {
+                    change.before = before;
+                }
+            }
+            changed.extend(
+                first
+                    .into_iter()
+                    .map(|(name, before)| ServiceChange { name, before }),
+            );
+        }
         self.health_checks.update(
             changed.iter().map(|c| (&c.name, control.state(&c.name))),
             &self.shared,
@@ -920,7 +960,6 @@ impl Agent {
             &changed,
             full,
         ));
-        let mut touched = self.desired.update(&control, &changed);
         drop(control);
         let desired_us = started.elapsed().as_micros() as u64;
         touched.append(&mut self.unprogrammed);

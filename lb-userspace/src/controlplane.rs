@@ -314,6 +314,35 @@ impl ControlPlane {
 
     /// Computes the Services that changes affected; returns those whose state changed.
     pub fn compute(&mut self, now: SystemTime) -> Vec<ServiceChange> {
+        let changed = self.compute_dirty(now);
+        self.held_before.clear();
+        changed
+    }
+
+    /// Computes only the affected Services whose Service and some of whose EndpointSlices have
+    /// come; the others wait for the next `compute`. While the first lists still arrive, this
+    /// computes ahead what is there, and a Service is seldom computed before its endpoints and
+    /// again after them. Addresses held before a restart stay held for that next `compute`.
+    pub fn compute_listed(&mut self, now: SystemTime) -> Vec<ServiceChange> {
+        // The waiting ones can be most of 100,000 at every call: they are looked at, not moved.
+        let listed: BTreeSet<ObjectName> = self
+            .dirty
+            .iter()
+            .filter(|name| self.services.contains_key(*name) && self.endpoints.has_manual(name))
+            .cloned()
+            .collect();
+        let mut waiting = std::mem::take(&mut self.dirty);
+        for name in &listed {
+            waiting.remove(name);
+        }
+        self.dirty = listed;
+        let changed = self.compute_dirty(now);
+        // Computing leaves nothing dirty.
+        self.dirty = waiting;
+        changed
+    }
+
+    fn compute_dirty(&mut self, now: SystemTime) -> Vec<ServiceChange> {
         let mut before: BTreeMap<ObjectName, Option<Box<ServiceState>>> = BTreeMap::new();
         while !self.dirty.is_empty() {
             let dirty = std::mem::take(&mut self.dirty);
@@ -322,7 +351,6 @@ impl ControlPlane {
                 self.dirty.extend(self.rejected.keys().cloned());
             }
         }
-        self.held_before.clear();
         before
             .into_iter()
             .filter(|(name, before)| self.states.get(name) != before.as_deref())
@@ -628,6 +656,11 @@ struct EndpointSources {
 }
 
 impl EndpointSources {
+    /// Whether endpoints objects (EndpointSlices, Endpoints) for `service` are present.
+    fn has_manual(&self, service: &ObjectName) -> bool {
+        self.manual_by_service.contains_key(service)
+    }
+
     fn keys(&self) -> impl Iterator<Item = ObjectKey> + '_ {
         self.pods
             .keys()
@@ -922,6 +955,54 @@ mod tests {
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: {app}}}}}\nspec:\n  containers:\n  - name: c\n    ports: [{{name: web, containerPort: 9090}}]\nstatus:\n  podIP: {ip}\n{extra}---\n"
         )
+    }
+
+    #[test]
+    fn computing_what_is_listed_leaves_services_without_endpoints_for_later() {
+        let slice = |service: &str, ip: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-x, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nendpoints: [{{addresses: [{ip}]}}]\nports: [{{port: 8080}}]\n---\n"
+            )
+        };
+        let api_service = |name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  clusterIP: {ip}\n  ports: [{{port: 80, targetPort: 8080}}]\n---\n"
+            )
+        };
+        let mut cp = ControlPlane::following_api_server();
+        // "both" has its Service and its slice; "service" only its Service; "slice" only its
+        // slice (its Service has not come yet).
+        let yaml = api_service("both", "198.19.0.1")
+            + &slice("both", "198.18.0.1")
+            + &api_service("service", "198.19.0.2")
+            + &slice("slice", "198.18.0.3");
+        for object in objects(&yaml) {
+            cp.apply(Change::Upsert(object));
+        }
+        let name = |n: &str| ObjectName {
+            namespace: "default".into(),
+            name: n.into(),
+        };
+        let ahead = cp.compute_listed(SystemTime::UNIX_EPOCH);
+        let computed: Vec<&str> = ahead.iter().map(|c| c.name.name.as_str()).collect();
+        assert_eq!(computed, ["both"]);
+        assert_eq!(cp.state(&name("both")).unwrap().ports[0].serving().len(), 1);
+        assert!(cp.state(&name("service")).is_none());
+
+        // The rest of the lists: the waiting Services are computed with what came since.
+        for object in
+            objects(&(slice("service", "198.18.0.2") + &api_service("slice", "198.19.0.3")))
+        {
+            cp.apply(Change::Upsert(object));
+        }
+        let rest = cp.compute(SystemTime::UNIX_EPOCH);
+        let mut computed: Vec<&str> = rest.iter().map(|c| c.name.name.as_str()).collect();
+        computed.sort();
+        assert_eq!(computed, ["service", "slice"]);
+        for n in ["both", "service", "slice"] {
+            let state = cp.state(&name(n)).unwrap();
+            assert_eq!(state.ports[0].serving().len(), 1, "{n}");
+        }
     }
 
     #[test]
