@@ -647,8 +647,9 @@ list/watch protocol over HTTP, served from the benchmark process on the same CPU
 Where the start-up goes on this 2-CPU VM. Loading the datapath (the verifier) takes about
 2.5 s of one CPU; the lists start before it, so the two overlap. kube's watcher lists in
 pages of 500 (with a page size it sends no resourceVersion: the API server reads a
-consistent list), and each page is decoded and converted as it arrives, on one CPU: about
-4 s for both kinds, most of it the EndpointSlices (about 150 MB of JSON). The first list's
+consistent list), and each page is decoded and converted as it arrives, on one CPU: 4.5-5
+s for both kinds with the computation below beside them (about 4 s without), most of it the
+EndpointSlices (about 150 MB of JSON). The first list's
 objects are taken into the control plane while the rest are listed, and the Services that
 have come with their EndpointSlices are computed then, with their frontends (nothing is
 written before both lists end). The first sync computes the rest (0.2-0.4 s), plans every
