@@ -22,6 +22,7 @@ use axum::{
     http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
+    serve::ListenerExt as _,
 };
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
@@ -145,7 +146,13 @@ impl FakeApiServer {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         self.stop = Some(stop);
         let _guard = self.runtime.enter();
-        let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+        // As the real API server (Go sets TCP_NODELAY on every connection): without it a
+        // watch event written behind an unacknowledged one waits for the client's delayed ACK.
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .expect("tokio listener")
+            .tap_io(|stream| {
+                let _ = stream.set_nodelay(true);
+            });
         self.runtime.spawn(async move {
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async {
