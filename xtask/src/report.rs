@@ -647,24 +647,24 @@ list/watch protocol over HTTP, served from the benchmark process on the same CPU
 Where the start-up goes on this 2-CPU VM. Loading the datapath (the verifier) takes about
 2.5 s of one CPU; the lists start before it, so the two overlap. kube's watcher lists in
 pages of 500 (with a page size it sends no resourceVersion: the API server reads a
-consistent list), and each page is decoded and converted as it arrives, on one CPU: 4.5-5
-s for both kinds with the computation below beside them (about 4 s without), most of it the
-EndpointSlices (about 150 MB of JSON). The first list's
-objects are taken into the control plane while the rest are listed, and the Services that
+consistent list), and each page is decoded and converted as it arrives, on one CPU:
+4.5-5 s for both kinds with the computation below beside them (about 4 s without), most of
+it the EndpointSlices (about 150 MB of JSON). The first list's objects are taken into the control plane while the rest are listed, and the Services that
 have come with their EndpointSlices are computed then, with their frontends (nothing is
 written before both lists end). The first sync computes the rest (0.2-0.4 s), plans every
 frontend (0.5-0.6 s) and writes 2.2 million map entries in batches, a large batch shared
 among threads (1.2-1.4 s, mostly the kernel's hash-map updates). The row *agent CPU* is the
-bound: start-up needs about 10 s of CPU, so on 2 CPUs it cannot end before about 5 s
+bound: start-up needs 9-10.5 s of CPU, so on 2 CPUs it cannot end before 4.5-5 s
 however it overlaps, and the verifier and the map updates alone, both in the kernel, take
 about 3.3 s of it. Computing ahead took 0.8 s out of the first sync, but these 2 CPUs are
-already busy with the lists: start-up went from 7.4-7.8 s to 7.1-7.9 s, within this
+already busy with the lists: start-up went from 7.4-7.8 s to 6.9-7.9 s, within this
 machine's noise. With more CPUs the computation runs beside the lists. Resident memory
 grows to about 260 MiB while listing; the first sync's plan, written and freed part by part,
 makes the peak. A change's time is taken by looking at the frontend every 20 µs (a probe
-spinning on one of the 2 CPUs made the 90th percentile 4 ms); the agent's own sync is about
-0.2 ms of it, the rest the API server, the watch connection and kube's decoding. The quiet
-minute holds two resyncs, which read the maps back (about 1 s each at this size, mostly the
+spinning on one of the 2 CPUs made the 90th percentile 4 ms), and the stand-in sets
+TCP_NODELAY as the real API server does (without it the slowest change waited about 25 ms
+for a delayed ACK); the agent's own sync is about 0.2 ms of it, the rest the API server,
+the watch connection and kube's decoding. The quiet minute holds two resyncs, which read the maps back (about 1 s each at this size, mostly the
 kernel's batch lookups) and plan nothing when the maps are as the agent wrote them.
 
 ";
