@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use foldhash::HashMap;
+use foldhash::HashSet;
 use ipnet::Ipv4Net;
 use lb_common::maglev;
 use notify::Watcher as _;
@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     api::{self, AdminState, SharedState, StatusView},
-    controlplane::{Change, ControlPlane, ServiceChange, ServiceState},
+    controlplane::{Change, ControlPlane, ServiceChange},
     dataplane::{self, Dataplane, LinkPatterns},
     desired::{Algorithm, DesiredDataplane, Frontend},
     diff::{self, ActualDataplane, MapOp},
@@ -925,25 +925,14 @@ impl Agent {
         let computed_us = started.elapsed().as_micros() as u64;
         let mut touched = self.desired.update(&control, &changed);
         // Services computed ahead have their frontends in `desired` already; they join the
-        // changes (each Service once, with its state before the first computation) and every
+        // changes once each (for health checks, DNS and the ClusterIP record) and every
         // frontend is planned.
         let full = full || !self.computed_ahead.is_empty();
         if !self.computed_ahead.is_empty() {
-            let mut first: HashMap<ObjectName, Option<Box<ServiceState>>> =
-                std::mem::take(&mut self.computed_ahead)
-                    .into_iter()
-                    .map(|c| (c.name, c.before))
-                    .collect();
-            for change in &mut changed {
-                if let Some(before) = first.remove(&change.name) {
-                    change.before = before;
-                }
-            }
-            changed.extend(
-                first
-                    .into_iter()
-                    .map(|(name, before)| ServiceChange { name, before }),
-            );
+            let again: HashSet<&ObjectName> = changed.iter().map(|c| &c.name).collect();
+            let mut ahead = std::mem::take(&mut self.computed_ahead);
+            ahead.retain(|c| !again.contains(&c.name));
+            changed.append(&mut ahead);
         }
         self.health_checks.update(
             changed.iter().map(|c| (&c.name, control.state(&c.name))),

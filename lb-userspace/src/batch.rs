@@ -68,9 +68,9 @@ pub fn update<K: bytemuck::Pod + Sync, V: bytemuck::Pod + Sync>(
     let mut shares: Vec<Vec<(K, V)>> = (0..threads)
         .map(|_| Vec::with_capacity(entries.len() / threads + 1))
         .collect();
+    let hasher = foldhash::fast::FixedState::with_seed(0);
     for entry in entries {
-        let writer =
-            foldhash::fast::FixedState::with_seed(0).hash_one(bytemuck::bytes_of(&entry.0));
+        let writer = hasher.hash_one(bytemuck::bytes_of(&entry.0));
         shares[writer as usize % threads].push(*entry);
     }
     std::thread::scope(|scope| {

@@ -299,44 +299,21 @@ impl ListOptions {
     fn parse(query: Option<String>) -> Self {
         let query = query.unwrap_or_default();
         let value = |key: &str| {
-            query
-                .split('&')
-                .filter_map(|pair| pair.split_once('='))
-                .find(|(k, _)| *k == key)
-                .map(|(_, v)| v.to_string())
+            form_urlencoded::parse(query.as_bytes())
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.into_owned())
         };
         Self {
             watch: value("watch"),
             resource_version: value("resourceVersion"),
             timeout_seconds: value("timeoutSeconds").and_then(|v| v.parse().ok()),
             limit: value("limit").and_then(|v| v.parse().ok()),
-            continue_after: value("continue").and_then(|v| {
-                let token = percent_decoded(&v);
+            continue_after: value("continue").and_then(|token| {
                 let (namespace, name) = token.split_once('/')?;
                 Some((namespace.to_string(), name.to_string()))
             }),
         }
     }
-}
-
-/// A query value as sent (kube's client escapes a continue token's '/').
-fn percent_decoded(value: &str) -> String {
-    let mut bytes = Vec::with_capacity(value.len());
-    let mut rest = value.as_bytes();
-    while let Some((&first, after)) = rest.split_first() {
-        let hex = after.get(..2).and_then(|h| std::str::from_utf8(h).ok());
-        match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-            Some(byte) if first == b'%' => {
-                bytes.push(byte);
-                rest = &after[2..];
-            }
-            _ => {
-                bytes.push(if first == b'+' { b' ' } else { first });
-                rest = after;
-            }
-        }
-    }
-    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 async fn services(state: State<Arc<Shared>>, query: RawQuery) -> Response {
